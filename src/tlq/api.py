@@ -1,0 +1,211 @@
+"""The Python API: ``tlq.quantize(...)`` runs the whole job and returns its report.
+
+The CLI is a thin layer over this module, so both behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlq.builtin import default_dataset, resolve_model_dir
+from tlq.config import CalibConfig, ConfigError, GPTQConfig, QuantizeConfig, resolve_scheme
+from tlq.data.calibration import load_calibration
+from tlq.engine.layerwise import EngineResult, LayerwiseEngine, peak_memory_mb
+from tlq.models import adapter_for_dir
+from tlq.models.base import ModelAdapter
+from tlq.quant.quantizer import group_size_of
+from tlq.report import QuantizeReport
+from tlq.utils.io import atomic_write_json, check_writable_output
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint was saved in (config.json), used for export and GPU compute."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float32"
+    return _DTYPES.get(str(name), torch.float32)
+
+
+def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dtype:
+    """CPU computes in float32 (bf16 matmuls are slow and coarse there); a GPU uses the checkpoint's dtype."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else checkpoint_dtype(model_dir)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
+    """Resolve, validate and load a model directory; returns adapter, model, processor and settings."""
+    model_dir = resolve_model_dir(model)
+    adapter = adapter_for_dir(model_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, model_dir)
+    hf_model, processor = adapter.load(model_dir, dev, dt)
+    adapter.check_supported(hf_model)
+    return adapter, hf_model, processor, model_dir, dev, dt
+
+
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, quantized_inputs: bool = True, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+    """Validate user-facing options into a ``QuantizeConfig`` (``group_size=None`` keeps the scheme's)."""
+    kw = {} if group_size is None else {"group_size": group_size}
+    return QuantizeConfig(
+        scheme=resolve_scheme(scheme, symmetric=symmetric, **kw),
+        method=method,
+        calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
+        gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order),
+        quantized_inputs=quantized_inputs,
+        device=device,
+        dtype=dtype,
+    )
+
+
+@dataclass
+class CalibratedModel:
+    """A model whose decoder holds fake-quantized weights (and activation quantizers), ready to export."""
+
+    adapter: ModelAdapter
+    model: Any
+    processor: Any
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    config: QuantizeConfig
+    result: EngineResult
+    num_samples: int
+    num_tokens: int
+    seconds: float
+
+
+def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig) -> None:
+    """Fail before calibrating if the weight groups do not tile every decoder linear."""
+    for layer in adapter.decoder_layers(model):
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                group_size_of(mod.in_features, config.scheme.weights)
+
+
+def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True) -> CalibratedModel:
+    """Load, calibrate layer by layer, and return the fake-quantized model (nothing is written)."""
+    t0 = time.perf_counter()
+    adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype)
+    check_scheme_fits(adapter, hf_model, config)
+    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed)
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), progress=progress)
+    result = engine.calibrate(samples)
+    return CalibratedModel(
+        adapter=adapter,
+        model=hf_model,
+        processor=processor,
+        model_dir=model_dir,
+        device=dev,
+        dtype=dt,
+        config=config,
+        result=result,
+        num_samples=len(samples),
+        num_tokens=sum(s.seq_len for s in samples),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, **options: Any) -> QuantizeReport:
+    """Quantize a local VLM checkpoint and export it as a compressed-tensors directory.
+
+    ``options`` are those of :func:`build_config` (``num_samples``, ``group_size``, ``act_order``...);
+    pass ``config`` instead to give a full :class:`QuantizeConfig`. Outputs are checked before any
+    work starts, so an existing ``out`` costs seconds, not a calibration.
+    """
+    from tlq.export.compressed_tensors import export_compressed_tensors
+
+    cfg = config or build_config(scheme, method, **options)
+    out_dir = check_writable_output(out, overwrite, "output directory")
+    if report_path is not None:
+        check_writable_output(report_path, overwrite, "report")
+    run = calibrate(model, default_dataset(model, "calib", calib), cfg, progress=progress)
+    t_export = time.perf_counter()
+    save_dtype = checkpoint_dtype(run.model_dir)
+    export_compressed_tensors(run.model, run.result.quantized, cfg.scheme, out_dir, source_dir=run.model_dir, ignore=list(run.adapter.spec.ignore), save_dtype=save_dtype, overwrite=overwrite)
+    export_seconds = time.perf_counter() - t_export
+    report = QuantizeReport(
+        model=str(model),
+        model_type=run.adapter.spec.family,
+        scheme=cfg.scheme.name,
+        method=cfg.method,
+        output=str(out_dir),
+        num_samples=run.num_samples,
+        num_tokens=run.num_tokens,
+        device=str(run.device),
+        dtype=str(run.dtype).replace("torch.", ""),
+        layers=run.result.layers,
+        calibration_seconds=run.seconds,
+        export_seconds=export_seconds,
+        total_seconds=run.seconds + export_seconds,
+        peak_rss_mb=peak_memory_mb(torch.device("cpu")),
+        config=cfg.to_dict(),
+    )
+    if report_path is not None:
+        atomic_write_json(report_path, report.to_dict())
+    return report
+
+
+def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | None, *, report_path: str | Path | None = None, overwrite: bool = False, num_samples: int | None = None, device: str = "auto", dtype: str = "auto", progress: bool = True, eval_config: "EvalConfig | None" = None) -> dict[str, Any]:
+    """Score the FP16 reference and each quantized checkpoint on the same VQA set, in one run.
+
+    Returns (and optionally writes) ``{"fp16": {...}, "quantized": {...first...}, "retained_pct",
+    "kl", "comparisons": [{...} per quantized checkpoint]}``; accuracies are fractions in [0, 1].
+    """
+    from tlq.data.calibration import choose, read_jsonl
+    from tlq.eval.vqa import EvalConfig, compare, score_model
+    from tlq.export.reload import load_quantized
+
+    if not quantized:
+        raise ConfigError("nothing to compare: pass at least one --quantized OUT directory")
+    for q in quantized:
+        if not (Path(q) / "config.json").is_file():
+            raise ConfigError(f"--quantized {str(q)!r} is not a checkpoint directory (no config.json)")
+    if report_path is not None:
+        check_writable_output(report_path, overwrite, "report")
+    ecfg = eval_config or EvalConfig()
+    data = default_dataset(model, "test", data)
+    records = read_jsonl(data)
+    if num_samples is not None:
+        records = choose(records, num_samples, seed=0)
+    adapter, fp_model, processor, _model_dir, dev, dt = load_model(model, device, dtype)
+    fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=progress)
+    del fp_model
+    comparisons = []
+    for q in quantized:
+        q_model = load_quantized(Path(q), adapter.spec.model_class, dev, dt)
+        scores, _ = score_model(str(q), q_model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=progress)
+        comparisons.append(compare(fp_scores, scores))
+        del q_model
+    first = comparisons[0]
+    result = {
+        "model": str(model),
+        "data": str(data),
+        "num_samples": len(records),
+        "fp16": fp_scores.to_dict(),
+        "quantized": first.to_dict(),
+        "retained_pct": first.retained_pct,
+        "kl": first.kl,
+        "comparisons": [c.to_dict() for c in comparisons],
+    }
+    if report_path is not None:
+        atomic_write_json(report_path, result)
+    return result

@@ -1,0 +1,142 @@
+"""``tlq`` command line: ``tlq quantize ...``.
+
+Bad input ends with one line naming the problem and the fix (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tlq.config import SCHEMES, CalibConfig, ConfigError, GPTQConfig, METHODS
+
+
+def _group_size(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer (-1 = per channel), got {text!r}") from None
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a local VLM checkpoint and export it (compressed-tensors)")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory, or builtin:NAME")
+    p.add_argument("--calib", default=None, help="calibration JSONL ({image, question, answer} per line); built-in models default to their own")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument("--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default: w4a16)")
+    p.add_argument("--method", default="gptq", help=f"one of {', '.join(METHODS)} (default: gptq)")
+    p.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="calibration samples (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len, help="truncate longer samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=CalibConfig.seed, help="calibration subsampling seed (default: %(default)s)")
+    p.add_argument("--group-size", type=_group_size, default=None, help="weight group size, -1 = per channel (default: the scheme's)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="symmetric weights")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric weights (zero points)")
+    p.add_argument("--damp", type=float, default=GPTQConfig.damp_percent, help="GPTQ dampening (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=GPTQConfig.block_size, help="GPTQ lazy-batch block (default: %(default)s)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--fp-inputs", action="store_true", help="ablation: calibrate each layer on FP inputs instead of the quantized path")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--report", default=None, help="write the run's report (per-layer errors, times, memory) as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from tlq.api import quantize
+    from tlq.report import render_summary
+
+    report = quantize(
+        args.model,
+        args.calib,
+        args.out,
+        scheme=args.scheme,
+        method=args.method,
+        overwrite=args.overwrite,
+        report_path=args.report,
+        progress=not args.quiet,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        num_samples=args.num_samples,
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+        damp_percent=args.damp,
+        block_size=args.block_size,
+        act_order=args.act_order,
+        quantized_inputs=not args.fp_inputs,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    if not args.quiet:
+        render_summary(report)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="compare quantized checkpoints against the FP16 model on a VQA set")
+    p.add_argument("--model", required=True, help="the FP16 reference: local model directory or builtin:NAME")
+    p.add_argument("--quantized", required=True, action="append", help="quantized output directory (repeatable)")
+    p.add_argument("--data", default=None, help="evaluation JSONL ({image, question, answer} per line); built-in models default to their own")
+    p.add_argument("--num-samples", type=int, default=None, help="evaluate a seeded subset of this size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    p.add_argument("--report", default=None, help="write the scores as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tlq.api import evaluate
+    from tlq.eval.table import render_eval_table
+
+    result = evaluate(
+        args.model,
+        args.quantized,
+        args.data,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        num_samples=args.num_samples,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    render_eval_table(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlq", description="Token-level importance-aware layer-wise quantization of VLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    return parser
+
+
+def _silence_libraries() -> None:
+    """--quiet: no progress bars from transformers either."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_libraries()
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"tlq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

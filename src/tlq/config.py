@@ -1,0 +1,158 @@
+"""Quantization schemes and run configuration.
+
+Every number that changes a result (bits, group size, damping, sample counts) lives here with a
+documented default, so that the CLI, the Python API and the benchmarks share one source of truth.
+
+Integer convention (the same as compressed-tensors, so that export is a copy, not a conversion):
+codes are *signed* integers in ``[qmin, qmax] = [-2**(b-1), 2**(b-1) - 1]`` and
+``dequant = (code - zero_point) * scale``. Symmetric schemes have ``zero_point == 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+Granularity = Literal["group", "channel"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """How the weight of one linear layer is quantized.
+
+    ``group_size`` applies along the input dimension; ``None`` means one scale per output channel.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"weight bits must be in [2, 8], got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ConfigError(f"group size must be positive or None (per channel), got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class ActQuantSpec:
+    """Dynamic per-token symmetric activation quantization (the input of each quantized linear).
+
+    Dynamic per-token int8 is what vLLM's W8A8 kernels and compressed-tensors' ``int-quantized``
+    reload path apply, so this is the only activation mode: the calibration must see what inference does.
+    """
+
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.bits <= 16:
+            raise ConfigError(f"activation bits must be in [4, 16], got {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A named weight (+ optional activation) scheme, e.g. ``w4a16``."""
+
+    name: str
+    weights: WeightQuantSpec
+    activations: ActQuantSpec | None = None
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activations is not None
+
+
+# Defaults follow what the field compares on (MBQ / QIG / TLQ papers) and what vLLM serves:
+#  - w4a16: int4, group 128, symmetric (vLLM's Marlin kernels serve symmetric int4 g128).
+#  - w3a16: int3, group 128, asymmetric (MBQ/QIG's W3 setting).
+#  - w4a8 : int4 per-channel symmetric weights, int8 dynamic per-token activations (MBQ/QIG).
+#  - w8a8 : int8 per-channel symmetric weights, int8 dynamic per-token activations.
+SCHEMES: dict[str, QuantScheme] = {
+    "w4a16": QuantScheme("w4a16", WeightQuantSpec(bits=4, group_size=128, symmetric=True)),
+    "w3a16": QuantScheme("w3a16", WeightQuantSpec(bits=3, group_size=128, symmetric=False)),
+    "w4a8": QuantScheme("w4a8", WeightQuantSpec(bits=4, group_size=None, symmetric=True), ActQuantSpec(8)),
+    "w8a8": QuantScheme("w8a8", WeightQuantSpec(bits=8, group_size=None, symmetric=True), ActQuantSpec(8)),
+}
+
+_UNSET: Any = object()
+
+
+def resolve_scheme(name: str, *, group_size: Any = _UNSET, symmetric: bool | None = None) -> QuantScheme:
+    """Look up a scheme by name and apply the user's overrides.
+
+    ``group_size`` may be an int, ``None``/0/-1 (per channel) or left unset (scheme default).
+    """
+    key = name.lower()
+    if key not in SCHEMES:
+        raise ConfigError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}")
+    scheme = SCHEMES[key]
+    w = scheme.weights
+    if group_size is not _UNSET:
+        gs = None if group_size in (None, 0, -1) else int(group_size)
+        w = replace(w, group_size=gs)
+    if symmetric is not None:
+        w = replace(w, symmetric=symmetric)
+    return replace(scheme, weights=w)
+
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ solver settings (Frantar et al., 2023)."""
+
+    damp_percent: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+    block_size: int = 128  # lazy-batch column block
+    act_order: bool = False  # quantize columns by decreasing Hessian diagonal
+
+
+@dataclass
+class CalibConfig:
+    """How many calibration samples, and how long each may be."""
+
+    num_samples: int = 128  # the papers' default (128 COCO/ShareGPT4V samples)
+    max_seq_len: int = 2048  # longer samples are truncated (visual tokens are never cut)
+    seed: int = 0
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything that defines one quantization run."""
+
+    scheme: QuantScheme = field(default_factory=lambda: SCHEMES["w4a16"])
+    method: str = "gptq"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    # Feed each layer the outputs of the already-quantized layers (weights and activations).
+    # False = plain FP-input calibration (what AWQ/MBQ do), kept for ablations.
+    quantized_inputs: bool = True
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    dtype: str = "auto"  # compute dtype: "auto" = float32 on CPU, the checkpoint's dtype on GPU
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,199 @@
+"""Quantization-exposed layer-wise calibration.
+
+The decoder is calibrated one layer at a time with two streams of hidden states kept on CPU:
+
+* the FP stream ``X_fp``: outputs of the original layers — the targets;
+* the quantized stream ``X_q``: outputs of the already-quantized layers, with activation
+  fake-quantization on for W-A schemes — the inputs the next layer will really see at inference.
+
+Each layer collects its statistics on ``X_q`` (plain FP-input calibration, as AWQ/MBQ do, is kept as an
+ablation), is solved, and then produces the next ``X_q``. Inside a layer the linears are solved in
+execution order, group by group (linears that read the same tensor, e.g. q/k/v, form one group), so a
+later group sees the error of the earlier ones ("true sequential").
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tlq.config import QuantizeConfig
+from tlq.data.calibration import CalibSample
+from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
+from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
+from tlq.quant.solvers import LinearCalibrator, make_calibrator
+
+# Per-token weights for one layer's statistics: (layer index, sample index) -> [seq] or None.
+TokenWeightFn = Callable[[int, int], Tensor | None]
+
+
+@dataclass
+class LayerReport:
+    """What happened at one decoder layer."""
+
+    index: int
+    rel_error: float  # ||L_q(X_q) - L_fp(X_fp)||^2 / ||L_fp(X_fp)||^2 over all calibration tokens
+    seconds: float
+    peak_mem_mb: float  # GPU peak on CUDA, else the process's peak RSS so far
+    num_linears: int
+
+
+@dataclass
+class EngineResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    layers: list[LayerReport] = field(default_factory=list)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> list[list[str]]:
+    """Linears of ``layer`` in execution order, grouped by the tensor they read.
+
+    Found by running the layer once with hooks, so no architecture needs listing. Inputs are kept
+    referenced during the pass so that tensor identity cannot be confused by memory reuse.
+    """
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    seen: list[tuple[str, Tensor]] = []
+    handles = [
+        m.register_forward_hook(lambda _m, args, _o, n=n: seen.append((n, args[0]))) for n, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    owners: list[Tensor] = []
+    for name, x in seen:
+        for g, owner in zip(groups, owners):
+            if owner is x:
+                if name not in g:
+                    g.append(name)
+                break
+        else:
+            if not any(name in g for g in groups):
+                groups.append([name])
+                owners.append(x)
+    return groups
+
+
+class LayerwiseEngine:
+    """Runs the two-stream, layer-by-layer calibration over a loaded model."""
+
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True) -> None:
+        self.adapter = adapter
+        self.model = model
+        self.config = config
+        self.device = device
+        self.scale_dtype = scale_dtype
+        self.token_weights = token_weights
+        self.progress = progress
+        self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # --- public ------------------------------------------------------------------------------------
+    def capture_inputs(self, samples: list[CalibSample]) -> list[LayerInputs]:
+        return [self.adapter.capture_layer0_inputs(self.model, tree_to(s.inputs, self.device)) for s in samples]
+
+    def calibrate(self, samples: list[CalibSample]) -> EngineResult:
+        inputs = self.capture_inputs(samples)
+        kwargs = [li.kwargs for li in inputs]
+        x_fp = [li.hidden_states for li in inputs]
+        x_q = list(x_fp)
+        result = EngineResult()
+        layers = self.adapter.decoder_layers(self.model)
+        bar = tqdm(range(len(layers)), desc="calibrating layers", unit="layer", disable=not self.progress)
+        for i in bar:
+            start = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            fp_out = self._run(layers[i], x_fp, kwargs)
+            stats_in = x_q if self.config.quantized_inputs else x_fp
+            quantized = self._calibrate_layer(i, layers[i], stats_in, kwargs)
+            q_out = self._run(layers[i], x_q, kwargs)
+            report = LayerReport(
+                index=i,
+                rel_error=relative_error(q_out, fp_out),
+                seconds=time.perf_counter() - start,
+                peak_mem_mb=peak_memory_mb(self.device),
+                num_linears=len(quantized),
+            )
+            result.layers.append(report)
+            result.quantized.update(quantized)
+            bar.set_postfix(rel_err=f"{report.rel_error:.2e}")
+            x_fp, x_q = fp_out, q_out
+        return result
+
+    # --- internals -------------------------------------------------------------------------------
+    def _dev(self, x: Any) -> Any:
+        return tree_to(x, self.device)
+
+    @torch.no_grad()
+    def _run(self, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> list[Tensor]:
+        return [run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)]
+
+    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, QuantizedWeight]:
+        prefix = self.adapter.decoder_layer_prefix(index)
+        scheme = self.config.scheme
+        out: dict[str, QuantizedWeight] = {}
+        for group in linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0])):
+            mods = {n: layer.get_submodule(n) for n in group}
+            if scheme.activations is not None:
+                # The group's own inputs are quantized at inference too: calibrate on what it will see.
+                self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
+            cals = {
+                n: make_calibrator(self.config.method, m.in_features, scheme, self.config.gptq, self.scale_dtype, self.device)
+                for n, m in mods.items()
+            }
+            if any(c.needs_inputs for c in cals.values()):
+                self._observe(index, layer, mods, cals, xs, kwargs)
+            for n, m in mods.items():
+                qw = cals[n].solve(m.weight.data)
+                m.weight.data.copy_(qw.dequantize(m.weight.dtype))
+                out[f"{prefix}.{n}"] = _to_cpu(qw)
+        return out
+
+    @torch.no_grad()
+    def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]]) -> None:
+        current: dict[str, Tensor | None] = {"w": None}
+
+        def make_hook(name: str) -> Callable:
+            def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
+                cals[name].observe(args[0], current["w"])
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+        try:
+            for s, (x, kw) in enumerate(zip(xs, kwargs)):
+                w = self.token_weights(index, s) if self.token_weights is not None else None
+                current["w"] = None if w is None else w.to(self.device).reshape(1, -1)
+                run_layer(layer, self._dev(x), self._dev(kw))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def remove_activation_quantizers(self) -> None:
+        for h in self.act_hooks:
+            h.remove()
+        self.act_hooks.clear()
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero_point.cpu(), qw.spec)
+
+
+def relative_error(out: list[Tensor], ref: list[Tensor]) -> float:
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num / max(den, 1e-30)

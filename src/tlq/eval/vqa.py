@@ -1,0 +1,124 @@
+"""Side-by-side evaluation of the FP16 reference and quantized models on a VQA JSONL set.
+
+Every figure of a comparison comes from one run over the same samples: exact-match accuracy of greedy
+answers, mean answer-token negative log-likelihood, and mean KL(FP16 || quantized) of the next-token
+distributions over the answer tokens (the most sensitive of the three: it moves before accuracy does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tlq.data.calibration import CalibRecord, build_sample
+from tlq.models.base import ModelAdapter, tree_to
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 8  # answers in short-answer VQA are a few tokens
+    max_seq_len: int = 4096
+
+
+@dataclass
+class ModelScores:
+    """Scores of one model over the evaluation set."""
+
+    name: str
+    accuracy: float  # exact match, fraction in [0, 1]
+    nll: float  # mean answer-token negative log-likelihood (nats)
+    kl: float | None = None  # mean KL(FP16 || this) over answer tokens; None for the reference
+    retained_pct: float | None = None  # 100 * accuracy / FP16 accuracy
+    num_samples: int = 0
+    predictions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "accuracy": self.accuracy,
+            "nll": self.nll,
+            "kl": self.kl,
+            "retained_pct": self.retained_pct,
+            "num_samples": self.num_samples,
+        }
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, trim, drop a trailing period and collapse spaces (the usual VQA exact-match rule)."""
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text.rstrip(".").strip()
+
+
+def _prompt_inputs(processor: Any, record: CalibRecord) -> dict[str, Tensor]:
+    """The conversation up to (not including) the first assistant answer, with the generation prompt."""
+    first_answer = next(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
+    text = processor.apply_chat_template(record.messages[:first_answer], tokenize=False, add_generation_prompt=True)
+    image = Image.open(record.image).convert("RGB") if record.image is not None else None
+    return dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
+
+
+def reference_answer(record: CalibRecord) -> str:
+    msg = next(m for m in record.messages if m["role"] == "assistant")
+    content = msg["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+@torch.no_grad()
+def greedy_answer(model: nn.Module, processor: Any, record: CalibRecord, device: torch.device, max_new_tokens: int) -> str:
+    inputs = tree_to(_prompt_inputs(processor, record), device)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, processor: Any, adapter: ModelAdapter, record: CalibRecord, device: torch.device, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """Log-probabilities predicting each answer token ([n_answer, vocab], float32 CPU) and their targets."""
+    sample = build_sample(record, processor, adapter, model, max_seq_len)
+    logits = model(**tree_to(sample.inputs, device), use_cache=False).logits[0].float().cpu()
+    ids = sample.inputs["input_ids"][0]
+    pos = sample.answer_mask.nonzero().flatten()
+    pos = pos[pos > 0]
+    return F.log_softmax(logits[pos - 1], dim=-1), ids[pos]
+
+
+def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapter, records: list[CalibRecord], device: torch.device, cfg: EvalConfig, reference: list[Tensor] | None = None, progress: bool = True) -> tuple[ModelScores, list[Tensor]]:
+    """Accuracy, NLL and (given the reference's log-probs) KL of one model; returns its log-probs too."""
+    correct, nll_sum, n_tok, kl_sum = 0, 0.0, 0, 0.0
+    logps: list[Tensor] = []
+    preds: list[str] = []
+    for i, rec in enumerate(tqdm(records, desc=f"eval {name}", disable=not progress, unit="sample")):
+        pred = greedy_answer(model, processor, rec, device, cfg.max_new_tokens)
+        preds.append(pred)
+        correct += normalize_answer(pred) == normalize_answer(reference_answer(rec))
+        lp, targets = answer_logprobs(model, processor, adapter, rec, device, cfg.max_seq_len)
+        nll_sum += float(-lp.gather(1, targets[:, None]).sum())
+        n_tok += len(targets)
+        if reference is not None:
+            ref = reference[i]
+            kl_sum += float((ref.exp() * (ref - lp)).sum())
+        logps.append(lp)
+    scores = ModelScores(
+        name=name,
+        accuracy=correct / len(records),
+        nll=nll_sum / max(n_tok, 1),
+        kl=kl_sum / max(n_tok, 1) if reference is not None else None,
+        num_samples=len(records),
+        predictions=preds,
+    )
+    return scores, logps
+
+
+def compare(reference: ModelScores, scores: ModelScores) -> ModelScores:
+    """Fill in the % of the reference's accuracy that ``scores`` retains."""
+    scores.retained_pct = 100.0 * scores.accuracy / reference.accuracy if reference.accuracy > 0 else float("nan")
+    return scores

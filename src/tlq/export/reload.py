@@ -1,0 +1,45 @@
+"""Reload an exported checkpoint in transformers, on the route that reproduces calibration.
+
+transformers 5.x has two compressed-tensors routes. The default (``dequantize=False``) decompresses on
+the first forward and applies the config's dynamic per-token activation quantization, which is what a
+W-A kernel computes, so it is preferred. It cannot load int3 asymmetric ``pack-quantized`` weights
+(the packed zero points have the wrong shape), and those have no activation quantization anyway, so
+they take ``dequantize=True`` (dense weights at load time), which gives the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _weight_args(qcfg: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g.get("weights") or {} for g in (qcfg.get("config_groups") or {}).values()]
+
+
+def needs_dequantize_route(out_dir: Path) -> bool:
+    """True when the default route cannot load this checkpoint (int3 asymmetric packed weights)."""
+    cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    qcfg = cfg.get("quantization_config") or {}
+    return any(w.get("num_bits") == 3 and not w.get("symmetric", True) for w in _weight_args(qcfg))
+
+
+def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    import transformers
+    from transformers import CompressedTensorsConfig
+
+    cls = getattr(transformers, model_class)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if needs_dequantize_route(out_dir):
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    with warnings.catch_warnings():
+        # transformers warns that the passed config overrides the checkpoint's loading attributes:
+        # that override (dequantize=True) is exactly the intent here.
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
+        model = cls.from_pretrained(str(out_dir), **kwargs)
+    return model.to(device).eval()

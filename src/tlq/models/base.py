@@ -1,0 +1,169 @@
+"""The model adapter: everything TLQ needs to know about one VLM architecture.
+
+Algorithms and the layer-wise engine never name a model. They ask the adapter where the decoder layers
+are, which tokens are visual, what to keep in 16 bits, and how to get layer 0's inputs. Model knowledge
+is *data* (``ModelSpec``); the little code that differs per family overrides one method.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlq.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where things live in one family of transformers VLMs (paths relative to the top-level model)."""
+
+    family: str
+    model_types: tuple[str, ...]  # config.model_type values handled by this spec
+    model_class: str  # transformers class name
+    decoder_layers: str  # dotted path to the decoder's nn.ModuleList
+    final_norm: str  # the decoder's last norm, applied before the LM head
+    lm_head: str
+    # Modules kept in 16 bits, as regexes (compressed-tensors' "re:" convention) or exact names.
+    # Regexes survive transformers' checkpoint-key renames; concrete names do not.
+    ignore: tuple[str, ...]
+
+
+class _StopForward(Exception):
+    """Raised from a pre-hook to stop the model once layer 0's inputs are captured."""
+
+
+@dataclass
+class LayerInputs:
+    """Layer 0's hidden states and the keyword arguments every decoder layer needs to run standalone."""
+
+    hidden_states: torch.Tensor  # [1, seq, hidden], on CPU
+    kwargs: dict[str, Any]  # position embeddings, attention mask, position ids (tensors on CPU)
+
+
+# Layer kwargs that belong to incremental decoding, not to a standalone layer call.
+_DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
+
+
+def tree_to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor in a nested tuple/list/dict to ``device`` (floating tensors also to ``dtype``)."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(tree_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: tree_to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:  # pragma: no cover - only on an adapter/model mismatch
+        raise ConfigError(f"model has no module {path!r}: the adapter does not match this checkpoint") from exc
+
+
+class ModelAdapter:
+    """Generic behaviour shared by the families; subclasses override what differs."""
+
+    spec: ModelSpec
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    # --- loading -------------------------------------------------------------------------------
+    def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+        """Load model and processor from a local directory (never the hub)."""
+        import transformers
+
+        cls = getattr(transformers, self.spec.model_class)
+        model = cls.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+        model.to(device).eval()
+        processor = transformers.AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        return model, processor
+
+    # --- structure -------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return get_submodule(model, self.spec.decoder_layers)  # type: ignore[return-value]
+
+    def decoder_layer_prefix(self, index: int) -> str:
+        """The module name of decoder layer ``index`` (as in ``model.named_modules()``)."""
+        return f"{self.spec.decoder_layers}.{index}"
+
+    def check_supported(self, model: nn.Module) -> None:
+        """Refuse configurations the standalone-layer replay cannot reproduce exactly."""
+        text_cfg = getattr(model.config, "text_config", model.config)
+        layer_types = set(getattr(text_cfg, "layer_types", None) or [])
+        if len(layer_types) > 1:
+            raise ConfigError(
+                f"decoder mixes attention types {sorted(layer_types)} (sliding window); "
+                "TLQ replays layers with layer 0's attention mask, so disable sliding window in config.json"
+            )
+
+    # --- tokens ----------------------------------------------------------------------------------
+    def visual_mask(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean [batch, seq] mask of visual (image or video) tokens."""
+        cfg = model.config
+        ids = inputs["input_ids"]
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for attr in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+            tok = getattr(cfg, attr, None)
+            if tok is not None:
+                mask |= ids == tok
+        return mask
+
+    # --- layer 0 ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture_layer0_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LayerInputs:
+        """Run the vision tower, projector and embeddings, and stop at decoder layer 0.
+
+        A forward pre-hook (with kwargs) sees exactly what the model passes to its layers, including
+        the multimodal rotary position embeddings, so no model code is re-implemented or traced.
+        """
+        captured: dict[str, Any] = {}
+
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured["hidden_states"] = hidden.detach().to("cpu")
+            captured["kwargs"] = {
+                k: tree_to(v, "cpu") for k, v in kwargs.items() if k not in _DROP_KWARGS and k != "hidden_states"
+            }
+            raise _StopForward
+
+        handle = self.decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "hidden_states" not in captured:
+            raise RuntimeError("decoder layer 0 was never called; the adapter does not match this model")
+        return LayerInputs(captured["hidden_states"], captured["kwargs"])
+
+
+def read_model_type(model_dir: Path) -> str:
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{model_dir} has no config.json: pass a local Hugging Face model directory")
+    with cfg_path.open() as f:
+        cfg = json.load(f)
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise ConfigError(f"{cfg_path} has no 'model_type'; is this a transformers checkpoint?")
+    return str(model_type)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Call one decoder layer standalone and return its output hidden states.
+
+    transformers 5 layers return a tensor; older ones return a tuple whose first item is the output.
+    """
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,486 @@
+"""Tiny but complete local Hugging Face VLM checkpoints (no hub, no internet).
+
+``make_tiny_vlm(family, out_dir)`` writes a directory that loads with the generic calls a user makes::
+
+    processor = AutoProcessor.from_pretrained(out_dir)
+    model = AutoModelForImageTextToText.from_pretrained(out_dir)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)   # string
+    inputs = processor(text=[text], images=[pil_image], return_tensors="pt")
+    model(**inputs); model.generate(**inputs, max_new_tokens=4)
+
+It is used by the test suite, by the demo training script and by benchmarks. Families: ``FAMILIES``.
+
+Facts found while writing this (transformers 5.24, torch 2.14.1, torchvision 0.29.1, tokenizers)
+------------------------------------------------------------------------------------------------
+Module layout (``model = <Family>ForConditionalGeneration``; ``model.model`` is the base model):
+
+* Qwen2-VL / Qwen2.5-VL: vision tower + patch merger ``model.model.visual`` (merger:
+  ``model.model.visual.merger``, it projects to the text hidden size), decoder layers
+  ``model.model.language_model.layers`` (``Qwen2VLDecoderLayer`` / ``Qwen2_5_VLDecoderLayer``: ``self_attn.{q,k,v,o}_proj``,
+  ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), final norm
+  ``model.model.language_model.norm``, embeddings ``model.model.language_model.embed_tokens``, head
+  ``model.lm_head``. No separate projector module (the merger plays that role).
+* LLaVA-OneVision: SigLIP tower ``model.model.vision_tower`` (``SiglipVisionModel``), projector
+  ``model.model.multi_modal_projector`` (``linear_1`` vision->text hidden, GELU, ``linear_2``), a learned
+  ``model.model.image_newline`` parameter (text hidden size), decoder ``model.model.language_model.layers``
+  (a plain ``Qwen2Model``, ``Qwen2DecoderLayer``), head ``model.lm_head``.
+* Saved checkpoint keys differ from in-memory names (transformers 5.24 converts on save and load):
+  Qwen saves the legacy layout ``model.layers.*``, ``model.embed_tokens.weight``, ``model.norm.weight``,
+  ``visual.*``, ``lm_head.weight`` (in memory: ``model.language_model.layers.*``, ``model.visual.*``);
+  LLaVA-OV saves ``language_model.model.layers.*``, ``language_model.lm_head.weight``, ``vision_tower.*``,
+  ``multi_modal_projector.*``, ``image_newline`` (in memory: ``model.language_model.layers.*``,
+  ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.image_newline``, ``lm_head``).
+  Match modules with regexes such as ``re:.*visual.*``, ``re:.*vision_tower.*``,
+  ``re:.*multi_modal_projector.*``, never with concrete saved names.
+
+Configs:
+
+* Qwen text config takes ``rope_parameters={"rope_type": "default", "rope_theta": ..., "mrope_section": [t, h, w]}``
+  with ``sum(mrope_section) == head_dim // 2`` (we use the real 1/4, 3/8, 3/8 split: head_dim 32 -> [4, 6, 6]).
+  ``rope_scaling`` with ``type: mrope`` is still accepted and converted to ``rope_type: default``.
+* ``Qwen2VLVisionConfig``: ``embed_dim`` (ViT width), ``hidden_size`` (= merger output = text hidden size),
+  ``num_heads``, ``depth``, ``mlp_ratio``. ``Qwen2_5_VLVisionConfig``: ``hidden_size`` (ViT width),
+  ``intermediate_size``, ``out_hidden_size`` (= text hidden size), ``window_size`` (pixels, 112),
+  ``fullatt_block_indexes``. Both: patch 14, temporal patch 2, spatial merge 2.
+* Top-level Qwen configs carry ``image_token_id``, ``video_token_id``, ``vision_start_token_id``,
+  ``vision_end_token_id``: they must equal the tokenizer's ids (we build them from the tokenizer).
+* ``LlavaOnevisionConfig(vision_config=SiglipVisionConfig(...), text_config=Qwen2Config(...),
+  image_token_index=..., video_token_index=..., image_grid_pinpoints=..., vision_feature_select_strategy="full",
+  vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")``. ``image_token_id`` is an alias of
+  ``image_token_index``.
+
+Processors:
+
+* Qwen: ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size={"shortest_edge":
+  min_pixels, "longest_edge": max_pixels}), tokenizer=..., video_processor=Qwen2VLVideoProcessor(size=...),
+  chat_template=...)`` (Qwen2.5-VL reuses the Qwen2-VL image and video processors; ``min_pixels`` /
+  ``max_pixels`` kwargs are the backward-compatible spelling of ``size``). The video processor needs
+  torchvision. The processor returns ``input_ids``, ``attention_mask``, ``pixel_values`` (flattened patches,
+  ``[sum(t*h*w), 3*2*14*14]``), ``image_grid_thw`` ([n_images, 3], in 14-px patches) and
+  ``mm_token_type_ids`` (1 = image token, 2 = video token, 0 = text). Visual tokens per image =
+  ``prod(image_grid_thw) // 4``: 56x56 -> grid (1, 4, 4) -> 4 tokens; 56x84 -> (1, 4, 6) -> 6 tokens;
+  images are resized to multiples of 28 within [min_pixels, max_pixels] (defaults here 28*28 and
+  ``(4*image_size)**2`` = 224*224 -> at most 64 tokens). The chat template writes one
+  ``<|vision_start|><|image_pad|><|vision_end|>`` per image; the processor expands ``<|image_pad|>``.
+  The Qwen forward refuses image inputs without ``mm_token_type_ids``.
+* LLaVA-OV: ``LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(size={"height": s, "width": s},
+  image_grid_pinpoints=P, crop_size=None), tokenizer=..., video_processor=LlavaOnevisionVideoProcessor(size=...),
+  num_image_tokens=(s // 14) ** 2, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+  chat_template=...)``; ``s`` must equal the SigLIP ``image_size`` and ``P`` the model config's
+  ``image_grid_pinpoints``. The processor returns ``input_ids``, ``attention_mask``, ``pixel_values``
+  ``[n_images, max_tiles, 3, s, s]`` (base tile + anyres tiles, zero-padded to the largest tile count in the
+  batch), ``image_sizes`` ([n_images, 2] as (H, W)) and ``batch_num_images``; no ``mm_token_type_ids`` by
+  default (the image mask is ``input_ids == config.image_token_id``); ``processor(..., return_mm_token_type_ids=True)``
+  adds them, the forward tolerates them but ``generate`` rejects them (pop before generating). Token count of one image (single-image prompt;
+  a prompt with several images uses only the base tile: ``num_image_tokens + 1``):
+  ``base (s/14)^2`` + unpadded anyres features (tiles ``(rows*g) x (cols*g)`` with ``g = s/14``, minus the
+  padding rows/columns the aspect ratio implies) + one ``image_newline`` per feature row. With s=56,
+  pinpoints [[56,56],[56,112],[112,56]]: a 56x56 image -> 16 + 16 + 4 = 36 tokens; 56x84 (HxW) -> tile grid
+  1x2 -> 16 + 4*6 + 4 = 44 tokens; 84x56 (HxW) -> 2x1 -> 16 + 6*4 + 6 = 46 tokens. Visual features of the model:
+  ``model.model.get_image_features(pixel_values, image_sizes, batch_num_images=...).pooler_output`` (list per
+  image; Qwen: ``get_image_features(pixel_values, image_grid_thw).pooler_output``, tuple per image).
+
+Tokenizer: a byte-level BPE (Qwen2's regex split + ``ByteLevel(use_regex=False)``, no normalizer) so that
+``decode(encode(s)) == s`` for any string that contains no special-token text; ids 0..n-1 are BPE tokens,
+the special tokens come last (as in Qwen). ``eos_token = <|im_end|>``, ``pad_token = <|endoftext|>``, no BOS
+is added, ``padding_side="left"`` (batched generation). The BPE stops early when the corpus has no more pairs
+to merge (the default corpus gives ``len(tokenizer) == 459`` for Qwen), so the model's vocab (embedding rows)
+is ``vocab_size`` >= ``len(tokenizer)``, as with the padded vocabularies of the real checkpoints. Training is
+deterministic (identical ``tokenizer.json`` for the same corpus).
+
+The builder seeds ``torch`` inside ``torch.random.fork_rng`` (the caller's RNG state is untouched) and also writes
+``tlq_tiny.json`` (the build arguments) beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+
+#: Tokens of the Qwen2 / Qwen2-VL chat and vision format, in Qwen's order.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+#: LLaVA-OneVision: Qwen2 chat tokens plus its image / video placeholders.
+LLAVA_OV_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+
+#: Qwen2's pre-tokenizer split pattern (so the tokenizer behaves like the real one on text).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Chat templates (our own text). Content may be a string or a list of {"type": "image"|"video"|"text"} parts.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}<image>\n"
+    "{% elif part['type'] == 'video' or 'video' in part %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# SigLIP normalisation, as in the llava-hf LLaVA-OneVision processors.
+_SIGLIP_MEAN = (0.5, 0.5, 0.5)
+_SIGLIP_STD = (0.5, 0.5, 0.5)
+
+_COLORS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "pink")
+_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "bar", "dot")
+_POSITIONS = ("top", "bottom", "left", "right", "center", "corner")
+
+
+def default_corpus() -> list[str]:
+    """A small deterministic English corpus (VQA-style questions, answers, captions, digits, punctuation)."""
+    lines: list[str] = []
+    for i, c in enumerate(_COLORS):
+        for j, s in enumerate(_SHAPES):
+            p = _POSITIONS[(i + j) % len(_POSITIONS)]
+            n = (3 * i + j) % 10
+            lines.append(f"What color is the {s}? The {s} is {c}.")
+            lines.append(f"Where is the {c} {s}? It is at the {p} of the image.")
+            lines.append(f"How many {s}s are there? There are {n} {s}s.")
+            lines.append(f"Describe the image. A {c} {s} on a {_COLORS[(i + 3) % 10]} background, near the {p}.")
+            lines.append(f"Is there a {c} {s}? Yes. Answer with one word: {c.capitalize()}")
+    lines += [
+        "0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024 3.14 -7 42%",
+        "Question: Which digit is shown? Answer: 7",
+        "The quick brown fox jumps over the lazy dog. THE END!",
+        "Please answer the question using a single word or phrase.",
+        "user assistant system: You are a helpful assistant.",
+        "\n\n\t  (a) [b] {c} <d> \"e\" 'f' a/b a-b a_b a+b=c #1 @x $5 ^_^ ~ * & | \\",
+        "Caption: two cats sitting on a sofa, one dog lying on the floor; a photo of a street at night.",
+    ]
+    return lines
+
+
+def build_tokenizer(corpus: list[str] | None, family: str, vocab_size: int = 512, *, model_max_length: int = 4096):
+    """Train a deterministic byte-level BPE on ``corpus`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    ``vocab_size`` counts the special tokens, which take the last ids. ``corpus=None`` uses
+    :func:`default_corpus`. The tokenizer gets the family's chat template too (text-only use).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    _check_family(family)
+    specials = LLAVA_OV_SPECIAL_TOKENS if family == "llava_onevision" else QWEN_SPECIAL_TOKENS
+    n_bpe = vocab_size - len(specials)
+    if n_bpe < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: need >= 256 byte tokens + {len(specials)} special")
+    corpus = list(default_corpus() if corpus is None else corpus)
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_bpe,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+        padding_side="left",
+    )
+    hf_tok.chat_template = _LLAVA_OV_CHAT_TEMPLATE if family == "llava_onevision" else _QWEN_CHAT_TEMPLATE
+    return hf_tok
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen's M-RoPE split (t, h, w) of ``head_dim // 2`` rotary frequencies, in the real 1/4, 3/8, 3/8 ratio."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def make_tiny_vlm(
+    family: str,
+    out_dir: str | Path,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_hidden: int = 32,
+    vision_depth: int = 1,
+    vision_heads: int = 2,
+    corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    image_size: int = 56,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    grid_pinpoints: list[list[int]] | None = None,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 4096,
+    rope_theta: float = 1_000_000.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer=None,
+) -> Path:
+    """Build a tiny random-weight VLM of ``family`` and save model, tokenizer, processor, chat template.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        out_dir: directory to write (created; existing files are overwritten).
+        num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads: language decoder (Qwen2).
+            ``hidden_size`` and ``intermediate_size`` must be multiples of 128 (every decoder Linear then has
+            in-features divisible by the default quantization group size 128).
+        vision_hidden, vision_depth, vision_heads: ViT width, number of blocks and heads (Qwen ViT / SigLIP).
+        corpus, vocab_size: tokenizer training text (``None`` = :func:`default_corpus`) and model vocab size.
+        image_size: LLaVA-OV: SigLIP input resolution = one anyres tile (multiple of 14). Qwen: sets the default
+            ``max_pixels = (4 * image_size) ** 2`` (224*224 -> at most 64 visual tokens per image).
+        min_pixels, max_pixels: Qwen image/video processor pixel bounds (default ``28*28`` and the above).
+        grid_pinpoints: LLaVA-OV anyres resolutions (default ``[[s, s], [s, 2s], [2s, s]]`` for ``s = image_size``:
+            at most two tiles + the base image).
+        tie_word_embeddings: tie ``lm_head`` to the input embeddings (default False, like 7B checkpoints).
+        seed: torch seed for the random weights (same seed -> identical state dict).
+        dtype: dtype of the saved weights.
+        tokenizer: a prebuilt tokenizer (from :func:`build_tokenizer`) to reuse instead of training one.
+
+    Returns: ``Path(out_dir)``.
+    """
+    from transformers import GenerationConfig
+
+    _check_family(family)
+    if hidden_size % 128 or intermediate_size % 128:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) and intermediate_size ({intermediate_size}) must be multiples of 128 "
+            "(the default quantization group size)"
+        )
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+    if vision_hidden % vision_heads:
+        raise ValueError("vision_hidden must be divisible by vision_heads")
+    if image_size % 14:
+        raise ValueError("image_size must be a multiple of the patch size 14")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tok = tokenizer if tokenizer is not None else build_tokenizer(corpus, family, vocab_size)
+    if len(tok) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={vocab_size}")
+    vocab = tok.get_vocab()
+    ids = {t: vocab[t] for t in QWEN_SPECIAL_TOKENS + LLAVA_OV_SPECIAL_TOKENS if t in vocab}
+    eot, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    head_dim = hidden_size // num_heads
+
+    text_kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        bos_token_id=eot,
+        eos_token_id=im_end,
+        pad_token_id=eot,
+        tie_word_embeddings=tie_word_embeddings,
+        max_window_layers=num_layers,
+    )
+
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        min_pixels = 28 * 28 if min_pixels is None else min_pixels
+        max_pixels = (4 * image_size) ** 2 if max_pixels is None else max_pixels
+        rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section(head_dim)}
+        special_ids = dict(
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        if family == "qwen2_vl":
+            from transformers import (
+                Qwen2VLConfig as Cfg,
+                Qwen2VLForConditionalGeneration as Model,
+                Qwen2VLProcessor as Proc,
+                Qwen2VLTextConfig as TextCfg,
+                Qwen2VLVisionConfig as VisCfg,
+            )
+
+            vision_config = VisCfg(
+                depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=vision_heads, mlp_ratio=4
+            )
+        else:
+            from transformers import (
+                Qwen2_5_VLConfig as Cfg,
+                Qwen2_5_VLForConditionalGeneration as Model,
+                Qwen2_5_VLProcessor as Proc,
+            )
+            from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+                Qwen2_5_VLTextConfig as TextCfg,
+                Qwen2_5_VLVisionConfig as VisCfg,
+            )
+
+            vision_config = VisCfg(
+                depth=vision_depth,
+                hidden_size=vision_hidden,
+                intermediate_size=4 * vision_hidden,
+                num_heads=vision_heads,
+                out_hidden_size=hidden_size,
+                window_size=112,
+                fullatt_block_indexes=[vision_depth - 1],
+            )
+        text_config = TextCfg(rope_parameters=rope, **text_kwargs)
+        config = Cfg(
+            text_config=text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            tie_word_embeddings=tie_word_embeddings,
+            **special_ids,
+        )
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        processor = Proc(
+            image_processor=Qwen2VLImageProcessor(size=size),
+            tokenizer=tok,
+            video_processor=Qwen2VLVideoProcessor(size=dict(size)),
+            chat_template=_QWEN_CHAT_TEMPLATE,
+        )
+    else:
+        from transformers import (
+            LlavaOnevisionConfig,
+            LlavaOnevisionForConditionalGeneration as Model,
+            LlavaOnevisionImageProcessor,
+            LlavaOnevisionProcessor,
+            LlavaOnevisionVideoProcessor,
+            Qwen2Config,
+            SiglipVisionConfig,
+        )
+
+        s = image_size
+        pinpoints = [list(p) for p in (grid_pinpoints or [[s, s], [s, 2 * s], [2 * s, s]])]
+        vision_config = SiglipVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=4 * vision_hidden,
+            num_hidden_layers=vision_depth,
+            num_attention_heads=vision_heads,
+            image_size=s,
+            patch_size=14,
+            vision_use_head=False,
+        )
+        text_config = Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, **text_kwargs)
+        config = LlavaOnevisionConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_config.to_dict(),
+            image_token_index=ids["<image>"],
+            video_token_index=ids["<video>"],
+            image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        processor = LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(
+                size={"height": s, "width": s},
+                image_grid_pinpoints=pinpoints,
+                crop_size=None,
+                image_mean=list(_SIGLIP_MEAN),
+                image_std=list(_SIGLIP_STD),
+            ),
+            tokenizer=tok,
+            video_processor=LlavaOnevisionVideoProcessor(
+                size={"height": s, "width": s}, image_mean=list(_SIGLIP_MEAN), image_std=list(_SIGLIP_STD)
+            ),
+            num_image_tokens=(s // 14) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            chat_template=_LLAVA_OV_CHAT_TEMPLATE,
+        )
+
+    config.dtype = dtype
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = Model(config)
+    model = model.to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False, max_new_tokens=32
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    info = {
+        "built_by": "tlq.models.tiny.make_tiny_vlm",
+        "family": family,
+        "seed": seed,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "vision_hidden": vision_hidden,
+        "vision_depth": vision_depth,
+        "vision_heads": vision_heads,
+        "vocab_size": vocab_size,
+        "tokenizer_size": len(tok),
+        "image_size": image_size,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    (out_dir / "tlq_tiny.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out_dir
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+__all__ = [
+    "FAMILIES",
+    "QWEN_SPECIAL_TOKENS",
+    "LLAVA_OV_SPECIAL_TOKENS",
+    "build_tokenizer",
+    "default_corpus",
+    "make_tiny_vlm",
+    "mrope_section",
+]
+

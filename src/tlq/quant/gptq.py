@@ -1,0 +1,349 @@
+"""GPTQ (Frantar et al., 2023) with token-weighted Hessians: pure tensor code, no model knowledge.
+
+GPTQ minimises the layer's output reconstruction error ``sum_t w_t ||W x_t - Q x_t||^2 =
+trace((W - Q) H (W - Q)^T)`` with ``H = sum_t w_t x_t x_t^T``. Plain GPTQ is ``w_t = 1``; TLQ's token
+importance enters *only* through ``H`` (the same as feeding ``sqrt(w_t) x_t`` to plain GPTQ), so the
+solver below is shared by both and the weighting lives in ``HessianAccumulator``.
+
+The integer convention is the one of ``tlq.quant.quantizer`` (signed codes, ``(code - zp) * scale``), and
+the returned ``QuantizedWeight`` dequantizes bit-for-bit to the weight GPTQ chose: every column is
+rounded and dequantized with the very functions ``QuantizedWeight.dequantize`` uses.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from tlq.config import ConfigError, GPTQConfig, WeightQuantSpec
+from tlq.quant.quantizer import (
+    QuantizedWeight,
+    compute_qparams,
+    dequantize_codes,
+    group_size_of,
+    quantize_codes,
+)
+
+# When the Cholesky factorisation of the damped Hessian fails, damping is multiplied by this factor and
+# the factorisation retried, at most DAMP_MAX_RETRIES times (llm-compressor/GPTQModel use the same idea).
+# A zero ``damp_percent`` restarts from DAMP_RETRY_START_PERCENT (the GPTQ paper's default, 1 %).
+DAMP_RETRY_FACTOR = 10.0
+DAMP_MAX_RETRIES = 4
+DAMP_RETRY_START_PERCENT = 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# Hessian statistics
+# --------------------------------------------------------------------------------------------------
+
+
+class HessianAccumulator:
+    """Running ``H = sum_t w_t x_t x_t^T`` and ``W = sum_t w_t`` over calibration tokens of one layer input.
+
+    Precision: each ``add`` computes its batch product in float32 (the O(tokens * in^2) bulk of the work,
+    fast on every GPU, accurate to ~1e-6 relative over one batch), and adds it to a **float64** running
+    sum. Calibration adds hundreds of batches whose token weights span orders of magnitude; a float32
+    running sum would drift by ~n_batches * 1e-7 and, worse, make the distributed result depend on how
+    samples are sharded. In float64 the sum over batches and the all-reduce over ranks agree with the
+    single-process result to ~1e-12, far below what GPTQ can resolve. ``dtype`` overrides the running-sum
+    precision (e.g. float32 to halve memory for very wide layers).
+
+    Distributed use: all-reduce (sum) ``raw_sum`` and ``total_weight`` (and ``num_tokens``) in place; both
+    are tensors on ``device`` for that reason, and ``hessian`` is derived from them on demand.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str = "cpu",
+        *,
+        dtype: torch.dtype = torch.float64,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.in_features = in_features
+        self.compute_dtype = compute_dtype
+        self.raw_sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.total_weight = torch.zeros((), dtype=dtype, device=device)
+        self.num_tokens = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw_sum.device
+
+    def add(self, x: Tensor, weights: Tensor | None = None) -> None:
+        """Accumulate tokens ``x`` ``[..., in]`` with optional non-negative weights ``[...]``.
+
+        The product is formed as ``(sqrt(w) x)^T (sqrt(w) x)``, which is exactly symmetric and is the
+        "feed sqrt(w_t) x_t to plain GPTQ" identity. Zero-weight tokens are dropped before the product
+        (token selection zeroes most of them), so they cost nothing and leave the sum bit-identical to
+        never having seen them.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=self.compute_dtype)
+        if weights is None:
+            w = None
+            total = float(rows.shape[0])
+        else:
+            w = _check_token_weights(weights, x.shape[:-1]).reshape(-1).to(self.device, self.compute_dtype)
+            keep = w > 0
+            rows, w = rows[keep], w[keep]
+            total = w.to(self.total_weight.dtype).sum()
+        if rows.shape[0] == 0:
+            return
+        if w is not None:
+            rows = rows * w.sqrt().unsqueeze(1)
+        self.raw_sum += (rows.T @ rows).to(self.raw_sum.dtype)
+        self.total_weight += total
+        self.num_tokens += rows.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add another accumulator's statistics (what an all-reduce does across ranks)."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge {other.in_features}-feature statistics into {self.in_features}")
+        self.raw_sum += other.raw_sum.to(self.raw_sum)
+        self.total_weight += other.total_weight.to(self.total_weight)
+        self.num_tokens += other.num_tokens.to(self.num_tokens.device)
+
+    @property
+    def hessian(self) -> Tensor:
+        """The normalised Hessian ``H / total_weight`` (a weighted mean of ``x x^T``), in ``dtype``.
+
+        Normalising keeps the scale independent of how many tokens were seen, so that damping (relative
+        to the mean diagonal anyway) and error values are comparable across layers and runs.
+        """
+        if float(self.total_weight) <= 0:
+            raise RuntimeError("no calibration tokens with positive weight reached this layer")
+        return self.raw_sum / self.total_weight
+
+
+def _check_token_weights(weights: Tensor, token_shape: torch.Size) -> Tensor:
+    """Token weights must match the token dimensions and be finite and non-negative (they are squared norms)."""
+    if tuple(weights.shape) != tuple(token_shape):
+        raise ValueError(f"token weights of shape {tuple(weights.shape)} do not match tokens {tuple(token_shape)}")
+    weights = weights.detach()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("token weights must be finite and non-negative")
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Error measures
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_output_error(weight: Tensor, qweight_dequant: Tensor, hessian: Tensor) -> float:
+    """``trace((W - Q) H (W - Q)^T)``: the (token-weighted) output error GPTQ minimises.
+
+    With ``H`` the normalised Hessian this is the weighted mean over tokens of ``||W x_t - Q x_t||^2``.
+    Computed in float64 so that comparisons between solvers are not decided by rounding.
+    """
+    d = (weight.detach().double() - qweight_dequant.detach().double().to(weight.device))
+    h = hessian.detach().to(device=d.device, dtype=torch.float64)
+    return float(((d @ h) * d).sum())
+
+
+def relative_layer_output_error(weight: Tensor, qweight_dequant: Tensor, hessian: Tensor) -> float:
+    """``layer_output_error`` divided by ``trace(W H W^T)`` (the output energy): comparable across layers."""
+    w = weight.detach().double()
+    h = hessian.detach().to(device=w.device, dtype=torch.float64)
+    energy = float(((w @ h) * w).sum())
+    if energy <= 0:
+        raise ValueError("trace(W H W^T) is zero: the layer's output is identically zero on this data")
+    return layer_output_error(weight, qweight_dequant, hessian) / energy
+
+
+# --------------------------------------------------------------------------------------------------
+# GPTQ
+# --------------------------------------------------------------------------------------------------
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: WeightQuantSpec,
+    cfg: GPTQConfig,
+    scale_dtype: torch.dtype | None = None,
+) -> QuantizedWeight:
+    """Quantize ``weight`` ``[out, in]`` column by column, compensating each rounding error on the
+    not-yet-quantized columns through the inverse Hessian ``hessian`` ``[in, in]``.
+
+    Groups: without act-order, a group's parameters are computed when the solver enters it, from the
+    weights *as updated* by the error compensation so far (the GPTQ paper's choice). With act-order the
+    columns are visited by decreasing ``diag(H)``; parameters then stay per contiguous *original* group
+    ("static groups", computed from the original weights) so that the result is plain group quantization
+    that compressed-tensors/vLLM can serve without a ``g_idx``.
+    """
+    _check_gptq_inputs(weight, hessian, cfg)
+    in_f = weight.shape[1]
+    gsize = group_size_of(in_f, spec)
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    _mask_dead_columns(w, h)
+
+    static = spec.group_size is None or cfg.act_order
+    if static:  # per channel, or act-order's static groups: from the original (dead-masked) weights
+        scale, zero = compute_qparams(w, spec, scale_dtype)
+    else:  # filled group by group inside the solver
+        scale = torch.empty(w.shape[0], in_f // gsize, dtype=torch.float32, device=w.device)
+        zero = torch.empty(w.shape[0], in_f // gsize, dtype=torch.int8, device=w.device)
+
+    perm = _act_order_permutation(h) if cfg.act_order else torch.arange(in_f, device=w.device)
+    if cfg.act_order:
+        w, h = w[:, perm], h[perm][:, perm]
+    col_group = [int(c) // gsize for c in perm.tolist()]
+
+    hinv = _inverse_hessian_cholesky(h, cfg).to(torch.float32)
+    del h
+    codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype)
+    if cfg.act_order:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, spec=spec)
+
+
+def _check_gptq_inputs(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> None:
+    """Fail early with a readable message instead of a NaN weight or a cryptic LAPACK error."""
+    if weight.ndim != 2:
+        raise ValueError(f"gptq_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    in_f = weight.shape[1]
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match {in_f} input features")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the Hessian contains NaN/inf: the calibration activations reaching this layer overflowed")
+    if cfg.block_size <= 0:
+        raise ConfigError(f"GPTQ block size must be positive, got {cfg.block_size}")
+    if cfg.damp_percent < 0:
+        raise ConfigError(f"GPTQ damp_percent must be >= 0, got {cfg.damp_percent}")
+
+
+def _mask_dead_columns(w: Tensor, h: Tensor) -> None:
+    """Input features never seen (zero ``H`` diagonal) cannot affect the output: set their weights to 0
+    (quantized exactly) and their diagonal to 1 so that ``H`` stays invertible. In place."""
+    dead = torch.diagonal(h) == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+
+
+def _act_order_permutation(h: Tensor) -> Tensor:
+    """Columns by decreasing ``diag(H)``: quantize the most influential inputs first, while many columns
+    are left to absorb their error. A stable sort keeps ties deterministic (all ranks must agree)."""
+    return torch.argsort(torch.diagonal(h), descending=True, stable=True)
+
+
+def _damping_schedule(cfg: GPTQConfig) -> Iterator[float]:
+    """``damp_percent``, then increasingly strong damping for Hessians that are not positive definite."""
+    yield cfg.damp_percent
+    base = cfg.damp_percent if cfg.damp_percent > 0 else DAMP_RETRY_START_PERCENT
+    for k in range(1, DAMP_MAX_RETRIES + 1):
+        yield base * DAMP_RETRY_FACTOR**k
+
+
+def _inverse_hessian_cholesky(h: Tensor, cfg: GPTQConfig) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
+
+    GPTQ reads its error-compensation rows from ``U``: row ``i`` of ``U`` scaled by ``1 / U[i, i]`` is the
+    update of the remaining columns after quantizing column ``i``, so one factorisation serves all steps.
+    Factorised in float64: the one O(in^3) step, and the one that fails on ill-conditioned Hessians.
+    """
+    mean_diag = float(torch.diagonal(h).mean())
+    for attempt, frac in enumerate(_damping_schedule(cfg)):
+        damped = h.clone()
+        damped.diagonal().add_(frac * mean_diag)
+        u = _try_inverse_cholesky(damped)
+        del damped
+        if u is not None:
+            if attempt > 0:
+                warnings.warn(
+                    f"GPTQ: Hessian not positive definite with damp_percent={cfg.damp_percent}; "
+                    f"succeeded with {frac:g}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return u
+    raise RuntimeError(
+        f"GPTQ: Hessian is not positive definite even with damp_percent={frac:g}; "
+        "check the calibration activations of this layer (all-equal or degenerate inputs?)"
+    )
+
+
+def _try_inverse_cholesky(h: Tensor) -> Tensor | None:
+    """``cholesky(inverse(h), upper=True)`` via two factorisations, or ``None`` if either fails."""
+    low, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return None
+    hinv = torch.cholesky_inverse(low)
+    del low  # n^2 float64 buffers are large for wide layers (down_proj): keep at most three alive
+    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    del hinv
+    if int(info) != 0 or not bool(torch.isfinite(u).all()):
+        return None
+    return u
+
+
+def _solve_columns(
+    w: Tensor,
+    hinv: Tensor,
+    spec: WeightQuantSpec,
+    block_size: int,
+    col_group: list[int],
+    scale: Tensor,
+    zero: Tensor,
+    gsize: int,
+    dynamic_groups: bool,
+    scale_dtype: torch.dtype | None,
+) -> Tensor:
+    """GPTQ's lazy-batch loop over columns (in solver order); returns int8 codes in that order.
+
+    Inside a block of ``block_size`` columns the updates are applied immediately to the block copy ``w1``;
+    the rest of the matrix receives the block's accumulated errors in one matmul when the block ends,
+    which is the same arithmetic, reorganised to be bound by matmuls instead of rank-1 updates.
+    ``scale``/``zero`` are read (static) or filled (``dynamic_groups``) in place.
+    """
+    out_f, n = w.shape
+    codes = torch.empty(out_f, n, dtype=torch.int8, device=w.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col_group[col]
+            if dynamic_groups and col % gsize == 0:
+                current = _current_group_weights(w, w1, err1, hinv, i1, i2, i, gsize)
+                s, z = compute_qparams(current, spec, scale_dtype)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            s, z = scale[:, g : g + 1], zero[:, g : g + 1]
+            wc = w1[:, i : i + 1]
+            c = quantize_codes(wc, s, z, spec)
+            q = dequantize_codes(c, s, z, spec)  # the exact value QuantizedWeight.dequantize() returns
+            codes[:, col] = c[:, 0]
+            e = (wc - q) / hinv1[i, i]
+            w1[:, i + 1 :] -= e @ hinv1[i : i + 1, i + 1 :]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
+def _current_group_weights(
+    w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, i: int, gsize: int
+) -> Tensor:
+    """The group starting at solver column ``i1 + i``, with every error compensation so far applied.
+
+    Columns inside the current block are up to date in ``w1``; columns past the block have not yet
+    received this block's pending updates (lazy batching), so they are applied here to a copy. Without
+    this, a group that starts mid-block (group size < block size, or not dividing it) would get its
+    scale from stale weights and the result would depend on ``block_size``.
+    """
+    end = i1 + i + gsize
+    inside = w1[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    outside = w[:, i2:end] - err1 @ hinv[i1:i2, i2:end]
+    return torch.cat([inside, outside], dim=1)

@@ -1,0 +1,28 @@
+"""Round-to-nearest (RTN) weight quantization: the data-free baseline.
+
+Min-max parameters per (output row, group) from ``compute_qparams``, then each weight is rounded to its
+nearest code. It is also the reference every data-driven solver (GPTQ, scale search) must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tlq.config import WeightQuantSpec
+from tlq.quant.quantizer import QuantizedWeight, compute_qparams, quantize_codes
+
+
+def rtn_quantize(weight: Tensor, spec: WeightQuantSpec, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """Quantize ``weight`` ``[out, in]`` by round-to-nearest with min-max per-group parameters.
+
+    ``scale_dtype`` rounds the scales to the dtype they will be stored in *before* the codes are
+    computed, so the stored (codes, scales) reproduce this dequantized weight exactly after reload.
+    Raises ``ConfigError`` when the group size does not divide ``in``.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"rtn_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    scale, zero = compute_qparams(w, spec, scale_dtype)
+    codes = quantize_codes(w, scale, zero, spec)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, spec=spec)

@@ -1,0 +1,67 @@
+"""Per-linear calibrators: observe a linear layer's inputs, then solve its quantized weight.
+
+The layer-wise engine drives these without knowing which algorithm runs: it feeds inputs (and, for the
+token-weighted forms, per-token weights) to ``observe`` and asks ``solve`` for the result.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from tlq.config import GPTQConfig, QuantScheme
+from tlq.quant.gptq import HessianAccumulator, gptq_quantize
+from tlq.quant.quantizer import QuantizedWeight
+from tlq.quant.rtn import rtn_quantize
+
+
+class LinearCalibrator(Protocol):
+    needs_inputs: bool
+
+    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None: ...
+
+    def solve(self, weight: Tensor) -> QuantizedWeight: ...
+
+
+class RTNCalibrator:
+    """Round-to-nearest: data-free, the floor every method must beat."""
+
+    needs_inputs = False
+
+    def __init__(self, scheme: QuantScheme, scale_dtype: torch.dtype | None) -> None:
+        self.scheme = scheme
+        self.scale_dtype = scale_dtype
+
+    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:  # pragma: no cover - unused
+        return None
+
+    def solve(self, weight: Tensor) -> QuantizedWeight:
+        return rtn_quantize(weight, self.scheme.weights, scale_dtype=self.scale_dtype)
+
+
+class GPTQCalibrator:
+    """GPTQ on the (optionally token-weighted) Hessian of the inputs the layer really receives."""
+
+    needs_inputs = True
+
+    def __init__(self, in_features: int, scheme: QuantScheme, cfg: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> None:
+        self.scheme = scheme
+        self.cfg = cfg
+        self.scale_dtype = scale_dtype
+        self.hessian = HessianAccumulator(in_features, device=device)
+
+    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:
+        self.hessian.add(x, token_weights)
+
+    def solve(self, weight: Tensor) -> QuantizedWeight:
+        return gptq_quantize(weight, self.hessian.hessian, self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype)
+
+
+def make_calibrator(method: str, in_features: int, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:
+    if method == "rtn":
+        return RTNCalibrator(scheme, scale_dtype)
+    if method == "gptq":
+        return GPTQCalibrator(in_features, scheme, gptq, scale_dtype, device)
+    raise ValueError(f"no calibrator for method {method!r}")

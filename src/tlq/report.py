@@ -1,0 +1,65 @@
+"""The quantization report: what the run did, per layer, as a table on screen and as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tlq.engine.layerwise import LayerReport
+
+
+@dataclass
+class QuantizeReport:
+    model: str
+    model_type: str
+    scheme: str
+    method: str
+    output: str
+    num_samples: int
+    num_tokens: int
+    device: str
+    dtype: str
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    export_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_rel_error(self) -> float:
+        return sum(layer.rel_error for layer in self.layers) / max(len(self.layers), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_rel_error"] = self.mean_rel_error
+        return d
+
+
+def render_summary(report: QuantizeReport, console: Console | None = None) -> None:
+    """Print the per-layer table and the closing summary line."""
+    console = console or Console(stderr=True)
+    table = Table(title=f"TLQ {report.method} · {report.scheme} · {report.model}", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("linears", justify="right")
+    table.add_column("rel. output error", justify="right")
+    table.add_column("time (s)", justify="right")
+    table.add_column("peak mem (MiB)", justify="right")
+    for layer in report.layers:
+        table.add_row(
+            str(layer.index),
+            str(layer.num_linears),
+            f"{layer.rel_error:.3e}",
+            f"{layer.seconds:.2f}",
+            f"{layer.peak_mem_mb:.0f}",
+        )
+    console.print(table)
+    console.print(
+        f"[bold]done[/bold]: {len(report.layers)} layers, {report.num_samples} samples "
+        f"({report.num_tokens} tokens), mean rel. error {report.mean_rel_error:.3e}, "
+        f"calibration {report.calibration_seconds:.1f}s, export {report.export_seconds:.1f}s, "
+        f"peak RSS {report.peak_rss_mb:.0f} MiB -> {report.output}"
+    )

@@ -1,0 +1,112 @@
+"""Calibration JSONL parsing and encoding: masks, subsampling, truncation, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tlq.api import load_model
+from tlq.config import ConfigError
+from tlq.data.calibration import build_sample, choose, load_calibration, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_vlm_dir):
+    adapter, model, processor, *_ = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    return adapter, model, processor
+
+
+def _write(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_answer_mask_covers_exactly_the_answer(qwen, tiny_calib_jsonl):
+    adapter, model, processor = qwen
+    records = read_jsonl(tiny_calib_jsonl)
+    for rec in records:
+        sample = build_sample(rec, processor, adapter, model, max_seq_len=4096)
+        answer_ids = sample.inputs["input_ids"][0][sample.answer_mask]
+        text = processor.tokenizer.decode(answer_ids)
+        expected = rec.messages[-1]["content"][0]["text"]
+        assert text.startswith(expected + "<|im_end|>"), text
+        # the answer is the last thing in the sequence, after every visual token
+        assert sample.answer_mask.nonzero().min() > sample.visual_mask.nonzero().max()
+
+
+def test_visual_mask_counts_merged_patches(qwen, tiny_calib_jsonl):
+    adapter, model, processor = qwen
+    records = read_jsonl(tiny_calib_jsonl)
+    sample = build_sample(records[0], processor, adapter, model, max_seq_len=4096)
+    grid = sample.inputs["image_grid_thw"][0]
+    assert int(sample.visual_mask.sum()) == int(grid.prod()) // 4  # 2x2 merge
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_visual_mask_other_families(tiny_vlm_dir, tiny_calib_jsonl, family):
+    adapter, model, processor, *_ = load_model(tiny_vlm_dir(family), device="cpu")
+    sample = build_sample(read_jsonl(tiny_calib_jsonl)[0], processor, adapter, model, max_seq_len=4096)
+    image_token = model.config.image_token_id
+    assert int(sample.visual_mask.sum()) == int((sample.inputs["input_ids"] == image_token).sum()) > 0
+    assert sample.answer_mask.any()
+
+
+def test_messages_format_masks_every_assistant_turn(qwen, tiny_calib_jsonl, tmp_path):
+    adapter, model, processor = qwen
+    image = json.loads(tiny_calib_jsonl.read_text().splitlines()[0])["image"]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "first?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "alpha"}]},
+        {"role": "user", "content": [{"type": "text", "text": "second?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "beta"}]},
+    ]
+    path = _write(tmp_path, [json.dumps({"image": str(tiny_calib_jsonl.parent / image), "messages": msgs})])
+    sample = build_sample(read_jsonl(path)[0], processor, adapter, model, max_seq_len=4096)
+    text = processor.tokenizer.decode(sample.inputs["input_ids"][0][sample.answer_mask])
+    assert "alpha" in text and "beta" in text and "second" not in text
+
+
+def test_choose_is_seeded_and_keeps_order(tiny_calib_jsonl):
+    records = read_jsonl(tiny_calib_jsonl)
+    a, b = choose(records, 3, seed=1), choose(records, 3, seed=1)
+    assert [r.line for r in a] == [r.line for r in b] == sorted(r.line for r in a)
+    assert len(choose(records, 100, seed=0)) == len(records)
+    with pytest.raises(ConfigError, match="num-samples"):
+        choose(records, 0, seed=0)
+
+
+def test_truncation_keeps_visual_tokens(qwen, tiny_calib_jsonl):
+    adapter, model, processor = qwen
+    full = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=4096, seed=0)[0]
+    cut = full.visual_mask.nonzero().max().item() + 2
+    short = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=cut, seed=0)[0]
+    assert short.seq_len == cut and short.visual_mask.sum() == full.visual_mask.sum()
+    with pytest.raises(ConfigError, match="max-seq-len"):
+        load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=3, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"image": "nope.png", "question": "q", "answer": "a"}', "does not exist"),
+        ('{"question": "q"}', "missing key"),
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "JSON object"),
+        ('{"messages": [{"content": "no role"}]}', "messages"),
+    ],
+)
+def test_bad_lines_name_the_line_and_problem(tmp_path, line, message):
+    path = _write(tmp_path, ['{"question": "fine", "answer": "a"}', line])
+    with pytest.raises(ConfigError, match=message) as info:
+        read_jsonl(path)
+    assert ":2:" in str(info.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_jsonl(tmp_path / "absent.jsonl")
+    with pytest.raises(ConfigError, match="no samples"):
+        read_jsonl(_write(tmp_path, [""]))
