@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tlq.builtin import default_dataset, resolve_model_dir
-from tlq.config import CalibConfig, ConfigError, GPTQConfig, QuantizeConfig, resolve_scheme
+from tlq.config import CalibConfig, ConfigError, GPTQConfig, QuantizeConfig, ScaleSearchConfig, method_preset, resolve_scheme
 from tlq.data.calibration import load_calibration
 from tlq.engine.layerwise import EngineResult, LayerwiseEngine, peak_memory_mb
 from tlq.models import adapter_for_dir
@@ -62,17 +63,29 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     return adapter, hf_model, processor, model_dir, dev, dt
 
 
-def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, quantized_inputs: bool = True, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
-    """Validate user-facing options into a ``QuantizeConfig`` (``group_size=None`` keeps the scheme's)."""
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+    """Validate user-facing options into a ``QuantizeConfig``.
+
+    ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
+    other value overrides it (that is how ablations are expressed). ``group_size=None`` keeps the scheme's.
+    """
     kw = {} if group_size is None else {"group_size": group_size}
+    qscheme = resolve_scheme(scheme, symmetric=symmetric, **kw)
+    preset = method_preset(method, qscheme)
+    search: ScaleSearchConfig = preset["search"]
+    if scale_search is not None and scale_search != search.kind:
+        search = ScaleSearchConfig(kind=scale_search)
+    search = dc_replace(search, grid=search_grid, max_samples=search_samples)
+    overrides = {"solver": solver, "weighting": weighting, "token_select": token_select, "quantized_inputs": quantized_inputs}
+    parts = {**preset, **{k: v for k, v in overrides.items() if v is not None}, "search": search}
     return QuantizeConfig(
-        scheme=resolve_scheme(scheme, symmetric=symmetric, **kw),
+        scheme=qscheme,
         method=method,
         calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
         gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order),
-        quantized_inputs=quantized_inputs,
         device=device,
         dtype=dtype,
+        **parts,
     )
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tlq.config import SCHEMES, CalibConfig, ConfigError, GPTQConfig, METHODS
+from tlq.config import METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
 
 
 def _group_size(text: str) -> int:
@@ -25,7 +25,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration JSONL ({image, question, answer} per line); built-in models default to their own")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default: w4a16)")
-    p.add_argument("--method", default="gptq", help=f"one of {', '.join(METHODS)} (default: gptq)")
+    p.add_argument("--method", default="gptq", help=f"one of {', '.join(METHODS)} (default: gptq); see docs/methods.md")
     p.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="calibration samples (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len, help="truncate longer samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=CalibConfig.seed, help="calibration subsampling seed (default: %(default)s)")
@@ -36,7 +36,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, default=GPTQConfig.damp_percent, help="GPTQ dampening (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=GPTQConfig.block_size, help="GPTQ lazy-batch block (default: %(default)s)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--fp-inputs", action="store_true", help="ablation: calibrate each layer on FP inputs instead of the quantized path")
+    abl = p.add_argument_group("method parts (each overrides the --method preset; used for ablations)")
+    abl.add_argument("--solver", choices=SOLVERS, default=None, help="per-linear solver")
+    abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant"), default=None, help="per-channel scale migration before solving")
+    abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
+    abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
+    abl.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="token weights: uniform | modality (MBQ) | token (TLQ)")
+    sel = abl.add_mutually_exclusive_group()
+    sel.add_argument("--token-select", dest="token_select", action="store_true", default=None, help="use the token-level calibration set")
+    sel.add_argument("--no-token-select", dest="token_select", action="store_false", help="keep every token (weighted)")
+    inp = abl.add_mutually_exclusive_group()
+    inp.add_argument("--fp-inputs", dest="quantized_inputs", action="store_false", default=None, help="calibrate each layer on FP inputs")
+    inp.add_argument("--quantized-inputs", dest="quantized_inputs", action="store_true", help="calibrate each layer on the quantized path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--report", default=None, help="write the run's report (per-layer errors, times, memory) as JSON")
@@ -66,7 +77,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         damp_percent=args.damp,
         block_size=args.block_size,
         act_order=args.act_order,
-        quantized_inputs=not args.fp_inputs,
+        solver=args.solver,
+        scale_search=args.scale_search,
+        search_grid=args.search_grid,
+        search_samples=args.search_samples,
+        weighting=args.weighting,
+        token_select=args.token_select,
+        quantized_inputs=args.quantized_inputs,
         device=args.device,
         dtype=args.dtype,
     )

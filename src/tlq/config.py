@@ -115,9 +115,6 @@ def resolve_scheme(name: str, *, group_size: Any = _UNSET, symmetric: bool | Non
     return replace(scheme, weights=w)
 
 
-METHODS = ("rtn", "gptq")
-
-
 @dataclass
 class GPTQConfig:
     """GPTQ solver settings (Frantar et al., 2023)."""
@@ -137,15 +134,45 @@ class CalibConfig:
 
 
 @dataclass
+class ScaleSearchConfig:
+    """Per-channel scale migration before the weights are solved (AWQ / SmoothQuant style)."""
+
+    kind: str = "none"  # none | awq | smoothquant
+    grid: int = 20  # exponents tried: i / grid for i in range(grid) (AWQ's grid)
+    fixed_alpha: float | None = None  # skip the search and use this exponent (plain SmoothQuant: 0.5)
+    max_samples: int = 64  # calibration samples the search loss runs on (cost grows with grid x samples)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "awq", "smoothquant"):
+            raise ConfigError(f"unknown scale search {self.kind!r}; choose none, awq or smoothquant")
+        if self.grid < 1 or self.max_samples < 1:
+            raise ConfigError("scale search grid and max_samples must be positive")
+
+
+SOLVERS = ("rtn", "gptq")
+WEIGHTINGS = ("uniform", "modality", "token")
+
+
+@dataclass
 class QuantizeConfig:
-    """Everything that defines one quantization run."""
+    """Everything that defines one quantization run.
+
+    A *method* is a preset of the orthogonal parts below (see ``method_preset``); each part can be
+    overridden for ablations.
+    """
 
     scheme: QuantScheme = field(default_factory=lambda: SCHEMES["w4a16"])
     method: str = "gptq"
+    solver: str = "gptq"  # how each linear's weight is solved: rtn | gptq
+    search: ScaleSearchConfig = field(default_factory=ScaleSearchConfig)
+    # How calibration tokens are weighted in every objective: uniform (plain PTQ), modality (MBQ:
+    # one gradient-derived weight per modality), token (TLQ: per-token gradient importance).
+    weighting: str = "uniform"
+    token_select: bool = False  # TLQ's token-level calibration set (drop unimportant tokens)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     # Feed each layer the outputs of the already-quantized layers (weights and activations).
-    # False = plain FP-input calibration (what AWQ/MBQ do), kept for ablations.
+    # False = FP-input calibration (what AWQ/MBQ do).
     quantized_inputs: bool = True
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # compute dtype: "auto" = float32 on CPU, the checkpoint's dtype on GPU
@@ -153,6 +180,45 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of: {', '.join(SOLVERS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {self.weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Methods as their papers define them, expressed in the parts above.
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "mbq", "tlq")
+
+
+def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
+    """The parts of ``QuantizeConfig`` that a method name stands for.
+
+    * rtn: round-to-nearest, no data.
+    * gptq: GPTQ, each layer on the quantized outputs of the previous ones (GPTQ's own sequential mode).
+    * awq: AWQ scale search on FP inputs, then RTN.
+    * smoothquant: SmoothQuant migration with the paper's alpha = 0.5, then RTN.
+    * mbq: MBQ — AWQ search (weight-only) or SmoothQuant search (W-A) weighted by per-modality
+      gradient weights, FP inputs per layer, then RTN.
+    * tlq: token-level gradient importance + token-level calibration set + quantization-exposed
+      layer-wise calibration, solved by token-weighted GPTQ.
+    """
+    search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
+    presets: dict[str, dict[str, Any]] = {
+        "rtn": {"solver": "rtn", "search": ScaleSearchConfig(), "weighting": "uniform", "quantized_inputs": True},
+        "gptq": {"solver": "gptq", "search": ScaleSearchConfig(), "weighting": "uniform", "quantized_inputs": True},
+        "awq": {"solver": "rtn", "search": ScaleSearchConfig(kind="awq"), "weighting": "uniform", "quantized_inputs": False},
+        "smoothquant": {
+            "solver": "rtn",
+            "search": ScaleSearchConfig(kind="smoothquant", fixed_alpha=0.5),
+            "weighting": "uniform",
+            "quantized_inputs": False,
+        },
+        "mbq": {"solver": "rtn", "search": ScaleSearchConfig(kind=search_kind), "weighting": "modality", "quantized_inputs": False},
+        "tlq": {"solver": "gptq", "search": ScaleSearchConfig(), "weighting": "token", "token_select": True, "quantized_inputs": True},
+    }
+    if method not in presets:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return presets[method]

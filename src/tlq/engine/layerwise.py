@@ -27,6 +27,8 @@ from tlq.config import QuantizeConfig
 from tlq.data.calibration import CalibSample
 from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
+from tlq.quant.rtn import rtn_quantize
+from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
 from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
 # Per-token weights for one layer's statistics: (layer index, sample index) -> [seq] or None.
@@ -42,6 +44,7 @@ class LayerReport:
     seconds: float
     peak_mem_mb: float  # GPU peak on CUDA, else the process's peak RSS so far
     num_linears: int
+    search_alphas: dict[str, float] = field(default_factory=dict)  # producer -> chosen exponent (NaN = unscaled)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class LayerwiseEngine:
                 torch.cuda.reset_peak_memory_stats(self.device)
             fp_out = self._run(layers[i], x_fp, kwargs)
             stats_in = x_q if self.config.quantized_inputs else x_fp
+            alphas = self._search_scales(i, layers[i], stats_in, kwargs)
             quantized = self._calibrate_layer(i, layers[i], stats_in, kwargs)
             q_out = self._run(layers[i], x_q, kwargs)
             report = LayerReport(
@@ -127,6 +131,7 @@ class LayerwiseEngine:
                 seconds=time.perf_counter() - start,
                 peak_mem_mb=peak_memory_mb(self.device),
                 num_linears=len(quantized),
+                search_alphas=alphas,
             )
             result.layers.append(report)
             result.quantized.update(quantized)
@@ -152,7 +157,7 @@ class LayerwiseEngine:
                 # The group's own inputs are quantized at inference too: calibrate on what it will see.
                 self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
             cals = {
-                n: make_calibrator(self.config.method, m.in_features, scheme, self.config.gptq, self.scale_dtype, self.device)
+                n: make_calibrator(self.config.solver, m.in_features, scheme, self.config.gptq, self.scale_dtype, self.device)
                 for n, m in mods.items()
             }
             if any(c.needs_inputs for c in cals.values()):
@@ -176,12 +181,84 @@ class LayerwiseEngine:
         handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
         try:
             for s, (x, kw) in enumerate(zip(xs, kwargs)):
-                w = self.token_weights(index, s) if self.token_weights is not None else None
+                w = self._weights(index, s)
                 current["w"] = None if w is None else w.to(self.device).reshape(1, -1)
                 run_layer(layer, self._dev(x), self._dev(kw))
         finally:
             for h in handles:
                 h.remove()
+
+    # --- scale search (AWQ / SmoothQuant / MBQ / TLQ) -------------------------------------------
+    def _search_scales(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, float]:
+        """Migrate per-channel scales for each producer->linears mapping of the adapter, in order.
+
+        The loss of a candidate is the token-weighted error of the *layer output* with the mapping's
+        linears fake-quantized (weights and, for W-A schemes, activations), against the FP layer on the
+        same inputs: it isolates this layer's own quantization error.
+        """
+        search = self.config.search
+        if search.kind == "none":
+            return {}
+        n = min(search.max_samples, len(xs))
+        xs, kwargs = xs[:n], kwargs[:n]
+        weights = [self._weights(index, s) for s in range(n)]
+        targets = self._run(layer, xs, kwargs)
+        alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
+        chosen: dict[str, float] = {}
+        for mapping in self.adapter.spec.smooth_mappings:
+            prev = layer.get_submodule(mapping.prev)
+            linears = [layer.get_submodule(name) for name in mapping.linears]
+            if not can_fold(prev, linears):
+                continue
+            stats = self._channel_stats(layer, linears[0], xs, kwargs, weights)
+
+            def loss_fn(linears: list[nn.Linear] = linears) -> float:
+                return self._quantized_loss(layer, linears, xs, kwargs, targets, weights)
+
+            if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
+                fold_scales(prev, linears, candidate_scales(search.kind, search.fixed_alpha, stats, linears))
+                chosen[mapping.prev] = search.fixed_alpha
+            else:
+                chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn).alpha
+        return chosen
+
+    def _weights(self, index: int, sample: int) -> Tensor | None:
+        return self.token_weights(index, sample) if self.token_weights is not None else None
+
+    @torch.no_grad()
+    def _channel_stats(self, layer: nn.Module, first: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> ChannelStats:
+        acc = ChannelStatsAccumulator(first.in_features)
+        current: dict[str, Tensor | None] = {"w": None}
+        handle = first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))
+        try:
+            for x, kw, w in zip(xs, kwargs, weights):
+                current["w"] = w
+                run_layer(layer, self._dev(x), self._dev(kw))
+        finally:
+            handle.remove()
+        return acc.result()
+
+    @torch.no_grad()
+    def _quantized_loss(self, layer: nn.Module, linears: list[nn.Linear], xs: list[Tensor], kwargs: list[dict[str, Any]], targets: list[Tensor], weights: list[Tensor | None]) -> float:
+        scheme = self.config.scheme
+        saved = [lin.weight.detach().clone() for lin in linears]
+        hooks = []
+        try:
+            for lin in linears:
+                qw = rtn_quantize(lin.weight, scheme.weights, scale_dtype=self.scale_dtype)
+                lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+                if scheme.activations is not None:
+                    hooks.append(add_input_quantizer(lin, scheme.activations))
+            total = 0.0
+            for x, kw, t, w in zip(xs, kwargs, targets, weights):
+                err = (run_layer(layer, self._dev(x), self._dev(kw)).float().cpu() - t.float()).pow(2).sum(-1)[0]
+                total += float((err * w.cpu()).sum() if w is not None else err.sum())
+            return total
+        finally:
+            for h in hooks:
+                h.remove()
+            for lin, w0 in zip(linears, saved):
+                lin.weight.copy_(w0)
 
     def remove_activation_quantizers(self) -> None:
         for h in self.act_hooks:

@@ -19,6 +19,18 @@ from tlq.config import ConfigError
 
 
 @dataclass(frozen=True)
+class SmoothMapping:
+    """A producer and the linears that read its output (names relative to a decoder layer).
+
+    Scale migration (AWQ, SmoothQuant) folds ``1/s`` into ``prev`` and ``s`` into ``linears``; which
+    modules pair up is architecture knowledge, so it lives here as data.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Where things live in one family of transformers VLMs (paths relative to the top-level model)."""
 
@@ -31,6 +43,7 @@ class ModelSpec:
     # Modules kept in 16 bits, as regexes (compressed-tensors' "re:" convention) or exact names.
     # Regexes survive transformers' checkpoint-key renames; concrete names do not.
     ignore: tuple[str, ...]
+    smooth_mappings: tuple[SmoothMapping, ...] = ()
 
 
 class _StopForward(Exception):
@@ -117,6 +130,14 @@ class ModelAdapter:
             if tok is not None:
                 mask |= ids == tok
         return mask
+
+    def visual_token_grid(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+        """(rows, cols) layout of the first image's visual tokens, row-major, for drawing importance maps.
+
+        The first ``rows * cols`` visual tokens of the sequence are the grid. ``None`` when the layout
+        is unknown (or there is no image); only visualisation uses it.
+        """
+        return None
 
     # --- layer 0 ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -5,9 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tlq.models.base import ModelAdapter, ModelSpec
+from tlq.models.base import ModelAdapter, ModelSpec, SmoothMapping
 
 _QWEN_IGNORE = ("re:.*visual.*", "lm_head")
+
+# The Qwen2 decoder layer (also LLaVA-OneVision's language model). v_proj -> o_proj only folds without
+# grouped-query attention (equal widths); the engine skips mappings whose shapes do not fold.
+QWEN2_DECODER_SMOOTHING = (
+    SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+)
 
 QWEN2_VL = ModelSpec(
     family="qwen2_vl",
@@ -17,6 +26,7 @@ QWEN2_VL = ModelSpec(
     final_norm="model.language_model.norm",
     lm_head="lm_head",
     ignore=_QWEN_IGNORE,
+    smooth_mappings=QWEN2_DECODER_SMOOTHING,
 )
 
 QWEN2_5_VL = ModelSpec(
@@ -27,6 +37,7 @@ QWEN2_5_VL = ModelSpec(
     final_norm="model.language_model.norm",
     lm_head="lm_head",
     ignore=_QWEN_IGNORE,
+    smooth_mappings=QWEN2_DECODER_SMOOTHING,
 )
 
 
@@ -42,3 +53,13 @@ class QwenVLAdapter(ModelAdapter):
         if mm is not None:
             return mm != 0
         return super().visual_mask(model, inputs)
+
+    def visual_token_grid(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+        """The first image's merged-token grid: ``image_grid_thw`` (t, h, w) in 14-px patches, merged
+        ``m x m`` (``vision_config.spatial_merge_size``, 2) -> ``(h // m, w // m)``, row-major."""
+        thw = inputs.get("image_grid_thw")
+        if thw is None or thw.numel() == 0:
+            return None
+        merge = int(getattr(model.config.vision_config, "spatial_merge_size", 2))
+        _t, h, w = (int(v) for v in thw.reshape(-1, 3)[0])
+        return h // merge, w // merge

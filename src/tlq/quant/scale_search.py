@@ -1,0 +1,140 @@
+"""Per-channel scale migration: AWQ-style and SmoothQuant-style, with a searched exponent.
+
+A linear ``y = W x`` is rewritten exactly as ``y = (W diag(s)) (x / s)``; ``1/s`` is folded into the
+module that produces ``x`` (an RMSNorm weight, or the output rows of a preceding linear), ``s`` into the
+columns of ``W``. Choosing ``s`` well moves quantization difficulty between weights and activations:
+
+* AWQ (Lin et al., 2024): ``s = mean_t |x_t|^alpha`` protects salient input channels of the weights;
+* SmoothQuant (Xiao et al., 2023): ``s = max|x|^a / max|W|^(1-a)`` flattens activation outliers so
+  8-bit per-token activations survive.
+
+The exponent is chosen on a grid by minimising a loss the caller supplies (the engine passes the
+token-weighted output error of the decoder layer, which is what makes the search TLQ's, MBQ's or plain
+AWQ's). This module knows nothing about models: it sees a producer module, linears and tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+SCALE_KINDS = ("awq", "smoothquant")
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel activation statistics of the linears' shared input (token-weighted)."""
+
+    abs_mean: Tensor  # [in]
+    abs_max: Tensor  # [in]
+
+
+class ChannelStatsAccumulator:
+    """Accumulates token-weighted mean |x| and max |x| per channel (tokens with weight 0 are ignored)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.abs_max = torch.zeros(in_features, dtype=torch.float32)
+        self.total = 0.0
+
+    def add(self, x: Tensor, weights: Tensor | None = None) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float().abs().cpu()
+        w = torch.ones(rows.shape[0]) if weights is None else weights.detach().reshape(-1).float().cpu()
+        keep = w > 0
+        rows, w = rows[keep], w[keep]
+        if rows.numel() == 0:
+            return
+        self.abs_sum += (rows * w[:, None]).sum(0).double()
+        self.abs_max = torch.maximum(self.abs_max, rows.amax(0))
+        self.total += float(w.sum())
+
+    def result(self) -> ChannelStats:
+        if self.total <= 0:
+            raise RuntimeError("no tokens with positive weight reached these linears")
+        return ChannelStats((self.abs_sum / self.total).float(), self.abs_max.clone())
+
+
+def candidate_scales(kind: str, alpha: float, stats: ChannelStats, linears: list[nn.Linear], eps: float = 1e-5) -> Tensor:
+    """The per-channel scale ``s`` of one grid point; normalised so that its geometric range is centred on 1."""
+    if kind == "awq":
+        s = stats.abs_mean.clamp(min=eps).pow(alpha)
+    elif kind == "smoothquant":
+        w_max = torch.stack([lin.weight.detach().abs().amax(dim=0).float().cpu() for lin in linears]).amax(0)
+        s = stats.abs_max.clamp(min=eps).pow(alpha) / w_max.clamp(min=eps).pow(1 - alpha)
+    else:
+        raise ValueError(f"unknown scale kind {kind!r}; choose one of {SCALE_KINDS}")
+    s = s.clamp(min=eps)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
+    """Whether ``1/s`` can be folded into ``prev`` exactly (a norm weight, or a linear's output rows)."""
+    n = linears[0].in_features
+    if any(lin.in_features != n for lin in linears):
+        return False
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == n
+    weight = getattr(prev, "weight", None)
+    return isinstance(weight, Tensor) and weight.ndim == 1 and weight.shape[0] == n
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
+    """Apply ``x -> x / s`` in the producer and ``W -> W diag(s)`` in every consumer (exact in real arithmetic)."""
+    if isinstance(prev, nn.Linear):
+        sv = s.to(prev.weight)
+        prev.weight.div_(sv[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(sv)
+    else:
+        prev.weight.div_(s.to(prev.weight))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight)[None, :])
+
+
+def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _restore(modules: list[nn.Module], saved: list[dict[str, Tensor]]) -> None:
+    for m, sd in zip(modules, saved):
+        m.load_state_dict(sd)
+
+
+@dataclass
+class SearchResult:
+    alpha: float
+    loss: float
+    baseline_loss: float  # loss of the unscaled group (alpha = 0 for AWQ is the same as no scaling)
+    losses: list[float]
+
+
+@torch.no_grad()
+def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: ChannelStats, alphas: list[float], loss_fn: Callable[[], float]) -> SearchResult:
+    """Try each exponent: fold, let ``loss_fn`` quantize-and-measure, restore; keep the best folded.
+
+    ``loss_fn`` must leave the weights as it found them (it may fake-quantize temporarily). The
+    unscaled configuration is always a candidate, so the search never makes the loss worse.
+    """
+    modules: list[nn.Module] = [prev, *linears]
+    saved = _snapshot(modules)
+    baseline = loss_fn()
+    best_alpha, best_loss, losses = None, baseline, []
+    for alpha in alphas:
+        fold_scales(prev, linears, candidate_scales(kind, alpha, stats, linears))
+        loss = loss_fn()
+        losses.append(loss)
+        _restore(modules, saved)
+        if loss < best_loss:
+            best_alpha, best_loss = alpha, loss
+    if best_alpha is not None:
+        fold_scales(prev, linears, candidate_scales(kind, best_alpha, stats, linears))
+    return SearchResult(alpha=float("nan") if best_alpha is None else best_alpha, loss=best_loss, baseline_loss=baseline, losses=losses)
+
+
+def alpha_grid(n: int) -> list[float]:
+    """``n`` evenly spaced exponents in [0, 1) (AWQ's grid)."""
+    return [i / n for i in range(n)]
