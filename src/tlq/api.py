@@ -104,6 +104,7 @@ class CalibratedModel:
     num_samples: int
     num_tokens: int
     seconds: float
+    token_set: dict[str, Any] | None = None  # summary of the token-level calibration set, if any
 
 
 def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig) -> None:
@@ -114,13 +115,31 @@ def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig)
                 group_size_of(mod.in_features, config.scheme.weights)
 
 
+# How each weighting maps onto the importance integration (tlq.importance.weights.ImportanceConfig.kind).
+_WEIGHTING_KIND = {"uniform": "uniform", "modality": "modality"}
+
+
+def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool) -> Any:
+    """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
+    from tlq.importance.calibset import SelectionConfig, build_token_calibration_set
+
+    if config.weighting == "uniform" and not config.token_select:
+        return None
+    kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
+    importance = dc_replace(config.importance, kind=kind)
+    selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
+    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress)
+
+
 def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True) -> CalibratedModel:
     """Load, calibrate layer by layer, and return the fake-quantized model (nothing is written)."""
     t0 = time.perf_counter()
     adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype)
     check_scheme_fits(adapter, hf_model, config)
     samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed)
-    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), progress=progress)
+    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, progress)
+    weight_fn = token_set.weight_fn() if token_set is not None else None
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=progress)
     result = engine.calibrate(samples)
     return CalibratedModel(
         adapter=adapter,
@@ -134,6 +153,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
         num_samples=len(samples),
         num_tokens=sum(s.seq_len for s in samples),
         seconds=time.perf_counter() - t0,
+        token_set=token_set.summary() if token_set is not None else None,
     )
 
 

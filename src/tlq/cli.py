@@ -125,11 +125,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_importance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("importance", help="write per-token gradient importances and heatmap PNGs per sample")
+    p.add_argument("--model", required=True, help="local model directory or builtin:NAME")
+    p.add_argument("--calib", default=None, help="calibration JSONL; built-in models default to their own")
+    p.add_argument("--out", required=True, help="output directory (importance.safetensors, importance.json, sample_XXX.png)")
+    p.add_argument("--num-samples", type=int, default=8, help="samples to analyse (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len)
+    p.add_argument("--kind", choices=("grad2", "grad", "modality", "uniform"), default="grad2", help="importance from ||g||^2, ||g||, per-modality mean (MBQ) or uniform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-png", action="store_true", help="skip the per-sample PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_importance)
+
+
+def _cmd_importance(args: argparse.Namespace) -> int:
+    from tlq.importance import ImportanceConfig, run_importance
+
+    summary = run_importance(
+        args.model,
+        args.calib,
+        args.out,
+        num_samples=args.num_samples,
+        max_seq_len=args.max_seq_len,
+        cfg=ImportanceConfig(kind=args.kind),
+        device=args.device,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        draw=not args.no_png,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"wrote importances of {summary.get('num_samples', args.num_samples)} samples to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlq", description="Token-level importance-aware layer-wise quantization of VLMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_importance(sub)
     return parser
 
 

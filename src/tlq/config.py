@@ -149,6 +149,18 @@ class ScaleSearchConfig:
             raise ConfigError("scale search grid and max_samples must be positive")
 
 
+def _default_importance() -> Any:
+    from tlq.importance.weights import ImportanceConfig  # imported late: that module imports this one
+
+    return ImportanceConfig()
+
+
+def _default_selection() -> Any:
+    from tlq.importance.calibset import SelectionConfig
+
+    return SelectionConfig()
+
+
 SOLVERS = ("rtn", "gptq")
 WEIGHTINGS = ("uniform", "modality", "token")
 
@@ -169,6 +181,8 @@ class QuantizeConfig:
     # one gradient-derived weight per modality), token (TLQ: per-token gradient importance).
     weighting: str = "uniform"
     token_select: bool = False  # TLQ's token-level calibration set (drop unimportant tokens)
+    importance: Any = field(default_factory=_default_importance)  # tlq.importance.ImportanceConfig
+    selection: Any = field(default_factory=_default_selection)  # tlq.importance.SelectionConfig
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     # Feed each layer the outputs of the already-quantized layers (weights and activations).

@@ -1,0 +1,154 @@
+"""The accuracy table: every method x scheme on the built-in models, side by side with FP16, in one run.
+
+    python benchmarks/accuracy.py                       # the full table (docs/accuracy.md + .json)
+    python benchmarks/accuracy.py --models digits-qwen2vl --schemes w3a16 --methods rtn,tlq --seeds 0
+
+Each (model, scheme, method, seed) is calibrated in memory on the model's own calibration set (``seed``
+draws the calibration subset) and scored on the model's test set by the same functions ``tlq eval`` uses
+(exact-match accuracy, answer NLL, KL to FP16). In-memory scoring equals scoring the exported
+checkpoint: tests/test_cli.py checks that reloaded logits match the in-memory model's. The FP16
+reference runs once per model in the same process, on the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlq.api import build_config, calibrate, load_model
+from tlq.builtin import builtin_dir
+from tlq.data.calibration import choose, read_jsonl
+from tlq.eval.vqa import EvalConfig, score_model
+from tlq.utils.io import atomic_write_json, atomic_write_text
+
+# Methods and ablations: name -> (method preset, overrides).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "RTN": ("rtn", {}),
+    "SmoothQuant": ("smoothquant", {}),
+    "AWQ": ("awq", {}),
+    "GPTQ": ("gptq", {}),
+    "MBQ": ("mbq", {}),
+    "TLQ": ("tlq", {}),
+    "TLQ w/o token importance": ("tlq", {"weighting": "uniform", "token_select": False}),
+    "TLQ w/o token selection": ("tlq", {"token_select": False}),
+    "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),
+}
+DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
+    p.add_argument("--schemes", default="w3a16,w4a16,w4a8")
+    p.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated variant names")
+    p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
+    p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
+    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set)")
+    p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
+    return p.parse_args(argv)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    ref = f"builtin:{model}"
+    mdir = builtin_dir(ref)
+    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0)
+    adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
+    ecfg = EvalConfig()
+    fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
+    del fp_model
+    print(f"[{model}] FP16 accuracy {fp_scores.accuracy:.4f} nll {fp_scores.nll:.4f}", flush=True)
+    rows: dict[str, Any] = {"fp16": fp_scores.to_dict(), "cells": {}}
+    for scheme in schemes:
+        for name in variants:
+            method, overrides = VARIANTS[name]
+            runs = []
+            for seed in seeds[:1] if name in DETERMINISTIC else seeds:
+                t0 = time.perf_counter()
+                cfg = build_config(scheme, method, num_samples=args.num_calib, seed=seed, device="cpu", **overrides)
+                run = calibrate(ref, mdir / "calib.jsonl", cfg, progress=False)
+                scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
+                runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0})
+                print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s)", flush=True)
+            acc = summarize([r["accuracy"] for r in runs])
+            rows["cells"][f"{scheme}/{name}"] = {
+                "scheme": scheme,
+                "variant": name,
+                "accuracy": acc,
+                "retained_pct": {k: (100 * v / fp_scores.accuracy if k != "n" else v) for k, v in acc.items()},
+                "kl": summarize([r["kl"] for r in runs]),
+                "nll": summarize([r["nll"] for r in runs]),
+                "runs": runs,
+            }
+    return rows
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Accuracy: every method against FP16 on the built-in models",
+        "",
+        f"Command: `{result['command']}`",
+        f"Machine: {result['machine']}; torch {result['torch']}; finished {result['finished']} ({result['minutes']:.0f} min).",
+        f"Calibration: {result['num_calib']} samples per seed drawn from each model's calib.jsonl, seeds {result['seeds']}; "
+        f"test: {result['num_test']} samples of each model's test.jsonl. Accuracy is exact match of greedy answers; "
+        "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
+        "",
+    ]
+    for model, rows in result["models"].items():
+        fp = rows["fp16"]
+        lines += [f"## {model} (FP16 accuracy {100 * fp['accuracy']:.2f}%)", ""]
+        lines += ["| scheme | method | accuracy (%) | % of FP16 | KL(FP16‖q) |", "|---|---|---|---|---|"]
+        for cell in rows["cells"].values():
+            a, r, k = cell["accuracy"], cell["retained_pct"], cell["kl"]
+            lines.append(
+                f"| {cell['scheme']} | {cell['variant']} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} | "
+                f"{r['mean']:.1f} ± {r['std']:.1f} | {k['mean']:.4f} ± {k['std']:.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    variants = [v.strip() for v in args.methods.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",")]
+    schemes = [s.strip() for s in args.schemes.split(",")]
+    result: dict[str, Any] = {
+        "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+        "num_calib": args.num_calib,
+        "num_test": args.num_test,
+        "seeds": seeds,
+        "models": {},
+    }
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        result["models"][model] = run_model(model, schemes, variants, seeds, args)
+    result["minutes"] = (time.perf_counter() - t0) / 60
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = Path(args.out)
+    atomic_write_json(out.with_suffix(".json"), result)
+    atomic_write_text(out.with_suffix(".md"), to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The token-level calibration set: which token rows enter each layer's statistics, with which weight.
+
+Attention needs whole sequences, so the engine still runs every layer on full sequences; the set only
+decides which tokens' inputs enter each linear layer's statistics (weighted Hessian, scale-search loss)
+and how much each counts. Per sample and per layer row (weights may differ by layer) it keeps a budget
+of tokens:
+
+* the budget is ``token_count`` tokens, or ``round(token_fraction * n)`` of the sample's ``n`` valid
+  tokens (at least 1, at most ``n``); every valid token (prompt, visual and answer) is a candidate;
+* each modality present in the sample first gets its ``min_modality_share`` of the budget (its top
+  tokens by weight, or all of them if it has fewer), so neither visual nor text tokens vanish;
+* the rest of the budget goes to the highest-weight remaining tokens. Ties are broken by a seeded
+  permutation (not by position), so uniform weights select a random, reproducible subset.
+
+Selected tokens keep their integrated weights; the others get weight 0, which the engine's statistics
+drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` callback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tlq.config import ConfigError
+from tlq.data.calibration import CalibSample
+from tlq.importance.gradients import TokenGradients, token_gradients
+from tlq.importance.weights import ImportanceConfig, integrate
+from tlq.models.base import ModelAdapter
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Token budget of the calibration set (per sample, per layer row)."""
+
+    token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only)
+    token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
+    min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
+    seed: int = 0  # tie-breaking permutation
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.token_fraction <= 1.0:
+            raise ConfigError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.token_count is not None and self.token_count < 1:
+            raise ConfigError(f"token_count must be a positive number of tokens, got {self.token_count}")
+        if not 0.0 <= self.min_modality_share <= 0.5:
+            raise ConfigError(f"min_modality_share must be in [0, 0.5], got {self.min_modality_share}")
+
+    def budget(self, num_valid: int) -> int:
+        k = self.token_count if self.token_count is not None else round(self.token_fraction * num_valid)
+        return max(1, min(int(k), num_valid)) if num_valid else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | None = None, valid_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Zero the weights of the tokens left out of the budget, per layer row: ``[L, seq] -> [L, seq]``."""
+    cfg = cfg or SelectionConfig()
+    w = weights.detach().float().cpu()
+    num_layers, seq = w.shape
+    visual = visual_mask.reshape(-1).to(torch.bool).cpu()
+    valid = torch.ones(seq, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).to(torch.bool).cpu()
+    n = int(valid.sum())
+    k = cfg.budget(n)
+    if k >= n:
+        return w * valid
+    n_vis, n_txt = int((visual & valid).sum()), int((~visual & valid).sum())
+    q_vis = min(math.ceil(cfg.min_modality_share * k), n_vis)
+    q_txt = min(math.ceil(cfg.min_modality_share * k), n_txt)
+
+    # Sort each row by weight (descending), ties in a seeded random order; invalid tokens last.
+    perm = torch.randperm(seq, generator=generator)
+    key = torch.where(valid, w, torch.full_like(w, -math.inf))[:, perm]
+    order = perm[torch.argsort(key, dim=-1, descending=True, stable=True)]  # [L, seq] token indices
+    vis_s, valid_s = visual[order], valid[order]
+    txt_s = ~vis_s & valid_s
+    vis_s = vis_s & valid_s
+    reserved = (vis_s & (vis_s.cumsum(-1) <= q_vis)) | (txt_s & (txt_s.cumsum(-1) <= q_txt))
+    rest = valid_s & ~reserved
+    chosen_s = reserved | (rest & (rest.cumsum(-1) <= k - q_vis - q_txt))
+    chosen = torch.zeros(num_layers, seq, dtype=torch.bool)
+    chosen.scatter_(1, order, chosen_s)
+    return w * chosen
+
+
+class TokenCalibrationSet:
+    """Per-sample ``[num_layers, seq]`` token weights (0 = not selected) for the layer-wise engine."""
+
+    def __init__(self, weights: list[Tensor], visual_masks: list[Tensor], valid_masks: list[Tensor] | None = None, selection: SelectionConfig | None = None, importance: ImportanceConfig | None = None) -> None:
+        if len(weights) != len(visual_masks):
+            raise ValueError("one visual mask per sample is needed")
+        if weights and len({int(w.shape[0]) for w in weights}) != 1:
+            raise ValueError("every sample must have weights for the same number of layers")
+        self.weights = [w.detach().float().cpu() for w in weights]
+        self.visual_masks = [m.reshape(-1).to(torch.bool).cpu() for m in visual_masks]
+        self.valid_masks = (
+            [m.reshape(-1).to(torch.bool).cpu() for m in valid_masks]
+            if valid_masks is not None
+            else [torch.ones(w.shape[1], dtype=torch.bool) for w in self.weights]
+        )
+        self.selection = selection
+        self.importance = importance
+
+    @classmethod
+    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None) -> "TokenCalibrationSet":
+        """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights."""
+        cfg = cfg or SelectionConfig()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        valids = valid_masks if valid_masks is not None else [None] * len(weights)
+        selected = [select_tokens(w, m, cfg, v, gen) for w, m, v in zip(weights, visual_masks, valids)]
+        return cls(selected, visual_masks, valid_masks, cfg, importance)
+
+    # --- engine ------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return len(self.weights)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.weights[0].shape[0]) if self.weights else 0
+
+    def weight_fn(self):  # -> tlq.engine.layerwise.TokenWeightFn
+        """``(layer_idx, sample_idx) -> Tensor[seq]`` for ``LayerwiseEngine(token_weights=...)``."""
+
+        def fn(layer: int, sample: int) -> Tensor:
+            if not 0 <= layer < self.num_layers:
+                raise IndexError(f"token weights cover {self.num_layers} layers, layer {layer} was asked for")
+            return self.weights[sample][layer]
+
+        return fn
+
+    # --- reports -----------------------------------------------------------------------------------
+    def selected_counts(self) -> dict[str, list[int]]:
+        """Selected tokens per layer, summed over samples, split by modality (and the candidates)."""
+        vis = torch.zeros(self.num_layers, dtype=torch.long)
+        txt = torch.zeros(self.num_layers, dtype=torch.long)
+        for w, m in zip(self.weights, self.visual_masks):
+            sel = w > 0
+            vis += (sel & m).sum(-1)
+            txt += (sel & ~m).sum(-1)
+        return {
+            "visual": vis.tolist(),
+            "text": txt.tolist(),
+            "candidates_visual": sum(int((m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
+            "candidates_text": sum(int((~m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
+        }
+
+    def visual_weight_share(self) -> list[float]:
+        """Per layer: the share of the total weight (all samples) that sits on visual tokens."""
+        vis = torch.zeros(self.num_layers, dtype=torch.float64)
+        tot = torch.zeros(self.num_layers, dtype=torch.float64)
+        for w, m in zip(self.weights, self.visual_masks):
+            vis += (w * m).sum(-1).double()
+            tot += w.sum(-1).double()
+        return (vis / tot.clamp(min=1e-30)).tolist()
+
+    def summary(self) -> dict[str, Any]:
+        counts = self.selected_counts()
+        return {
+            "num_samples": self.num_samples,
+            "num_layers": self.num_layers,
+            "selection": self.selection.to_dict() if self.selection else None,
+            "importance": self.importance.to_dict() if self.importance else None,
+            "candidate_tokens": {"visual": counts["candidates_visual"], "text": counts["candidates_text"]},
+            "selected_tokens_per_layer": {"visual": counts["visual"], "text": counts["text"]},
+            "visual_weight_share_per_layer": self.visual_weight_share(),
+        }
+
+
+def sample_valid_mask(sample: CalibSample) -> Tensor:
+    """Tokens that exist (``attention_mask``; all of them for an unpadded batch of one)."""
+    am = sample.inputs.get("attention_mask")
+    return torch.ones(sample.seq_len, dtype=torch.bool) if am is None else am.reshape(-1).to(torch.bool).cpu()
+
+
+def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None) -> TokenCalibrationSet:
+    """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` -> token budget.
+
+    Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run.
+    """
+    importance = importance or ImportanceConfig()
+    num_layers = len(adapter.decoder_layers(model))
+    if gradients is None and importance.needs_gradients:
+        gradients = token_gradients(adapter, model, samples, device=device, progress=progress)
+    raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
+    valids = [sample_valid_mask(s) for s in samples]
+    weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]
+    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance)

@@ -1,0 +1,142 @@
+"""The layer-wise importance pass: per-layer, per-token gradients of the answer loss.
+
+For one calibration sample the loss is the next-token cross-entropy of its answer tokens under the FP
+model (``answer_mask``; the logits at position ``t - 1`` predict token ``t``), averaged over that
+sample's answer tokens — so every sample carries the same total loss weight whatever its length. For
+every decoder layer ``l`` and token ``t`` the pass returns ``||g[l, t]||^2`` (or ``||g[l, t]||``) where
+``g[l, t] = dL / dh[l, t]`` is the gradient with respect to layer ``l``'s *output* hidden state.
+
+It never holds the whole model's autograd graph:
+
+1. forward, no grad: layer 0's inputs (``ModelAdapter.capture_layer0_inputs``), then each layer in turn;
+   every layer's input is stored on CPU (one ``[seq, hidden]`` tensor per layer);
+2. the head (final norm + LM head, on the positions that predict answer tokens only) runs with autograd
+   on the last layer's output: its gradient is ``g[L-1]``;
+3. walking backwards, layer ``l`` is recomputed from its stored input with ``requires_grad`` on that
+   input only (parameters are frozen during the pass and restored afterwards) and ``g[l]`` is
+   back-propagated through it: the input's gradient is ``g[l-1]``.
+
+Peak memory is one layer's graph plus the boundary activations; the gradients equal full
+back-propagation (tested in float32 against ``model(...).backward()``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tlq.data.calibration import CalibSample
+from tlq.models.base import ModelAdapter, get_submodule, run_layer, tree_to
+
+
+@dataclass
+class TokenGradients:
+    """Result of the importance pass for one sample."""
+
+    grad: Tensor  # float32 [num_layers, seq] on CPU: ||dL/dh[l, t]||^2 (or ||.|| with squared=False)
+    loss: float  # mean answer-token cross-entropy (nan when the sample has no predictable answer token)
+    num_answer_tokens: int  # answer tokens that enter the loss (an answer token at position 0 cannot)
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter for the duration, then restore each flag."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer_targets(input_ids: Tensor, answer_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions whose logits enter the loss and the tokens they must predict.
+
+    ``answer_mask[t]`` marks token ``t`` as a target, predicted by the logits at ``t - 1``; a target at
+    position 0 has no predictor and is skipped. Returns ``(positions [n], targets [n])``.
+    """
+    ids = input_ids.reshape(-1)
+    mask = answer_mask.reshape(-1).to(torch.bool).clone()
+    mask[0] = False
+    targets_at = mask.nonzero().reshape(-1)
+    return targets_at - 1, ids[targets_at]
+
+
+def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy (float32) of ``targets`` from the last decoder layer's output ``hidden`` [1, seq, d].
+
+    Only the predicting positions go through the final norm and LM head: the norm is per token, so
+    the loss and its gradient are those of the full head.
+    """
+    norm = get_submodule(model, adapter.spec.final_norm)
+    head = get_submodule(model, adapter.spec.lm_head)
+    logits = head(norm(hidden[:, positions.to(hidden.device)]))
+    return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
+
+
+def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None) -> TokenGradients:
+    """Per-layer, per-token gradient norms of one sample's answer loss, computed one layer at a time.
+
+    ``squared=True`` (default) gives ``||g||^2`` (the importance TLQ uses), ``False`` gives ``||g||``.
+    ``device`` defaults to the model's. A sample without predictable answer tokens gets all-zero
+    gradients (and a warning): it carries no loss, hence no importance.
+    """
+    dev = torch.device(device) if device is not None else _model_device(model)
+    layers = adapter.decoder_layers(model)
+    num_layers, seq = len(layers), sample.seq_len
+    positions, targets = answer_targets(sample.inputs["input_ids"], sample.answer_mask)
+    if positions.numel() == 0:
+        warnings.warn("calibration sample has no answer token to score; its token gradients are zero", stacklevel=2)
+        return TokenGradients(torch.zeros(num_layers, seq), float("nan"), 0)
+
+    li = adapter.capture_layer0_inputs(model, tree_to(sample.inputs, dev))
+    kwargs = tree_to(li.kwargs, dev)
+    grads = torch.zeros(num_layers, seq, dtype=torch.float32)
+
+    with frozen_parameters(model), torch.enable_grad():
+        # 1. forward without a graph, keeping every layer's input on CPU.
+        stored: list[Tensor] = []
+        with torch.no_grad():
+            h = li.hidden_states.to(dev)
+            for layer in layers:
+                stored.append(h.to("cpu"))
+                h = run_layer(layer, h, kwargs)
+        # 2. head loss -> gradient at the last layer's output.
+        out = h.detach().requires_grad_(True)
+        loss = head_loss(adapter, model, out, positions, targets)
+        (g,) = torch.autograd.grad(loss, out)
+        del out, h
+        # 3. walk backwards through the layers, one graph at a time.
+        for i in range(num_layers - 1, -1, -1):
+            grads[i] = _norms(g, squared)
+            if i == 0:
+                break
+            x = stored[i].to(dev).requires_grad_(True)
+            y = run_layer(layers[i], x, kwargs)
+            (g,) = torch.autograd.grad(y, x, grad_outputs=g)
+            del x, y
+            stored[i] = None  # type: ignore[call-overload]  # free the boundary as soon as it is used
+    return TokenGradients(grads, float(loss.detach()), int(positions.numel()))
+
+
+def _norms(g: Tensor, squared: bool) -> Tensor:
+    sq = g.detach()[0].float().pow(2).sum(-1)
+    return (sq if squared else sq.sqrt()).to("cpu")
+
+
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False) -> list[TokenGradients]:
+    """:func:`layerwise_token_gradients` for every sample, in order."""
+    bar: Any = tqdm(samples, desc="token importance", unit="sample", disable=not progress)
+    return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device) for s in bar]

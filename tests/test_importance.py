@@ -1,0 +1,288 @@
+"""Token importance: layer-wise gradients, robust weights, the token-level calibration set, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from tlq.api import build_config, load_model
+from tlq.config import ConfigError
+from tlq.data.calibration import load_calibration
+from tlq.engine.layerwise import LayerwiseEngine
+from tlq.importance import (
+    ImportanceConfig,
+    SelectionConfig,
+    TokenCalibrationSet,
+    build_token_calibration_set,
+    integrate,
+    layerwise_token_gradients,
+    run_importance,
+    select_tokens,
+)
+from tlq.models.base import get_submodule
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+
+
+def _setup(tiny_vlm_dir, tiny_calib_jsonl, family="qwen2_vl", n=2):
+    adapter, model, processor, _dir, _dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=n, max_seq_len=4096, seed=0)
+    return adapter, model, processor, samples
+
+
+def _full_backprop_grad2(adapter, model, sample):
+    """||dL/dh_l||^2 per layer output by ordinary back-propagation through the whole model."""
+    layers = adapter.decoder_layers(model)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep_last(_m, _a, out):
+        h = out[0] if isinstance(out, (tuple, list)) else out
+        h.retain_grad()
+        last["h"] = h
+
+    handle = layers[-1].register_forward_hook(keep_last)
+    try:
+        with torch.enable_grad():
+            out = model(**sample.inputs, output_hidden_states=True, use_cache=False)
+    finally:
+        handle.remove()
+    hs = out.hidden_states
+    # transformers: hidden_states = (embeddings, layer 0 out, ..., layer L-2 out, final_norm(layer L-1 out)):
+    # the last entry is after the final norm, so the last layer's own output comes from the hook.
+    assert len(hs) == len(layers) + 1
+    norm = get_submodule(model, adapter.spec.final_norm)
+    torch.testing.assert_close(hs[-1], norm(last["h"]))
+    outs = [hs[i + 1] for i in range(len(layers) - 1)] + [last["h"]]
+    for h in outs[:-1]:
+        h.retain_grad()
+    ids = sample.inputs["input_ids"][0]
+    tgt = sample.answer_mask.nonzero().reshape(-1)
+    tgt = tgt[tgt > 0]
+    loss = torch.nn.functional.cross_entropy(out.logits[0, tgt - 1].float(), ids[tgt])
+    loss.backward()
+    grads = torch.stack([h.grad[0].pow(2).sum(-1) for h in outs]).detach()
+    model.zero_grad(set_to_none=True)
+    return grads, float(loss.detach())
+
+
+# --- the layer-wise importance pass -------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_gradients_equal_full_backprop(tiny_vlm_dir, tiny_calib_jsonl, family):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
+    sample = samples[1]
+    ref, ref_loss = _full_backprop_grad2(adapter, model, sample)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    tg = layerwise_token_gradients(adapter, model, sample)
+    assert tg.grad.dtype == torch.float32 and tg.grad.device.type == "cpu"
+    assert tg.grad.shape == (len(adapter.decoder_layers(model)), sample.seq_len)
+    assert tg.loss == pytest.approx(ref_loss, rel=1e-6)
+    assert tg.num_answer_tokens == int(sample.answer_mask[1:].sum())
+    torch.testing.assert_close(tg.grad, ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    # ||g|| option, parameters untouched (flags restored, no .grad accumulated)
+    plain = layerwise_token_gradients(adapter, model, sample, squared=False)
+    torch.testing.assert_close(plain.grad, ref.sqrt(), rtol=1e-5, atol=1e-6)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert (tg.grad[0, sample.visual_mask] > 0).all()  # the answer depends on every image token
+
+
+def test_gradients_vanish_where_causality_says(tiny_vlm_dir, tiny_calib_jsonl):
+    """With only the first answer token in the loss, no layer's output at or after its position can
+    change the loss (causal attention, and the logits at t-1 predict t): those gradients are exactly 0;
+    at the last layer only the predicting position itself has a gradient."""
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl")
+    sample = samples[0]
+    first = int(sample.answer_mask.nonzero()[0])
+    one = replace(sample, answer_mask=torch.zeros_like(sample.answer_mask))
+    one.answer_mask[first] = True
+    g = layerwise_token_gradients(adapter, model, one).grad
+    assert torch.all(g[:, first:] == 0)
+    assert torch.all(g[:, first - 1] > 0)
+    assert torch.all(g[:-1, : first - 1].sum(-1) > 0)  # earlier tokens matter through attention
+    assert torch.all(g[-1, : first - 1] == 0) and torch.all(g[-1, first:] == 0)
+    # the full answer: nothing at or after the last answer token matters
+    last = int(sample.answer_mask.nonzero()[-1])
+    assert torch.all(layerwise_token_gradients(adapter, model, sample).grad[:, last:] == 0)
+
+
+def test_sample_without_answer_gets_zero_gradients(tiny_vlm_dir, tiny_calib_jsonl):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=1)
+    empty = replace(samples[0], answer_mask=torch.zeros_like(samples[0].answer_mask))
+    with pytest.warns(UserWarning, match="no answer token"):
+        tg = layerwise_token_gradients(adapter, model, empty)
+    assert torch.all(tg.grad == 0) and tg.num_answer_tokens == 0 and math.isnan(tg.loss)
+    assert torch.all(integrate(tg.grad, empty.visual_mask) == 1)  # no information: uniform
+
+
+# --- integration into weights -------------------------------------------------------------------
+def _raw(num_layers=3, seq=400, n_vis=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.rand(num_layers, seq, generator=g).pow(8) * torch.logspace(-2, 2, num_layers)[:, None]
+    raw[:, :n_vis] *= 0.01  # visual tokens: mostly tiny gradients
+    raw[:, 5] = 0.0  # a dead token
+    raw[1, seq - 50] = 1e4  # one outlier
+    visual = torch.zeros(seq, dtype=torch.bool)
+    visual[:n_vis] = True
+    return raw, visual
+
+
+def test_integrate_uniform_and_modality():
+    raw, visual = _raw()
+    assert torch.equal(integrate(raw, visual, ImportanceConfig(kind="uniform")), torch.ones_like(raw))
+    w = integrate(raw, visual, ImportanceConfig(kind="modality"))
+    for m in (visual, ~visual):
+        assert torch.allclose(w[:, m], w[:, m][:, :1].expand(-1, int(m.sum())))
+    torch.testing.assert_close(w.mean(-1), torch.ones(raw.shape[0]))
+    # MBQ's weighting: the ratio of the two constants is the ratio of the modality means of ||g||^2
+    ratio = raw[:, visual].mean(-1) / raw[:, ~visual].mean(-1)
+    no_floor = integrate(raw, visual, ImportanceConfig(kind="modality", floor=0.0))
+    torch.testing.assert_close(no_floor[:, 0] / no_floor[:, -1], ratio)
+
+
+def test_integrate_bounds_and_normalisation():
+    raw, visual = _raw()
+    cfg = ImportanceConfig()
+    w = integrate(raw, visual, cfg)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    torch.testing.assert_close(w.mean(-1), torch.ones(raw.shape[0]))  # mean 1 per sample, per layer
+    assert (w.min(-1).values >= cfg.floor * w.mean(-1) - 1e-6).all()  # the floor, dead token included
+    assert (w[:, 5] > 0).all()
+    # clipping at the q-quantile bounds max/mean by ~1/(1-q); without it one token owns the row
+    bare = dict(floor=0.0, modality_mix=0.0)
+    clipped = integrate(raw, visual, ImportanceConfig(clip_quantile=0.9, **bare))
+    unclipped = integrate(raw, visual, ImportanceConfig(clip_quantile=None, **bare))
+    assert (clipped.max(-1).values / clipped.mean(-1) <= 1 / (1 - 0.9) + 1e-4).all()
+    assert float(unclipped[1].max() / unclipped[1].mean()) > 300
+    # mixing: lam * modality mean + (1 - lam) * token, row means unchanged
+    mixed = integrate(raw, visual, ImportanceConfig(clip_quantile=None, floor=0.0, modality_mix=0.5))
+    for m in (visual, ~visual):
+        expect = 0.5 * unclipped[:, m].mean(-1, keepdim=True) + 0.5 * unclipped[:, m]
+        torch.testing.assert_close(mixed[:, m], expect)
+    # |g| kind, one weight per token
+    g1 = integrate(raw, visual, ImportanceConfig(kind="grad", clip_quantile=None, **bare))
+    torch.testing.assert_close(g1, raw.sqrt() / raw.sqrt().mean(-1, keepdim=True))
+    glob = integrate(raw, visual, ImportanceConfig(per_layer=False))
+    assert torch.equal(glob[0], glob[1]) and torch.equal(glob[0], glob[2])
+
+
+def test_integrate_edge_cases():
+    raw, visual = _raw(seq=50, n_vis=30)
+    raw[0, 7] = float("nan")
+    raw[2, 8] = float("inf")
+    valid = torch.ones(50, dtype=torch.bool)
+    valid[-4:] = False  # padding
+    w = integrate(raw, visual, ImportanceConfig(), valid_mask=valid)
+    assert torch.isfinite(w).all() and torch.all(w[:, -4:] == 0)
+    torch.testing.assert_close(w[:, :-4].mean(-1), torch.ones(3))
+    with pytest.raises(ConfigError, match="kind"):
+        ImportanceConfig(kind="hessian")
+    with pytest.raises(ConfigError):
+        ImportanceConfig(clip_quantile=1.5)
+
+
+# --- token-level calibration set ----------------------------------------------------------------
+def test_selection_budget_min_share_and_top_k():
+    seq, n_vis = 200, 150
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(2, seq, generator=g)
+    w[:, :n_vis] *= 0.01  # visual tokens all below every text token
+    w[1, n_vis:] *= 0.01  # layer 1: the reverse
+    w[1, :n_vis] *= 1000
+    visual = torch.zeros(seq, dtype=torch.bool)
+    visual[:n_vis] = True
+    cfg = SelectionConfig(token_fraction=0.2, min_modality_share=0.1)
+    sel = select_tokens(w, visual, cfg)
+    k, quota = 40, 4
+    assert ((sel > 0).sum(-1) == k).all()  # the budget
+    assert int((sel[0, visual] > 0).sum()) == quota  # the weak modality keeps its minimum share...
+    assert int((sel[1, ~visual] > 0).sum()) == quota
+    for row, m in ((0, visual), (1, ~visual)):  # ... by its own top tokens, the rest by global top-k
+        picked = (sel[row] > 0) & m
+        assert set(picked.nonzero().reshape(-1).tolist()) == set(torch.where(m, w[row], -1.0).topk(quota).indices.tolist())
+        others = (sel[row] > 0) & ~m
+        assert set(others.nonzero().reshape(-1).tolist()) == set(torch.where(~m, w[row], -1.0).topk(k - quota).indices.tolist())
+    assert torch.equal(sel[sel > 0], w[sel > 0])  # selected tokens keep their weights
+    # no minimum share: plain top-k; absolute budget; everything kept at fraction 1
+    plain = select_tokens(w, visual, SelectionConfig(token_fraction=0.2, min_modality_share=0.0))
+    assert set((plain[0] > 0).nonzero().reshape(-1).tolist()) == set(w[0].topk(k).indices.tolist())
+    assert ((select_tokens(w, visual, SelectionConfig(token_count=17)) > 0).sum(-1) == 17).all()
+    assert torch.equal(select_tokens(w, visual, SelectionConfig(token_fraction=1.0)), w)
+
+
+def test_selection_ties_are_random_but_seeded():
+    w, visual = torch.ones(1, 100), torch.zeros(100, dtype=torch.bool)
+    a = select_tokens(w, visual, SelectionConfig(), generator=torch.Generator().manual_seed(0))
+    b = select_tokens(w, visual, SelectionConfig(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and int((a > 0).sum()) == 50
+    assert int((a[0, :50] > 0).sum()) < 50  # not simply the first half of the sequence
+
+
+def test_calibration_set_feeds_the_engine(tiny_vlm_dir, tiny_calib_jsonl):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=3)
+    tcs = build_token_calibration_set(adapter, model, samples, ImportanceConfig(), SelectionConfig(token_fraction=0.5))
+    assert isinstance(tcs, TokenCalibrationSet)
+    assert tcs.num_samples == 3 and tcs.num_layers == len(adapter.decoder_layers(model))
+    fn = tcs.weight_fn()
+    for s, sample in enumerate(samples):
+        for layer in range(tcs.num_layers):
+            w = fn(layer, s)
+            assert w.shape == (sample.seq_len,) and int((w > 0).sum()) == round(0.5 * sample.seq_len)
+            assert (w[sample.visual_mask] > 0).any() and (w[~sample.visual_mask] > 0).any()
+    with pytest.raises(IndexError):
+        fn(tcs.num_layers, 0)
+    summ = tcs.summary()
+    counts = summ["selected_tokens_per_layer"]
+    assert [v + t for v, t in zip(counts["visual"], counts["text"])] == [sum(round(0.5 * s.seq_len) for s in samples)] * tcs.num_layers
+    share = summ["visual_weight_share_per_layer"]
+    expect = sum(float(w[0][s.visual_mask].sum()) for w, s in zip(tcs.weights, samples)) / sum(float(w[0].sum()) for w in tcs.weights)
+    assert share[0] == pytest.approx(expect)
+    json.dumps(summ)
+    # the engine accepts it (tokens with weight 0 are left out of the Hessians)
+    engine = LayerwiseEngine(adapter, model, build_config("w4a16", "gptq"), torch.device("cpu"), token_weights=fn, progress=False)
+    result = engine.calibrate(samples)
+    assert len(result.layers) == tcs.num_layers and all(math.isfinite(r.rel_error) for r in result.layers)
+
+
+# --- visual token grid and the report -----------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_visual_token_grid(tiny_vlm_dir, tiny_calib_jsonl, family):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family, n=6)
+    wide = samples[4]  # 84x56 (WxH)
+    rows, cols = adapter.visual_token_grid(model, wide.inputs)
+    if family == "qwen2_vl":
+        assert (rows, cols) == (2, 3) and rows * cols == int(wide.visual_mask.sum())
+    else:  # the base tile: (56 / 14)^2 tokens, before the anyres tiles
+        assert (rows, cols) == (4, 4) and rows * cols < int(wide.visual_mask.sum())
+
+
+def test_run_importance_writes_report(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "imp"
+    summary = run_importance(tiny_vlm_dir("llava_onevision"), tiny_calib_jsonl, out, num_samples=3, max_seq_len=4096, cfg=ImportanceConfig(), device="cpu", selection=SelectionConfig())
+    assert sorted(p.name for p in out.iterdir()) == ["importance.json", "importance.safetensors", "sample_000.png", "sample_001.png", "sample_002.png"]
+    on_disk = json.loads((out / "importance.json").read_text())
+    assert on_disk["num_samples"] == 3 and len(on_disk["samples"]) == 3 and on_disk == json.loads(json.dumps(summary))
+    per_layer = on_disk["per_layer"]
+    assert len(per_layer["mean_weight_visual"]) == on_disk["num_layers"] == len(per_layer["mean_weight_text"])
+    assert "calibration_set" in on_disk
+    with safe_open(str(out / "importance.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert {"sample_000.raw", "sample_000.weights", "sample_000.visual_mask", "sample_000.answer_mask", "sample_000.input_ids"} <= keys
+        w, ids = f.get_tensor("sample_002.weights"), f.get_tensor("sample_002.input_ids")
+        assert w.shape == (on_disk["num_layers"], ids.shape[0]) and f.get_tensor("sample_002.visual_mask").dtype == torch.bool
+    for e in on_disk["samples"]:
+        with Image.open(out / e["png"]) as im:
+            im.load()
+            assert im.format == "PNG" and im.mode == "RGB" and im.width >= 600 and 150 <= im.height <= 2000
+    # refuses to clobber without overwrite, before loading anything; with it, rewrites and drops stale PNGs
+    with pytest.raises(ConfigError, match="already exists"):
+        run_importance("/nonexistent/model", tiny_calib_jsonl, out, num_samples=1, max_seq_len=4096, cfg=ImportanceConfig())
+    run_importance(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, out, num_samples=1, max_seq_len=4096, cfg=ImportanceConfig(kind="modality"), device="cpu", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["importance.json", "importance.safetensors", "sample_000.png"]
+    assert json.loads((out / "importance.json").read_text())["config"]["kind"] == "modality"

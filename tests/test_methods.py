@@ -1,0 +1,57 @@
+"""Method presets end to end through ``tlq.api.calibrate``: each baseline and TLQ (with its ablations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlq.api import build_config, calibrate
+from tlq.config import METHODS, ConfigError
+
+
+def _run(tiny_vlm_dir, tiny_calib_jsonl, scheme, method, **kw):
+    cfg = build_config(scheme, method, num_samples=4, device="cpu", search_grid=4, **kw)
+    return calibrate(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, cfg, progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_calibrates(tiny_vlm_dir, tiny_calib_jsonl, method):
+    run = _run(tiny_vlm_dir, tiny_calib_jsonl, "w4a8", method)
+    assert len(run.result.quantized) == 14
+    assert all(layer.rel_error > 0 for layer in run.result.layers)
+    assert (run.token_set is not None) == (method in ("mbq", "tlq"))
+
+
+def test_tlq_selects_half_the_tokens_with_both_modalities(tiny_vlm_dir, tiny_calib_jsonl):
+    run = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq")
+    summary = run.token_set
+    cand = summary["candidate_tokens"]
+    for layer_visual, layer_text in zip(summary["selected_tokens_per_layer"]["visual"], summary["selected_tokens_per_layer"]["text"]):
+        assert layer_visual > 0 and layer_text > 0  # the minimum modality share keeps both
+        assert abs((layer_visual + layer_text) - 0.5 * (cand["visual"] + cand["text"])) <= 4  # rounding per sample
+
+
+def test_token_weights_change_the_solution(tiny_vlm_dir, tiny_calib_jsonl):
+    plain = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "gptq")
+    tlq = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq")
+    ablated = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq", weighting="uniform", token_select=False)
+    name = next(iter(plain.result.quantized))
+    assert not torch.equal(plain.result.quantized[name].codes, tlq.result.quantized[name].codes)
+    # TLQ with every part switched off is exactly GPTQ
+    for n, qw in plain.result.quantized.items():
+        assert torch.equal(qw.codes, ablated.result.quantized[n].codes)
+
+
+def test_mbq_weights_are_per_modality(tiny_vlm_dir, tiny_calib_jsonl):
+    run = _run(tiny_vlm_dir, tiny_calib_jsonl, "w4a16", "mbq")
+    assert run.token_set["importance"]["kind"] == "modality"
+    assert run.config.search.kind == "awq" and not run.config.quantized_inputs
+
+
+def test_unknown_parts_are_config_errors():
+    with pytest.raises(ConfigError, match="solver"):
+        build_config("w4a16", "gptq", solver="adam")
+    with pytest.raises(ConfigError, match="weighting"):
+        build_config("w4a16", "gptq", weighting="random")
+    with pytest.raises(ConfigError, match="scale search"):
+        build_config("w4a16", "gptq", scale_search="magic")
