@@ -16,7 +16,7 @@ import torch
 
 from tlq.builtin import default_dataset, resolve_model_dir
 from tlq.config import CalibConfig, ConfigError, GPTQConfig, QuantizeConfig, ScaleSearchConfig, method_preset, resolve_scheme
-from tlq.data.calibration import load_calibration
+from tlq.data.calibration import build_sample, choose, read_jsonl
 from tlq.engine.layerwise import EngineResult, LayerwiseEngine, peak_memory_mb
 from tlq.models import adapter_for_dir
 from tlq.models.base import ModelAdapter
@@ -52,11 +52,13 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dt
     return _DTYPES[dtype]
 
 
-def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", ctx: Any = None) -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
     """Resolve, validate and load a model directory; returns adapter, model, processor and settings."""
     model_dir = resolve_model_dir(model)
     adapter = adapter_for_dir(model_dir)
     dev = resolve_device(device)
+    if ctx is not None:
+        dev = ctx.device_for(dev)  # one GPU per local rank under torchrun
     dt = resolve_dtype(dtype, dev, model_dir)
     hf_model, processor = adapter.load(model_dir, dev, dt)
     adapter.check_supported(hf_model)
@@ -104,7 +106,8 @@ class CalibratedModel:
     num_samples: int
     num_tokens: int
     seconds: float
-    token_set: dict[str, Any] | None = None  # summary of the token-level calibration set, if any
+    token_set: dict[str, Any] | None = None  # summary of the token-level calibration set (this rank's), if any
+    resume: Any = None  # the ResumeState, to clean up once the output is written
 
 
 def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig) -> None:
@@ -119,7 +122,7 @@ def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig)
 _WEIGHTING_KIND = {"uniform": "uniform", "modality": "modality"}
 
 
-def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool) -> Any:
+def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None) -> Any:
     """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
     from tlq.importance.calibset import SelectionConfig, build_token_calibration_set
 
@@ -128,19 +131,75 @@ def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, conf
     kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
     importance = dc_replace(config.importance, kind=kind)
     selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
-    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress)
+    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids)
 
 
-def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True) -> CalibratedModel:
-    """Load, calibrate layer by layer, and return the fake-quantized model (nothing is written)."""
+@dataclass
+class RunOptions:
+    """How a run executes (not what it computes): none of this changes the result."""
+
+    progress: bool = True
+    max_cpu_memory: int | None = None  # bytes of calibration activations kept in RAM; beyond: spill to disk
+    spill_dir: str | None = None
+    resume_dir: Path | None = None  # per-layer checkpoints; None = no resume
+    overwrite: bool = False  # discard an existing resume directory of a different run
+
+
+def resume_dir_for(out_dir: Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its per-layer checkpoints (a hidden sibling)."""
+    return out_dir.parent / f".{out_dir.name}.tlq-resume"
+
+
+def _fingerprint_parts(config: QuantizeConfig, model_dir: Path, calib: Path) -> dict[str, Any]:
+    from tlq import __version__
+    from tlq.engine.checkpoint import file_sha256, model_identity
+
+    return {
+        "config": config.to_dict(),
+        "model": model_identity(model_dir),
+        "calibration": file_sha256(calib),
+        "tlq": __version__,
+        "torch": torch.__version__,
+    }
+
+
+def _open_resume(options: RunOptions, config: QuantizeConfig, model_dir: Path, calib: Path, ctx: Any) -> Any:
+    from tlq.engine.checkpoint import ResumeState, run_fingerprint
+
+    if options.resume_dir is None:
+        return None
+    parts = _fingerprint_parts(config, model_dir, calib)
+    state = ResumeState(options.resume_dir, run_fingerprint(parts), parts, ctx=ctx)
+    state.open(overwrite=options.overwrite)
+    return state
+
+
+def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True, options: RunOptions | None = None, ctx: Any = None) -> CalibratedModel:
+    """Load, calibrate layer by layer, and return the fake-quantized model (nothing is written).
+
+    Under torchrun (``ctx`` from ``init_distributed``), every rank loads the model and calibrates its
+    shard of the samples; all decisions use statistics reduced across ranks, so all ranks end with the
+    same model.
+    """
+    from tlq.engine.activations import MemoryBudget
+    from tlq.engine.distributed import DistContext, all_reduce_scalars_sum, shard_indices
+
+    options = options or RunOptions(progress=progress)
+    ctx = ctx or DistContext()
     t0 = time.perf_counter()
-    adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype)
+    adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
     check_scheme_fits(adapter, hf_model, config)
-    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed)
-    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, progress)
-    weight_fn = token_set.weight_fn() if token_set is not None else None
-    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=progress)
-    result = engine.calibrate(samples)
+    records = choose(read_jsonl(calib), config.calib.num_samples, config.calib.seed)
+    ids = shard_indices(len(records), ctx)
+    samples = [build_sample(records[i], processor, adapter, hf_model, config.calib.max_seq_len, str(calib)) for i in ids]
+    show = options.progress and ctx.is_main
+    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids)
+    weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None
+    resume = _open_resume(options, config, model_dir, Path(calib), ctx)
+    budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir)
+    result = engine.calibrate(samples, sample_ids=ids, resume=resume)
+    num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)]) if ctx.enabled else (len(samples), sum(s.seq_len for s in samples))
     return CalibratedModel(
         adapter=adapter,
         model=hf_model,
@@ -150,30 +209,49 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
         dtype=dt,
         config=config,
         result=result,
-        num_samples=len(samples),
-        num_tokens=sum(s.seq_len for s in samples),
+        num_samples=int(num_samples),
+        num_tokens=int(num_tokens),
         seconds=time.perf_counter() - t0,
         token_set=token_set.summary() if token_set is not None else None,
+        resume=resume,
     )
 
 
-def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, **options: Any) -> QuantizeReport:
+def _global_weight_fn(token_set: Any, ids: list[int]) -> Any:
+    """The engine asks by global sample id; the token set is indexed by this rank's local order."""
+    local = token_set.weight_fn()
+    position = {gid: i for i, gid in enumerate(ids)}
+    return lambda layer, gid: local(layer, position[gid])
+
+
+def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, max_cpu_memory: int | None = None, resume: bool = True, **options: Any) -> QuantizeReport:
     """Quantize a local VLM checkpoint and export it as a compressed-tensors directory.
 
     ``options`` are those of :func:`build_config` (``num_samples``, ``group_size``, ``act_order``...);
     pass ``config`` instead to give a full :class:`QuantizeConfig`. Outputs are checked before any
-    work starts, so an existing ``out`` costs seconds, not a calibration.
+    work starts, so an existing ``out`` costs seconds, not a calibration. With ``resume`` (default),
+    progress is checkpointed after every layer next to ``out``; the same call after a crash continues
+    from the last finished layer. Under ``torchrun`` the samples are sharded across ranks and rank 0
+    writes the outputs.
     """
+    from tlq.engine.distributed import barrier, init_distributed
     from tlq.export.compressed_tensors import export_compressed_tensors
 
     cfg = config or build_config(scheme, method, **options)
     out_dir = check_writable_output(out, overwrite, "output directory")
     if report_path is not None:
         check_writable_output(report_path, overwrite, "report")
-    run = calibrate(model, default_dataset(model, "calib", calib), cfg, progress=progress)
+    calib_path = default_dataset(model, "calib", calib)
+    ctx = init_distributed(cfg.device)
+    run_opts = RunOptions(progress=progress, max_cpu_memory=max_cpu_memory, resume_dir=resume_dir_for(Path(out_dir)) if resume else None, overwrite=overwrite)
+    run = calibrate(model, calib_path, cfg, options=run_opts, ctx=ctx)
     t_export = time.perf_counter()
     save_dtype = checkpoint_dtype(run.model_dir)
-    export_compressed_tensors(run.model, run.result.quantized, cfg.scheme, out_dir, source_dir=run.model_dir, ignore=list(run.adapter.spec.ignore), save_dtype=save_dtype, overwrite=overwrite)
+    if ctx.is_main:
+        export_compressed_tensors(run.model, run.result.quantized, cfg.scheme, out_dir, source_dir=run.model_dir, ignore=list(run.adapter.spec.ignore), save_dtype=save_dtype, overwrite=overwrite)
+    barrier()
+    if run.resume is not None:
+        run.resume.cleanup()
     export_seconds = time.perf_counter() - t_export
     report = QuantizeReport(
         model=str(model),
@@ -191,8 +269,10 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         total_seconds=run.seconds + export_seconds,
         peak_rss_mb=peak_memory_mb(torch.device("cpu")),
         config=cfg.to_dict(),
+        world_size=ctx.world_size,
+        token_set=run.token_set,
     )
-    if report_path is not None:
+    if report_path is not None and ctx.is_main:
         atomic_write_json(report_path, report.to_dict())
     return report
 

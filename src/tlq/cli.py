@@ -6,6 +6,7 @@ Bad input ends with one line naming the problem and the fix (exit code 2), never
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,14 +52,25 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--report", default=None, help="write the run's report (per-layer errors, times, memory) as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report (and discard a resume state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    run = p.add_argument_group("execution (does not change the result)")
+    run.add_argument("--nproc", type=int, default=1, help="shard calibration over N processes via torchrun (one GPU each on CUDA)")
+    run.add_argument("--max-cpu-memory", default=None, help="RAM for calibration activations per process, e.g. 8GiB; the rest spills to disk")
+    run.add_argument("--no-resume", dest="resume", action="store_false", help="do not checkpoint after each layer (no resume after a crash)")
     p.set_defaults(func=_cmd_quantize)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from tlq.api import quantize
+    from tlq.engine.activations import parse_memory_size
+    from tlq.engine.distributed import current_context, launch_torchrun, raise_on_sigterm
     from tlq.report import render_summary
+
+    if args.nproc > 1:
+        return launch_torchrun(args.nproc, args.argv)
+    raise_on_sigterm()  # torchrun stops workers with SIGTERM: let cleanup (temp dirs) run
+    max_cpu = parse_memory_size(args.max_cpu_memory) if args.max_cpu_memory is not None else None
 
     report = quantize(
         args.model,
@@ -86,8 +98,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         quantized_inputs=args.quantized_inputs,
         device=args.device,
         dtype=args.dtype,
+        max_cpu_memory=max_cpu,
+        resume=args.resume,
     )
-    if not args.quiet:
+    if not args.quiet and current_context().is_main:
         render_summary(report)
     return 0
 
@@ -181,12 +195,14 @@ def _silence_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if getattr(args, "quiet", False):
         _silence_libraries()
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"tlq: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+            print(f"tlq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tlq: interrupted", file=sys.stderr)

@@ -28,6 +28,8 @@ class QuantizeReport:
     total_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1  # processes that shared the calibration (torchrun)
+    token_set: dict[str, Any] | None = None  # token-level calibration set summary (TLQ / MBQ)
 
     @property
     def mean_rel_error(self) -> float:

@@ -14,9 +14,11 @@ later group sees the error of the earlier ones ("true sequential").
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -24,6 +26,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tlq.config import QuantizeConfig
+from tlq.engine import distributed as D
+from tlq.engine.activations import ActivationStore, MemoryBudget
+from tlq.engine.checkpoint import ResumeState
+from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
@@ -92,9 +98,17 @@ def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> l
 
 
 class LayerwiseEngine:
-    """Runs the two-stream, layer-by-layer calibration over a loaded model."""
+    """Runs the two-stream, layer-by-layer calibration over a loaded model.
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True) -> None:
+    Distributed: each rank holds its shard of the calibration samples (``sample_ids`` are their global
+    indices); every statistic a decision depends on (Hessians, channel statistics, search losses,
+    errors) is all-reduced, so all ranks take identical decisions. Resume: with a ``ResumeState``, each
+    finished layer (its weights, quantized codes, report and the two streams after it) is checkpointed,
+    and a restarted run continues after the last finished layer. Memory: with a ``MemoryBudget``, the
+    streams live in ``ActivationStore``s that spill to disk beyond the budget.
+    """
+
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None) -> None:
         self.adapter = adapter
         self.model = model
         self.config = config
@@ -102,56 +116,110 @@ class LayerwiseEngine:
         self.scale_dtype = scale_dtype
         self.token_weights = token_weights
         self.progress = progress
+        self.ctx = ctx or DistContext()
+        self.budget = budget
+        self.spill_dir = spill_dir
+        self.sample_ids: list[int] = []
         self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     # --- public ------------------------------------------------------------------------------------
     def capture_inputs(self, samples: list[CalibSample]) -> list[LayerInputs]:
         return [self.adapter.capture_layer0_inputs(self.model, tree_to(s.inputs, self.device)) for s in samples]
 
-    def calibrate(self, samples: list[CalibSample]) -> EngineResult:
+    def calibrate(self, samples: list[CalibSample], sample_ids: list[int] | None = None, resume: ResumeState | None = None) -> EngineResult:
+        """Calibrate every decoder layer; ``samples`` is this rank's shard (all of them in one process)."""
+        self.sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
         inputs = self.capture_inputs(samples)
         kwargs = [li.kwargs for li in inputs]
-        x_fp = [li.hidden_states for li in inputs]
-        x_q = list(x_fp)
+        x_fp = self._store([li.hidden_states for li in inputs])
+        x_q = x_fp
+        del inputs
         result = EngineResult()
         layers = self.adapter.decoder_layers(self.model)
-        bar = tqdm(range(len(layers)), desc="calibrating layers", unit="layer", disable=not self.progress)
-        for i in bar:
-            start = time.perf_counter()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            fp_out = self._run(layers[i], x_fp, kwargs)
-            stats_in = x_q if self.config.quantized_inputs else x_fp
-            alphas = self._search_scales(i, layers[i], stats_in, kwargs)
-            quantized = self._calibrate_layer(i, layers[i], stats_in, kwargs)
-            q_out = self._run(layers[i], x_q, kwargs)
-            report = LayerReport(
-                index=i,
-                rel_error=relative_error(q_out, fp_out),
-                seconds=time.perf_counter() - start,
-                peak_mem_mb=peak_memory_mb(self.device),
-                num_linears=len(quantized),
-                search_alphas=alphas,
-            )
-            result.layers.append(report)
-            result.quantized.update(quantized)
-            bar.set_postfix(rel_err=f"{report.rel_error:.2e}")
-            x_fp, x_q = fp_out, q_out
+        first = 0
+        if resume is not None and resume.completed_layers() > 0:
+            first = resume.completed_layers()
+            self._restore(resume, first, result)
+            streams = resume.load_streams(first - 1, container=lambda _name: self._store([]))
+            _release(x_fp)
+            x_fp, x_q = streams["x_fp"], streams["x_q"]
+        bar = tqdm(range(first, len(layers)), desc="calibrating layers", unit="layer", disable=not self.progress or not self.ctx.is_main, initial=first, total=len(layers))
+        try:
+            for i in bar:
+                fp_out, q_out, quantized, report = self._layer(i, layers[i], x_fp, x_q, kwargs)
+                result.layers.append(report)
+                result.quantized.update(quantized)
+                if resume is not None:
+                    resume.save_layer(i, layers[i].state_dict(), quantized, {"x_fp": fp_out, "x_q": q_out}, asdict(report))
+                    _fault_injection(i)
+                bar.set_postfix(rel_err=f"{report.rel_error:.2e}")
+                _release(x_fp, keep=(fp_out, q_out))
+                _release(x_q, keep=(fp_out, q_out))
+                x_fp, x_q = fp_out, q_out
+        finally:
+            _release(x_fp)
+            _release(x_q)
         return result
+
+    def _layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        fp_out = self._run(layer, x_fp, kwargs)
+        stats_in = x_q if self.config.quantized_inputs else x_fp
+        alphas = self._search_scales(i, layer, stats_in, kwargs)
+        quantized = self._calibrate_layer(i, layer, stats_in, kwargs)
+        q_out = self._run(layer, x_q, kwargs)
+        num, den = squared_error_sums(q_out, fp_out)
+        num, den = D.all_reduce_scalars_sum([num, den]) if self.ctx.enabled else (num, den)
+        peak = torch.tensor([peak_memory_mb(self.device)], dtype=torch.float64)
+        D.all_reduce_max_(peak) if self.ctx.enabled else None
+        report = LayerReport(
+            index=i,
+            rel_error=num / max(den, 1e-30),
+            seconds=time.perf_counter() - start,
+            peak_mem_mb=float(peak[0]),
+            num_linears=len(quantized),
+            search_alphas=alphas,
+        )
+        return fp_out, q_out, quantized, report
+
+    def _restore(self, resume: ResumeState, upto: int, result: EngineResult) -> None:
+        """Put finished layers back as they were saved: weights, codes, reports and activation quantizers."""
+        layers = self.adapter.decoder_layers(self.model)
+        for i in range(upto):
+            state, quantized, report = resume.load_layer(i)
+            layers[i].load_state_dict(state)
+            result.quantized.update(quantized)
+            result.layers.append(LayerReport(**report))
+            if self.config.scheme.activations is not None:
+                for name in quantized:
+                    self.act_hooks.append(add_input_quantizer(self.model.get_submodule(name), self.config.scheme.activations))
+
+    def _store(self, tensors: list[Tensor]) -> Any:
+        """A per-sample activation list: plain in RAM, or budgeted (spilling to disk) with --max-cpu-memory."""
+        if self.budget is None:
+            return list(tensors)
+        store = ActivationStore(self.budget, self.spill_dir)
+        store.extend(tensors)
+        return store
 
     # --- internals -------------------------------------------------------------------------------
     def _dev(self, x: Any) -> Any:
         return tree_to(x, self.device)
 
     @torch.no_grad()
-    def _run(self, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> list[Tensor]:
-        return [run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)]
+    def _run(self, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]]) -> Any:
+        return self._store([run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)])
 
     def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, QuantizedWeight]:
         prefix = self.adapter.decoder_layer_prefix(index)
         scheme = self.config.scheme
         out: dict[str, QuantizedWeight] = {}
-        for group in linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0])):
+        groups = linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0])) if len(xs) else None
+        if self.ctx.enabled:  # a rank with no samples cannot discover them; rank 0 always has samples
+            groups = D.broadcast_object(groups)
+        for group in groups:
             mods = {n: layer.get_submodule(n) for n in group}
             if scheme.activations is not None:
                 # The group's own inputs are quantized at inference too: calibrate on what it will see.
@@ -162,6 +230,8 @@ class LayerwiseEngine:
             }
             if any(c.needs_inputs for c in cals.values()):
                 self._observe(index, layer, mods, cals, xs, kwargs)
+                for cal in cals.values():
+                    cal.reduce(self.ctx)
             for n, m in mods.items():
                 qw = cals[n].solve(m.weight.data)
                 m.weight.data.copy_(qw.dequantize(m.weight.dtype))
@@ -199,8 +269,9 @@ class LayerwiseEngine:
         search = self.config.search
         if search.kind == "none":
             return {}
-        n = min(search.max_samples, len(xs))
-        xs, kwargs = xs[:n], kwargs[:n]
+        # the globally first max_samples samples, wherever they live: this rank's share is a prefix
+        n = sum(1 for sid in self.sample_ids if sid < search.max_samples)
+        xs, kwargs = _Prefix(xs, n), kwargs[:n]
         weights = [self._weights(index, s) for s in range(n)]
         targets = self._run(layer, xs, kwargs)
         alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
@@ -220,10 +291,12 @@ class LayerwiseEngine:
                 chosen[mapping.prev] = search.fixed_alpha
             else:
                 chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn).alpha
+        _release(targets)
         return chosen
 
     def _weights(self, index: int, sample: int) -> Tensor | None:
-        return self.token_weights(index, sample) if self.token_weights is not None else None
+        """Token weights of this rank's ``sample``-th sample (the weight function takes global ids)."""
+        return self.token_weights(index, self.sample_ids[sample]) if self.token_weights is not None else None
 
     @torch.no_grad()
     def _channel_stats(self, layer: nn.Module, first: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> ChannelStats:
@@ -236,6 +309,7 @@ class LayerwiseEngine:
                 run_layer(layer, self._dev(x), self._dev(kw))
         finally:
             handle.remove()
+        D.reduce_channel_stats_(acc)
         return acc.result()
 
     @torch.no_grad()
@@ -253,7 +327,7 @@ class LayerwiseEngine:
             for x, kw, t, w in zip(xs, kwargs, targets, weights):
                 err = (run_layer(layer, self._dev(x), self._dev(kw)).float().cpu() - t.float()).pow(2).sum(-1)[0]
                 total += float((err * w.cpu()).sum() if w is not None else err.sum())
-            return total
+            return D.all_reduce_scalar_sum(total) if self.ctx.enabled else total
         finally:
             for h in hooks:
                 h.remove()
@@ -270,7 +344,50 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero_point.cpu(), qw.spec)
 
 
-def relative_error(out: list[Tensor], ref: list[Tensor]) -> float:
+def squared_error_sums(out: Any, ref: Any) -> tuple[float, float]:
+    """``sum ||out - ref||^2`` and ``sum ||ref||^2`` over samples (summed across ranks by the caller)."""
     num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
     den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num, den
+
+
+def relative_error(out: Any, ref: Any) -> float:
+    num, den = squared_error_sums(out, ref)
     return num / max(den, 1e-30)
+
+
+FAULT_ENV = "TLQ_FAULT_AFTER_LAYER"
+
+
+def _fault_injection(index: int) -> None:
+    """Kill this process (SIGKILL: no cleanup, like an OOM kill) after checkpointing layer ``index``.
+
+    Only when ``TLQ_FAULT_AFTER_LAYER`` names that layer: the resume tests use it to crash a run at a
+    known point. Unset, it does nothing.
+    """
+    if os.environ.get(FAULT_ENV) == str(index):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Prefix:
+    """The first ``n`` items of a sequence, without copying (a spilling store stays on disk)."""
+
+    def __init__(self, seq: Any, n: int) -> None:
+        self.seq, self.n = seq, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.seq[i]
+
+    def __iter__(self) -> Any:
+        return (self.seq[i] for i in range(self.n))
+
+
+def _release(store: Any, keep: tuple = ()) -> None:
+    """Close a spilling store (removing its files) unless it is still in use."""
+    if isinstance(store, ActivationStore) and not any(store is k for k in keep):
+        store.close()

@@ -106,12 +106,15 @@ class TokenCalibrationSet:
         self.importance = importance
 
     @classmethod
-    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None) -> "TokenCalibrationSet":
+    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None) -> "TokenCalibrationSet":
         """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights."""
         cfg = cfg or SelectionConfig()
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # One tie-breaking stream per sample, keyed by its global id: a sample's selection must not depend
+        # on which other samples share its process (distributed runs shard them).
+        ids = sample_ids if sample_ids is not None else list(range(len(weights)))
+        gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + sid) for sid in ids]
         valids = valid_masks if valid_masks is not None else [None] * len(weights)
-        selected = [select_tokens(w, m, cfg, v, gen) for w, m, v in zip(weights, visual_masks, valids)]
+        selected = [select_tokens(w, m, cfg, v, g) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
         return cls(selected, visual_masks, valid_masks, cfg, importance)
 
     # --- engine ------------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def sample_valid_mask(sample: CalibSample) -> Tensor:
     return torch.ones(sample.seq_len, dtype=torch.bool) if am is None else am.reshape(-1).to(torch.bool).cpu()
 
 
-def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None) -> TokenCalibrationSet:
+def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None) -> TokenCalibrationSet:
     """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` -> token budget.
 
     Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run.
@@ -189,4 +192,4 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
     valids = [sample_valid_mask(s) for s in samples]
     weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]
-    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance)
+    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids)

@@ -6,7 +6,7 @@ token-weighted forms, per-token weights) to ``observe`` and asks ``solve`` for t
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,6 +24,10 @@ class LinearCalibrator(Protocol):
 
     def solve(self, weight: Tensor) -> QuantizedWeight: ...
 
+    def reduce(self, ctx: Any) -> None:
+        """Sum the statistics across ranks (a no-op in one process)."""
+        ...
+
 
 class RTNCalibrator:
     """Round-to-nearest: data-free, the floor every method must beat."""
@@ -35,6 +39,9 @@ class RTNCalibrator:
         self.scale_dtype = scale_dtype
 
     def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:  # pragma: no cover - unused
+        return None
+
+    def reduce(self, ctx: Any) -> None:
         return None
 
     def solve(self, weight: Tensor) -> QuantizedWeight:
@@ -54,6 +61,12 @@ class GPTQCalibrator:
 
     def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:
         self.hessian.add(x, token_weights)
+
+    def reduce(self, ctx: Any) -> None:
+        if ctx.enabled:
+            from tlq.engine.distributed import reduce_hessian_
+
+            reduce_hessian_(self.hessian)
 
     def solve(self, weight: Tensor) -> QuantizedWeight:
         return gptq_quantize(weight, self.hessian.hessian, self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype)

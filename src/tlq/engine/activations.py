@@ -1,0 +1,279 @@
+"""Calibration activations under a CPU memory budget (``--max-cpu-memory``), spilling to disk beyond it.
+
+The layer-wise engine keeps per-sample hidden states on CPU (the FP and quantized streams, and the next
+layer's outputs while they are produced). :class:`ActivationStore` is a list of per-sample tensors that
+keeps them in RAM while a byte budget allows, and writes the rest to safetensors files in a private
+temporary directory, loading them back transparently (bit-exactly) on access.
+
+Spill policy: when a tensor does not fit, *that* (newest) tensor is spilled; tensors already in RAM stay
+there. The engine reads every stream front to back several times per layer (targets, statistics, each
+scale-search candidate, the quantized pass), and for such cyclic scans keeping a fixed prefix resident is
+the best a cache of that size can do (an LRU would evict each item just before it is needed again and
+miss on every access). Several stores can share one :class:`MemoryBudget`, which is what bounds *all*
+the activations the engine holds at once (both streams plus the outputs being built).
+
+Cleanup: the temporary directory is removed by :meth:`ActivationStore.close` (also via ``with``, on an
+exception too), and failing that when the store is garbage-collected or the interpreter exits. A process
+killed by a signal Python cannot handle leaves it behind; :func:`sweep_stale_spill_dirs` removes such
+leftovers of dead processes of this host at the next start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tlq.config import ConfigError
+
+SPILL_PREFIX = "tlq-act-"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    # single letters are binary, as in Docker and Slurm
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory_size(text: str | int | float, option: str = "--max-cpu-memory") -> int:
+    """Bytes from ``"4GB"`` (10^9), ``"512MiB"`` (2^20), ``"8G"`` (2^30), ``"1e9"`` or a number.
+
+    Units (case-insensitive): B; KB MB GB TB (decimal); KiB MiB GiB TiB and K M G T (binary).
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"invalid memory size {text!r} for {option}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"invalid memory size {text!r} for {option}: give bytes or a number with a unit, "
+                f"e.g. 4GB, 512MiB, 8G or 1e9 (units: B, KB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB or K/M/G/T = powers of 1024)"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size < 0:
+        raise ConfigError(f"invalid memory size {text!r} for {option}: must be a finite, non-negative amount")
+    return int(size)
+
+
+class MemoryBudget:
+    """A byte budget shared by several stores (thread-safe); ``max_bytes=None`` is unlimited."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def try_reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.max_bytes is not None and self.used + nbytes > self.max_bytes:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    path: Path
+    nbytes: int
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _remove_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class ActivationStore:
+    """A list of per-sample tensors kept in RAM up to a budget, spilled to disk beyond it.
+
+    ``max_cpu_bytes``: an int (this store's own budget), a shared :class:`MemoryBudget`, or None
+    (unlimited: never touches the disk). ``spill_dir``: where the private temporary directory is made
+    (default: the system temp dir, ``$TMPDIR``). Appended tensors are moved to CPU (not copied when they
+    already are); callers should append tensors that own their storage (not views of bigger ones),
+    since the budget counts ``numel * element_size``.
+    """
+
+    def __init__(self, max_cpu_bytes: int | MemoryBudget | None = None, spill_dir: str | Path | None = None) -> None:
+        self.budget = max_cpu_bytes if isinstance(max_cpu_bytes, MemoryBudget) else MemoryBudget(max_cpu_bytes)
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._items: list[Tensor | _Spilled] = []
+        self._dir: Path | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._counter = 0
+        self._in_memory = 0
+        self._closed = False
+
+    # --- list interface -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int | slice) -> Tensor | list[Tensor]:
+        self._check_open()
+        if isinstance(index, slice):
+            return [self._load(item) for item in self._items[index]]
+        return self._load(self._items[index])
+
+    def __setitem__(self, index: int, tensor: Tensor) -> None:
+        self._check_open()
+        old = self._items[index]
+        self._items[index] = self._place(tensor)
+        self._drop(old)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(len(self._items)):
+            yield self[i]
+
+    def append(self, tensor: Tensor) -> None:
+        self._check_open()
+        self._items.append(self._place(tensor))
+
+    def extend(self, tensors: Iterable[Tensor]) -> None:
+        for t in tensors:
+            self.append(t)
+
+    # --- accounting -----------------------------------------------------------------------------------
+    @property
+    def nbytes_in_memory(self) -> int:
+        return self._in_memory
+
+    @property
+    def num_spilled(self) -> int:
+        return sum(isinstance(item, _Spilled) for item in self._items)
+
+    @property
+    def nbytes_spilled(self) -> int:
+        return sum(item.nbytes for item in self._items if isinstance(item, _Spilled))
+
+    def is_spilled(self, index: int) -> bool:
+        return isinstance(self._items[index], _Spilled)
+
+    @property
+    def spill_path(self) -> Path | None:
+        """The temporary directory, once something was spilled (None before and after close)."""
+        return self._dir
+
+    # --- lifetime -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Forget every tensor, give the budget back and remove the temporary directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.budget.release(self._in_memory)
+        self._in_memory = 0
+        self._items.clear()
+        if self._finalizer is not None:
+            self._finalizer()  # removes the directory (once)
+        self._dir = None
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ActivationStore(len={len(self)}, in_memory={self._in_memory}B, spilled={self.num_spilled})"
+
+    # --- internals ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ActivationStore is closed")
+
+    def _place(self, tensor: Tensor) -> Tensor | _Spilled:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"ActivationStore holds tensors, got {type(tensor).__name__}")
+        t = tensor.detach() if tensor.requires_grad else tensor
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        n = _nbytes(t)
+        if self.budget.try_reserve(n):
+            self._in_memory += n
+            return t
+        return self._spill(t, n)
+
+    def _spill(self, t: Tensor, n: int) -> _Spilled:
+        if self._dir is None:
+            base = self.spill_dir
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            prefix = f"{SPILL_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+            path = tempfile.mkdtemp(prefix=prefix, dir=base)
+            self._dir = Path(path)
+            self._finalizer = weakref.finalize(self, _remove_dir, path)
+        path = self._dir / f"{self._counter:08d}.safetensors"
+        self._counter += 1
+        save_file({"t": t.contiguous()}, str(path))
+        return _Spilled(path, n)
+
+    def _load(self, item: Tensor | _Spilled) -> Tensor:
+        if isinstance(item, _Spilled):
+            return load_file(str(item.path))["t"]
+        return item
+
+    def _drop(self, item: Tensor | _Spilled) -> None:
+        if isinstance(item, _Spilled):
+            item.path.unlink(missing_ok=True)
+        else:
+            n = _nbytes(item)
+            self._in_memory -= n
+            self.budget.release(n)
+
+
+_STALE_RE = re.compile(rf"^{re.escape(SPILL_PREFIX)}(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_spill_dirs(spill_dir: str | Path | None = None) -> list[Path]:
+    """Remove spill directories left by dead processes *of this host* (never another host's: the pid
+    would mean nothing here); returns what was removed."""
+    base = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    if not base.is_dir():
+        return []
+    host = socket.gethostname()
+    removed = []
+    for entry in base.iterdir():
+        m = _STALE_RE.match(entry.name)
+        if m is None or m.group("host") != host or not entry.is_dir():
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+__all__ = ["ActivationStore", "MemoryBudget", "parse_memory_size", "sweep_stale_spill_dirs"]
