@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 
+def _short(path: str) -> str:
+    """The last path component: full paths are in the JSON report, the table must stay readable."""
+    return Path(str(path).rstrip("/")).name or str(path)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
 def render_eval_table(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"{result['model']} on {result['data']} ({result['num_samples']} samples)", title_justify="left")
+    title = f"{_short(result['model'])} on {_short(result['data'])} ({result['num_samples']} samples)"
+    table = Table(title=title, title_justify="left")
     for col in ("model", "accuracy", "% of FP16", "answer NLL", "KL(FP16||q)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     fp = result["fp16"]
     table.add_row("FP16", f"{100 * fp['accuracy']:.2f}%", "100.0%", f"{fp['nll']:.4f}", "-")
     for c in result["comparisons"]:
-        table.add_row(c["name"], f"{100 * c['accuracy']:.2f}%", f"{c['retained_pct']:.1f}%", f"{c['nll']:.4f}", f"{c['kl']:.4f}")
+        table.add_row(_short(c["name"]), f"{100 * c['accuracy']:.2f}%", _pct(c["retained_pct"]), f"{c['nll']:.4f}", f"{c['kl']:.4f}")
     console.print(table)

@@ -119,6 +119,6 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
 
 
 def compare(reference: ModelScores, scores: ModelScores) -> ModelScores:
-    """Fill in the % of the reference's accuracy that ``scores`` retains."""
-    scores.retained_pct = 100.0 * scores.accuracy / reference.accuracy if reference.accuracy > 0 else float("nan")
+    """Fill in the % of the reference's accuracy that ``scores`` retains (None if the reference scores 0)."""
+    scores.retained_pct = 100.0 * scores.accuracy / reference.accuracy if reference.accuracy > 0 else None
     return scores
