@@ -24,7 +24,7 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
-from tlq.models.base import get_submodule
+from tlq.models.base import get_submodule, run_layer
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
 
@@ -286,3 +286,24 @@ def test_run_importance_writes_report(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
     run_importance(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, out, num_samples=1, max_seq_len=4096, cfg=ImportanceConfig(kind="modality"), device="cpu", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["importance.json", "importance.safetensors", "sample_000.png"]
     assert json.loads((out / "importance.json").read_text())["config"]["kind"] == "modality"
+
+
+def test_input_gradients_shift_the_output_gradients(tiny_vlm_dir, tiny_calib_jsonl):
+    """grad_at='input': layer l's input gradient is layer l-1's output gradient (the residual stream),
+    and layer 0's is the gradient at the embeddings, equal to full back-propagation's."""
+    adapter, model, processor, *_ = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    sample = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=4096, seed=0)[0]
+    out_g = layerwise_token_gradients(adapter, model, sample).grad
+    in_g = layerwise_token_gradients(adapter, model, sample, at="input").grad
+    torch.testing.assert_close(in_g[1:], out_g[:-1])
+    li = adapter.capture_layer0_inputs(model, sample.inputs)
+    h0 = li.hidden_states.clone().requires_grad_(True)
+    h = h0
+    with torch.enable_grad():
+        for layer in adapter.decoder_layers(model):
+            h = run_layer(layer, h, li.kwargs)
+        ids = sample.inputs["input_ids"][0]
+        tgt = sample.answer_mask.nonzero().reshape(-1)
+        logits = model.get_submodule(adapter.spec.lm_head)(get_submodule(model, adapter.spec.final_norm)(h))
+        torch.nn.functional.cross_entropy(logits[0, tgt - 1].float(), ids[tgt]).backward()
+    torch.testing.assert_close(in_g[0], h0.grad[0].pow(2).sum(-1), rtol=1e-4, atol=1e-10)

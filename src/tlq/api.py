@@ -65,7 +65,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", ctx
     return adapter, hf_model, processor, model_dir, dev, dt
 
 
-def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
     """Validate user-facing options into a ``QuantizeConfig``.
 
     ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
@@ -80,7 +80,7 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
     search = dc_replace(search, grid=search_grid, max_samples=search_samples)
     overrides = {"solver": solver, "weighting": weighting, "token_select": token_select, "quantized_inputs": quantized_inputs}
     parts = {**preset, **{k: v for k, v in overrides.items() if v is not None}, "search": search}
-    return QuantizeConfig(
+    cfg = QuantizeConfig(
         scheme=qscheme,
         method=method,
         calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
@@ -89,6 +89,11 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
         dtype=dtype,
         **parts,
     )
+    if grad_at is not None:
+        cfg.importance = dc_replace(cfg.importance, grad_at=grad_at)
+    if token_fraction is not None:
+        cfg.selection = dc_replace(cfg.selection, token_fraction=token_fraction)
+    return cfg
 
 
 @dataclass

@@ -46,6 +46,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     sel = abl.add_mutually_exclusive_group()
     sel.add_argument("--token-select", dest="token_select", action="store_true", default=None, help="use the token-level calibration set")
     sel.add_argument("--no-token-select", dest="token_select", action="store_false", help="keep every token (weighted)")
+    abl.add_argument("--grad-at", choices=("output", "input"), default=None, help="token importance from the gradient at each layer's output (default) or input")
+    abl.add_argument("--token-fraction", type=float, default=None, help="share of each sample's tokens kept by the token-level set (default 0.5)")
     inp = abl.add_mutually_exclusive_group()
     inp.add_argument("--fp-inputs", dest="quantized_inputs", action="store_false", default=None, help="calibrate each layer on FP inputs")
     inp.add_argument("--quantized-inputs", dest="quantized_inputs", action="store_true", help="calibrate each layer on the quantized path")
@@ -96,6 +98,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         weighting=args.weighting,
         token_select=args.token_select,
         quantized_inputs=args.quantized_inputs,
+        grad_at=args.grad_at,
+        token_fraction=args.token_fraction,
         device=args.device,
         dtype=args.dtype,
         max_cpu_memory=max_cpu,

@@ -188,7 +188,7 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     importance = importance or ImportanceConfig()
     num_layers = len(adapter.decoder_layers(model))
     if gradients is None and importance.needs_gradients:
-        gradients = token_gradients(adapter, model, samples, device=device, progress=progress)
+        gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at)
     raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
     valids = [sample_valid_mask(s) for s in samples]
     weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]

@@ -86,13 +86,22 @@ def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions
     return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
 
 
-def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None) -> TokenGradients:
+GRAD_AT = ("output", "input")
+
+
+def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output") -> TokenGradients:
     """Per-layer, per-token gradient norms of one sample's answer loss, computed one layer at a time.
 
     ``squared=True`` (default) gives ``||g||^2`` (the importance TLQ uses), ``False`` gives ``||g||``.
+    ``at="output"`` takes the gradient w.r.t. each layer's output hidden state (DESIGN's definition);
+    ``at="input"`` w.r.t. its input, which also counts how an error at token ``t`` reaches later tokens
+    through this layer's attention (at the last layer, output gradients are zero except where answers
+    are predicted, although k/v errors there still reach them).
     ``device`` defaults to the model's. A sample without predictable answer tokens gets all-zero
     gradients (and a warning): it carries no loss, hence no importance.
     """
+    if at not in GRAD_AT:
+        raise ValueError(f"gradient position must be one of {GRAD_AT}, got {at!r}")
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = adapter.decoder_layers(model)
     num_layers, seq = len(layers), sample.seq_len
@@ -120,13 +129,16 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
         del out, h
         # 3. walk backwards through the layers, one graph at a time.
         for i in range(num_layers - 1, -1, -1):
-            grads[i] = _norms(g, squared)
-            if i == 0:
-                break
+            if at == "output":
+                grads[i] = _norms(g, squared)
+                if i == 0:
+                    break
             x = stored[i].to(dev).requires_grad_(True)
             y = run_layer(layers[i], x, kwargs)
             (g,) = torch.autograd.grad(y, x, grad_outputs=g)
             del x, y
+            if at == "input":
+                grads[i] = _norms(g, squared)
             stored[i] = None  # type: ignore[call-overload]  # free the boundary as soon as it is used
     return TokenGradients(grads, float(loss.detach()), int(positions.numel()))
 
@@ -136,7 +148,7 @@ def _norms(g: Tensor, squared: bool) -> Tensor:
     return (sq if squared else sq.sqrt()).to("cpu")
 
 
-def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False) -> list[TokenGradients]:
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output") -> list[TokenGradients]:
     """:func:`layerwise_token_gradients` for every sample, in order."""
     bar: Any = tqdm(samples, desc="token importance", unit="sample", disable=not progress)
-    return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device) for s in bar]
+    return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device, at=at) for s in bar]

@@ -50,6 +50,7 @@ class ImportanceConfig:
     clip_quantile: float | None = 0.99  # clip each row at this quantile of its tokens (None or 1.0 = off)
     modality_mix: float = 0.3  # lam in  w = lam * modality_mean + (1 - lam) * w  (0 = pure token weights)
     normalize_per_sample: bool = True  # mean weight 1 over each sample's tokens, per layer
+    grad_at: str = "output"  # gradient w.r.t. each layer's "output" (DESIGN) or "input" hidden state
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,6 +59,8 @@ class ImportanceConfig:
             raise ConfigError(f"importance floor must be in [0, 1) (a fraction of the mean weight), got {self.floor}")
         if self.clip_quantile is not None and not 0.0 < self.clip_quantile <= 1.0:
             raise ConfigError(f"clip_quantile must be in (0, 1] or None, got {self.clip_quantile}")
+        if self.grad_at not in ("output", "input"):
+            raise ConfigError(f"grad_at must be 'output' or 'input', got {self.grad_at!r}")
         if not 0.0 <= self.modality_mix <= 1.0:
             raise ConfigError(f"modality_mix must be in [0, 1], got {self.modality_mix}")
 
