@@ -16,7 +16,7 @@ import torch
 
 from tlq.builtin import default_dataset, resolve_model_dir
 from tlq.config import CalibConfig, ConfigError, GPTQConfig, QuantizeConfig, ScaleSearchConfig, method_preset, resolve_scheme
-from tlq.data.calibration import build_sample, choose, read_jsonl
+from tlq.data.calibration import load_calibration
 from tlq.engine.layerwise import EngineResult, LayerwiseEngine, peak_memory_mb
 from tlq.models import adapter_for_dir
 from tlq.models.base import ModelAdapter
@@ -194,9 +194,13 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     t0 = time.perf_counter()
     adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
     check_scheme_fits(adapter, hf_model, config)
-    records = choose(read_jsonl(calib), config.calib.num_samples, config.calib.seed)
-    ids = shard_indices(len(records), ctx)
-    samples = [build_sample(records[i], processor, adapter, hf_model, config.calib.max_seq_len, str(calib)) for i in ids]
+    ids: list[int] = []
+
+    def shard(n: int) -> list[int]:
+        ids.extend(shard_indices(n, ctx))
+        return ids
+
+    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed, shard=shard)
     show = options.progress and ctx.is_main
     token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids)
     weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None

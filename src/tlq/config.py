@@ -20,8 +20,22 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the problem and the fix."""
 
 
+class _SignedIntRange:
+    """The signed code range of a ``bits``-bit integer (the compressed-tensors convention)."""
+
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
 @dataclass(frozen=True)
-class WeightQuantSpec:
+class WeightQuantSpec(_SignedIntRange):
     """How the weight of one linear layer is quantized.
 
     ``group_size`` applies along the input dimension; ``None`` means one scale per output channel.
@@ -37,17 +51,9 @@ class WeightQuantSpec:
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"group size must be positive or None (per channel), got {self.group_size}")
 
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
 
 @dataclass(frozen=True)
-class ActQuantSpec:
+class ActQuantSpec(_SignedIntRange):
     """Dynamic per-token symmetric activation quantization (the input of each quantized linear).
 
     Dynamic per-token int8 is what vLLM's W8A8 kernels and compressed-tensors' ``int-quantized``
@@ -59,14 +65,6 @@ class ActQuantSpec:
     def __post_init__(self) -> None:
         if not 4 <= self.bits <= 16:
             raise ConfigError(f"activation bits must be in [4, 16], got {self.bits}")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -143,7 +143,12 @@ def build_sample(record: CalibRecord, processor: Any, adapter: Any, model: Any, 
     return CalibSample(inputs=inputs, visual_mask=visual[:seq], answer_mask=answer[:seq])
 
 
-def load_calibration(path: str | Path, processor: Any, adapter: Any, model: Any, *, num_samples: int, max_seq_len: int, seed: int) -> list[CalibSample]:
-    """Read, subsample and encode a JSONL calibration set."""
+def load_calibration(path: str | Path, processor: Any, adapter: Any, model: Any, *, num_samples: int, max_seq_len: int, seed: int, shard: Callable[[int], list[int]] | None = None) -> list[CalibSample]:
+    """Read, subsample and encode a JSONL calibration set.
+
+    ``shard(n)`` picks which of the ``n`` chosen samples this process encodes (distributed runs);
+    the default encodes all of them.
+    """
     records = choose(read_jsonl(path), num_samples, seed)
-    return [build_sample(r, processor, adapter, model, max_seq_len, str(path)) for r in records]
+    ids = shard(len(records)) if shard is not None else range(len(records))
+    return [build_sample(records[i], processor, adapter, model, max_seq_len, str(path)) for i in ids]
