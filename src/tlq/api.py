@@ -243,7 +243,7 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
     from the last finished layer. Under ``torchrun`` the samples are sharded across ranks and rank 0
     writes the outputs.
     """
-    from tlq.engine.distributed import barrier, init_distributed
+    from tlq.engine.distributed import all_gather_object, barrier, init_distributed
     from tlq.export.compressed_tensors import export_compressed_tensors
 
     cfg = config or build_config(scheme, method, **options)
@@ -262,6 +262,7 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
     if run.resume is not None:
         run.resume.cleanup()
     export_seconds = time.perf_counter() - t_export
+    rss_per_rank = all_gather_object(peak_memory_mb(torch.device("cpu")))
     report = QuantizeReport(
         model=str(model),
         model_type=run.adapter.spec.family,
@@ -276,7 +277,8 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         calibration_seconds=run.seconds,
         export_seconds=export_seconds,
         total_seconds=run.seconds + export_seconds,
-        peak_rss_mb=peak_memory_mb(torch.device("cpu")),
+        peak_rss_mb=max(rss_per_rank),
+        peak_rss_mb_per_rank=rss_per_rank,
         config=cfg.to_dict(),
         world_size=ctx.world_size,
         token_set=run.token_set,

@@ -29,6 +29,7 @@ class QuantizeReport:
     peak_rss_mb: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1  # processes that shared the calibration (torchrun)
+    peak_rss_mb_per_rank: list[float] = field(default_factory=list)  # each process's peak RSS (OS figure)
     token_set: dict[str, Any] | None = None  # token-level calibration set summary (TLQ / MBQ)
 
     @property
