@@ -190,6 +190,35 @@ def test_each_digit_stays_in_its_cell():
             assert 0.6 * expected <= cell.sum() <= 1.05 * expected
 
 
+def test_cell_tint_marks_cells_and_changes_nothing_else():
+    plain_cfg = DigitsVQAConfig(noise_std=0.0)
+    tint_cfg = DigitsVQAConfig(noise_std=0.0, cell_tint=0.3)
+    colours = dg.cell_colours(tint_cfg)
+    assert colours.shape == (4, 3) and len({tuple(c) for c in colours.tolist()}) == 4  # one colour per cell
+    assert np.isclose(colours.max(), 0.3 * 255)
+    for p, t in zip(generate_samples("train", 10, plain_cfg), generate_samples("train", 10, tint_cfg)):
+        # same digits, scans, questions and turns: the tint draws nothing from the random streams
+        assert (p.labels, p.scan_ids, p.question, p.answer, p.turns) == (t.labels, t.scan_ids, t.question, t.answer, t.turns)
+        gray = np.asarray(p.image)[..., 0].astype(np.float64)
+        rgb = np.asarray(t.image).astype(np.float64)
+        assert t.image.mode == "RGB" and t.image.size == p.image.size
+        for pos in range(4):
+            r, c = divmod(pos, 2)
+            sl = (slice(r * 28, (r + 1) * 28), slice(c * 28, (c + 1) * 28))
+            ink, cell = gray[sl], rgb[sl]
+            bg = ink == 0  # background pixels show exactly the cell's colour
+            assert bg.any() and np.allclose(cell[bg], np.rint(colours[pos]), atol=0.5)
+            # ink stays legible: white strokes blended over the tint, never darker than the grey image
+            expected = ink[..., None] + colours[pos] * (1 - ink[..., None] / 255)
+            assert np.abs(cell - expected).max() <= 1.0  # two roundings to uint8
+    # default off: grey images, identical to before
+    assert DigitsVQAConfig().cell_tint == 0.0
+    with pytest.raises(ConfigError):
+        DigitsVQAConfig(cell_tint=1.0)
+    with pytest.raises(ConfigError):
+        DigitsVQAConfig(cell_tint=-0.1)
+
+
 # ---------------------------------------------------------------- distributions
 
 

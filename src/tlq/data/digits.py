@@ -72,6 +72,7 @@ __all__ = [
     "DigitsVQAConfig",
     "Sample",
     "load_scans",
+    "cell_colours",
     "scan_pools",
     "generate_samples",
     "write_jsonl",
@@ -112,6 +113,13 @@ class DigitsVQAConfig:
             stays inside the cell).
         intensity_range: the digit's brightness is multiplied by a factor drawn from this range.
         noise_std: standard deviation of Gaussian pixel noise, as a fraction of 255 (0 disables it).
+        cell_tint: brightness (fraction of 255, in [0, 1)) of a distinct background colour given to each
+            grid cell, so a visual token shows *where* it is in its own content, not only through
+            positional encodings: cell k gets the hue ``k / (rows * cols)`` (2x2: red, yellow-green,
+            cyan, violet), the white digit strokes are blended over it (``ink + tint * (1 - ink)``), so
+            the digits stay legible. 0 (the default) disables it and gives the grey images, byte for
+            byte. The tint draws nothing from the random streams: labels, questions, jitter and noise
+            are the same with or without it.
         question_types: types to draw from, uniformly (a type listed twice is drawn twice as often).
         position_style: how questions name a position: ``"number"`` ("position 3"), ``"name"``
             ("top left"; grids up to 3x3 only) or ``"both"`` (either, 50/50; the default, so the text
@@ -131,6 +139,7 @@ class DigitsVQAConfig:
     jitter_px: int = 2
     intensity_range: tuple[float, float] = (0.7, 1.0)
     noise_std: float = 0.02
+    cell_tint: float = 0.0
     question_types: tuple[str, ...] = QUESTION_TYPES
     position_style: str = "both"
     turns_per_sample: int = 6
@@ -149,6 +158,8 @@ class DigitsVQAConfig:
             raise ConfigError(f"intensity_range must satisfy 0 < lo <= hi <= 1, got {self.intensity_range}")
         if self.noise_std < 0:
             raise ConfigError(f"noise_std must be >= 0, got {self.noise_std}")
+        if not 0.0 <= self.cell_tint < 1.0:
+            raise ConfigError(f"cell_tint must be in [0, 1), got {self.cell_tint}")
         if not self.question_types:
             raise ConfigError("question_types is empty; choose from " + ", ".join(QUESTION_TYPES))
         unknown = sorted(set(self.question_types) - set(QUESTION_TYPES))
@@ -270,8 +281,36 @@ def _render(scan_ids: Sequence[int], cfg: DigitsVQAConfig, rng: np.random.Genera
         canvas[y0 : y0 + cfg.digit_px, x0 : x0 + cfg.digit_px] = digit * rng.uniform(lo_i, hi_i)
     if cfg.noise_std > 0:
         canvas += rng.normal(0.0, cfg.noise_std * 255.0, size=canvas.shape).astype(np.float32)
+    if cfg.cell_tint > 0:
+        ink = np.clip(canvas, 0.0, 255.0)[..., None]  # [h, w, 1]
+        bg = _tint_map(cfg)  # [h, w, 3]
+        rgb = ink + bg * (1.0 - ink / 255.0)  # white strokes over the cell's colour
+        return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
     pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, mode="L").convert("RGB")
+
+
+def cell_colours(cfg: DigitsVQAConfig) -> np.ndarray:
+    """``[rows * cols, 3]`` background colours (0..255, float) of the cells when ``cfg.cell_tint > 0``.
+
+    Fully saturated hues spaced evenly around the colour wheel (cell k: hue ``k / N``), scaled so the
+    brightest channel is ``cell_tint * 255``.
+    """
+    import colorsys
+
+    n = cfg.num_digits
+    cols = [colorsys.hsv_to_rgb(k / n, 1.0, 1.0) for k in range(n)]
+    return np.asarray(cols, dtype=np.float32) * (cfg.cell_tint * 255.0)
+
+
+def _tint_map(cfg: DigitsVQAConfig) -> np.ndarray:
+    w, h = cfg.image_size
+    colours = cell_colours(cfg)
+    bg = np.zeros((h, w, 3), dtype=np.float32)
+    for pos in range(cfg.num_digits):
+        r, c = divmod(pos, cfg.cols)
+        bg[r * cfg.cell_px : (r + 1) * cfg.cell_px, c * cfg.cell_px : (c + 1) * cfg.cell_px] = colours[pos]
+    return bg
 
 
 def _where(pos: int, cfg: DigitsVQAConfig, rng: np.random.Generator) -> tuple[str, str]:
