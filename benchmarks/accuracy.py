@@ -86,7 +86,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 "scheme": scheme,
                 "variant": name,
                 "accuracy": acc,
-                "retained_pct": {k: (100 * v / fp_scores.accuracy if k != "n" else v) for k, v in acc.items()},
+                "retained_pct": summarize([100 * r["accuracy"] / max(fp_scores.accuracy, 1e-12) for r in runs]),
                 "kl": summarize([r["kl"] for r in runs]),
                 "nll": summarize([r["nll"] for r in runs]),
                 "runs": runs,
