@@ -75,6 +75,8 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
     qscheme = resolve_scheme(scheme, symmetric=symmetric, **kw)
     preset = method_preset(method, qscheme)
     search: ScaleSearchConfig = preset["search"]
+    if scale_search == "auto":  # AWQ for weight-only schemes, SmoothQuant when activations are quantized
+        scale_search = "smoothquant" if qscheme.quantizes_activations else "awq"
     if scale_search is not None and scale_search != search.kind:
         search = ScaleSearchConfig(kind=scale_search)
     search = dc_replace(search, grid=search_grid, max_samples=search_samples)

@@ -39,7 +39,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     abl = p.add_argument_group("method parts (each overrides the --method preset; used for ablations)")
     abl.add_argument("--solver", choices=SOLVERS, default=None, help="per-linear solver")
-    abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant"), default=None, help="per-channel scale migration before solving")
+    abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant", "auto"), default=None, help="per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)")
     abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
     abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
     abl.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="token weights: uniform | modality (MBQ) | token (TLQ)")
