@@ -38,7 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "MBQ": ("mbq", {}),
     "TLQ": ("tlq", {}),
     "TLQ + scale search": ("tlq", {"scale_search": "auto"}),
-    "TLQ, input gradients": ("tlq", {"grad_at": "input"}),
+    "TLQ with input gradients": ("tlq", {"grad_at": "input"}),
     "TLQ w/o token importance": ("tlq", {"weighting": "uniform", "token_select": False}),
     "TLQ w/o token selection": ("tlq", {"token_select": False}),
     "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),

@@ -32,7 +32,7 @@ def test_answer_mask_covers_exactly_the_answer(qwen, tiny_calib_jsonl):
         answer_ids = sample.inputs["input_ids"][0][sample.answer_mask]
         text = processor.tokenizer.decode(answer_ids)
         expected = rec.messages[-1]["content"][0]["text"]
-        assert text.startswith(expected + "<|im_end|>"), text
+        assert text == expected + "<|im_end|>", text  # the template's trailing newline is not an answer token
         # the answer is the last thing in the sequence, after every visual token
         assert sample.answer_mask.nonzero().min() > sample.visual_mask.nonzero().max()
 

@@ -112,15 +112,23 @@ def _encode(processor: Any, messages: list[dict[str, Any]], image: Image.Image |
     return dict(processor(text=[text], images=images, return_tensors="pt"))
 
 
-def _answer_mask(processor: Any, record: CalibRecord, image: Image.Image | None, seq_len: int) -> torch.Tensor:
-    """Mark the tokens of every assistant turn: the span between its prompt and its end."""
+def _answer_mask(processor: Any, record: CalibRecord, image: Image.Image | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mark the tokens of every assistant turn: its text and its end-of-turn token.
+
+    The span runs from the turn's prompt to the end of the turn as the chat template renders it; the
+    template's trailing whitespace after the end-of-turn token (e.g. Qwen's newline) is dropped: the
+    model is never asked to predict it, and its loss would swamp the answer's in NLL and gradients.
+    """
+    seq_len = input_ids.shape[0]
     mask = torch.zeros(seq_len, dtype=torch.bool)
     for i, msg in enumerate(record.messages):
         if msg["role"] != "assistant":
             continue
         start = _encode(processor, record.messages[:i], image, True)["input_ids"].shape[1]
-        end = _encode(processor, record.messages[: i + 1], image, False)["input_ids"].shape[1]
-        mask[start:min(end, seq_len)] = True
+        end = min(_encode(processor, record.messages[: i + 1], image, False)["input_ids"].shape[1], seq_len)
+        while end > start and not processor.tokenizer.decode(input_ids[end - 1 : end]).strip():
+            end -= 1
+        mask[start:end] = True
     return mask
 
 
@@ -137,7 +145,7 @@ def build_sample(record: CalibRecord, processor: Any, adapter: Any, model: Any, 
     image = Image.open(record.image).convert("RGB") if record.image is not None else None
     inputs = _encode(processor, record.messages, image, False)
     visual = adapter.visual_mask(model, inputs)[0]
-    answer = _answer_mask(processor, record, image, visual.shape[0])
+    answer = _answer_mask(processor, record, image, inputs["input_ids"][0])
     inputs = _truncate(inputs, visual, max_seq_len, f"{where}:{record.line}")
     seq = inputs["input_ids"].shape[1]
     return CalibSample(inputs=inputs, visual_mask=visual[:seq], answer_mask=answer[:seq])
