@@ -351,11 +351,6 @@ def squared_error_sums(out: Any, ref: Any) -> tuple[float, float]:
     return num, den
 
 
-def relative_error(out: Any, ref: Any) -> float:
-    num, den = squared_error_sums(out, ref)
-    return num / max(den, 1e-30)
-
-
 FAULT_ENV = "TLQ_FAULT_AFTER_LAYER"
 
 
