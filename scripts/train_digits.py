@@ -1,0 +1,606 @@
+#!/usr/bin/env python
+"""Train the built-in digits VLMs from scratch on CPU (``builtin:digits-qwen2vl``, ``builtin:digits-llavaov``).
+
+Reproduce the shipped models (fixed seed, deterministic data; see docs/builtin-models.md)::
+
+    OMP_NUM_THREADS=1 python scripts/train_digits.py --family qwen2_vl --out src/tlq/builtin/digits-qwen2vl
+    OMP_NUM_THREADS=1 python scripts/train_digits.py --family llava_onevision --out src/tlq/builtin/digits-llavaov
+
+What it does, in order:
+
+1. ``tlq.models.tiny.make_tiny_vlm`` writes an untrained checkpoint (config, tokenizer trained on the digits
+   corpus, processor, chat template) into ``--out``; the weights are then trained in memory.
+2. Vision pretraining (``--vision-steps``): vision tower + merger/projector with an auxiliary linear classifier
+   that reads each visual token and predicts the digit under it (DESIGN.md section 6).
+3. Joint training (``--steps``): every sequence holds ``turns_per_sample`` question/answer turns about one
+   image (multi-turn from step 0), cross-entropy only on answer tokens (+ their ``<|im_end|>``), the
+   auxiliary digit loss kept on with weight ``--aux-weight``. AdamW, linear warm-up, cosine decay.
+   Training data are drawn on the fly from the digits ``train`` split (batch ``k`` = samples
+   ``k*B .. k*B+B-1``), validation is greedy exact match on the ``val`` split.
+   Stops at ``--steps`` or at the wall-clock budget ``--max-minutes``, whichever comes first.
+4. Outlier reparametrisation (``--outlier-scale a``, a power of two): for every decoder layer and each of its
+   two RMSNorms, the ``--outlier-channels`` channels with the largest norm weight get their norm weight
+   divided by ``a`` and the matching input column of every Linear that reads that norm (q/k/v after
+   ``input_layernorm``, gate/up after ``post_attention_layernorm``) multiplied by ``a``. Exact in float32 and
+   bfloat16 (powers of two); the script checks the logits are unchanged. It gives the decoder weights the
+   outlier columns real LLMs have, which makes RTN damage measurable (DESIGN.md section 6).
+5. Saves safetensors (``--save-dtype``) in the same directory, writes ``calib.jsonl`` (128 samples,
+   calibration split) and ``test.jsonl`` (500 samples, test split) with their images, and
+   ``tlq_tiny.json`` with the training record and measurements.
+6. Measures greedy exact-match accuracy on ``test.jsonl`` for the FP model and in-memory RTN W3A16 / W4A16
+   (every Linear of ``model.model.language_model.layers`` replaced by its fake-quantized weight).
+
+``--measure-only`` skips 1-5 and measures an existing directory; ``--sweep-scales 1,4,8`` measures
+what other outlier scales would give (on a copy in memory, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlq.data import digits
+from tlq.data.digits import DigitsVQAConfig
+
+# Question types of the built-in benchmark. "sum" (two-token answers 0..36, needs exact 4-term addition) and
+# "parity" are left out: a 4-layer, 128-wide decoder does not learn them within a CPU half hour, and they
+# would cap FP accuracy below the 90% the benchmark needs.
+BUILTIN_QUESTION_TYPES = ("digit", "compare", "count", "max", "min")
+
+ANSWER_PREFIX = "<|im_start|>assistant\n"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def conversation(turns, first_with_image: bool = True):
+    msgs = []
+    for k, (q, a) in enumerate(turns):
+        content = [{"type": "image"}, {"type": "text", "text": q}] if (k == 0 and first_with_image) else [{"type": "text", "text": q}]
+        msgs.append({"role": "user", "content": content})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return msgs
+
+
+class Batcher:
+    """Encodes digits samples with the model's own processor and chat template."""
+
+    def __init__(self, processor, family: str):
+        self.processor = processor
+        self.family = family
+        tok = processor.tokenizer
+        self.prefix = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def answer_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels = ids on answer tokens (from after '<|im_start|>assistant\\n' through '<|im_end|>'), else -100."""
+        labels = torch.full_like(ids, -100)
+        p = len(self.prefix)
+        for b in range(ids.shape[0]):
+            row = ids[b].tolist()
+            i = 0
+            while i <= len(row) - p:
+                if row[i : i + p] == self.prefix:
+                    j = i + p
+                    while j < len(row) and row[j] != self.im_end:
+                        j += 1
+                    labels[b, i + p : min(j + 1, len(row))] = ids[b, i + p : min(j + 1, len(row))]
+                    i = j
+                else:
+                    i += 1
+        return labels
+
+    def train_batch(self, samples) -> dict:
+        texts = [self.processor.apply_chat_template(conversation(s.turns), tokenize=False) for s in samples]
+        enc = dict(self.processor(text=texts, images=[s.image for s in samples], return_tensors="pt", padding=True))
+        enc["labels"] = self.answer_labels(enc["input_ids"])
+        return enc
+
+    def images(self, samples) -> dict:
+        return dict(self.processor.image_processor([s.image for s in samples], return_tensors="pt"))
+
+    def prompt(self, image, question: str) -> dict:
+        text = self.processor.apply_chat_template(conversation([(question, None)]), tokenize=False, add_generation_prompt=True)
+        return dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+
+
+# ---------------------------------------------------------------------------------- vision auxiliary
+class VisionAux(nn.Module):
+    """Auxiliary per-visual-token losses on the features the decoder receives (training only, not saved).
+
+    * digit: the token's digit, with the decoder's own input embeddings of the text tokens "0".."9" as the
+      classifier weights, so a visual token that shows a 7 ends up close to the embedding of the word "7"
+      (reading, copying and matching digits in the decoder then come easily);
+    * position: the token's cell (0..rows*cols-1) with a small linear head, so each visual token also
+      carries where it is (Qwen's ViT and M-RoPE only give relative positions).
+    """
+
+    def __init__(self, family: str, model, num_digits: int, grid: tuple[int, int], digit_ids: list[int]):
+        super().__init__()
+        self.family = family
+        self.num_digits = num_digits
+        self.rows, self.cols = grid
+        hidden = model.config.text_config.hidden_size
+        self.register_buffer("digit_ids", torch.tensor(digit_ids), persistent=False)
+        self.embed = model.model.language_model.embed_tokens  # shared with the model, not owned
+        self.digit_bias = nn.Parameter(torch.zeros(10))
+        self.digit_scale = nn.Parameter(torch.tensor(4.0))
+        self.pos_head = nn.Linear(hidden, num_digits)
+
+    def parameters(self, recurse: bool = True):  # exclude the shared embedding
+        return iter([self.digit_bias, self.digit_scale, *self.pos_head.parameters()])
+
+    def features(self, model, enc: dict) -> torch.Tensor:
+        """[B, tokens, hidden] visual features of each image (base tile for LLaVA-OV)."""
+        if self.family == "qwen2_vl":
+            out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
+            # 56x56 -> 2x2 merged tokens per image, raster order = the digits' reading order
+            return out.reshape(-1, self.num_digits, out.shape[-1])
+        pv = enc["pixel_values"][:, 0]  # base tile: the whole image at the SigLIP resolution
+        hs = model.model.vision_tower(pv, output_hidden_states=True, return_dict=True).hidden_states[-1]
+        return model.model.multi_modal_projector(hs)  # [B, g*g, hidden]
+
+    def token_cells(self, n_tokens: int) -> torch.Tensor:
+        if self.family == "qwen2_vl":
+            return torch.arange(self.num_digits)
+        g = int(math.isqrt(n_tokens))  # g x g patches over the rows x cols grid of digits
+        r = torch.arange(g)[:, None] * self.rows // g
+        c = torch.arange(g)[None, :] * self.cols // g
+        return (r * self.cols + c).reshape(-1)
+
+    def loss_acc(self, model, enc: dict, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        feats = self.features(model, enc)
+        cells = self.token_cells(feats.shape[1])
+        target = labels[:, cells]  # [B, tokens]
+        emb = self.embed.weight[self.digit_ids]  # [10, hidden]
+        f = F.normalize(feats, dim=-1)
+        e = F.normalize(emb, dim=-1)
+        logits = self.digit_scale.exp() * f @ e.T + self.digit_bias
+        loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1))
+        pos_logits = self.pos_head(feats)
+        loss = loss + F.cross_entropy(pos_logits.reshape(-1, self.num_digits), cells.repeat(feats.shape[0]))
+        acc = float((logits.argmax(-1) == target).float().mean())
+        return loss, acc
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def greedy(model, batcher: Batcher, image, question: str, max_new_tokens: int = 6) -> str:
+    inputs = batcher.prompt(image, question)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return batcher.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def norm_answer(s: str) -> str:
+    return " ".join(s.strip().lower().split()).rstrip(".").strip()
+
+
+@torch.no_grad()
+def accuracy(model, batcher: Batcher, samples) -> float:
+    was_training = model.training
+    model.eval()
+    ok = sum(norm_answer(greedy(model, batcher, s.image, s.question)) == norm_answer(s.answer) for s in samples)
+    model.train(was_training)
+    return ok / max(len(samples), 1)
+
+
+@torch.no_grad()
+def accuracy_by_type(model, batcher: Batcher, samples) -> tuple[float, dict]:
+    model.eval()
+    per: dict[str, list[int]] = {}
+    for s in samples:
+        ok = norm_answer(greedy(model, batcher, s.image, s.question)) == norm_answer(s.answer)
+        per.setdefault(s.qtype, []).append(int(ok))
+    total = sum(sum(v) for v in per.values()) / max(len(samples), 1)
+    return total, {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
+
+
+# ------------------------------------------------------------------------------- quantization helpers
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.language_model.layers
+
+
+@torch.no_grad()
+def rtn_fake_quant(model, scheme: str) -> None:
+    """Replace every decoder Linear weight by its RTN quantize-dequantize (in place)."""
+    from tlq.config import SCHEMES
+    from tlq.quant.quantizer import compute_qparams, dequantize_codes, quantize_codes
+
+    spec = SCHEMES[scheme].weights
+    for mod in decoder_layers(model).modules():
+        if isinstance(mod, nn.Linear):
+            w = mod.weight.data
+            scale, zero = compute_qparams(w, spec)
+            codes = quantize_codes(w, scale, zero, spec)
+            mod.weight.data.copy_(dequantize_codes(codes, scale, zero, spec).to(w.dtype))
+
+
+@torch.no_grad()
+def add_outliers(model, scale: float, channels: int) -> list[dict]:
+    """Exact function-preserving reparametrisation: norm channel / a, reading Linear input column * a."""
+    if scale == 1 or channels <= 0:
+        return []
+    if 2.0 ** round(math.log2(scale)) != scale:
+        raise ValueError(f"--outlier-scale must be a power of two (exact in bf16/fp32), got {scale}")
+    record = []
+    for li, layer in enumerate(decoder_layers(model)):
+        pairs = (
+            ("input_layernorm", layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+            ("post_attention_layernorm", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
+        )
+        for name, norm, linears in pairs:
+            idx = torch.topk(norm.weight.detach().abs().float(), channels).indices.sort().values
+            norm.weight[idx] /= scale
+            for lin in linears:
+                lin.weight[:, idx] *= scale
+            record.append({"layer": li, "norm": name, "channels": idx.tolist()})
+    return record
+
+
+@torch.no_grad()
+def max_logit_diff(model_a, model_b, batcher: Batcher, samples) -> float:
+    diff = 0.0
+    for s in samples:
+        inputs = batcher.prompt(s.image, s.question)
+        la = model_a(**inputs).logits
+        lb = model_b(**inputs).logits
+        diff = max(diff, float((la - lb).abs().max()))
+    return diff
+
+
+def measure(model, batcher: Batcher, test_samples, label: str = "") -> dict:
+    res = {}
+    for scheme in ("fp", "w3a16", "w4a16"):
+        m = model if scheme == "fp" else copy.deepcopy(model)
+        if scheme != "fp":
+            rtn_fake_quant(m, scheme)
+        t0 = time.time()
+        acc, per = accuracy_by_type(m, batcher, test_samples)
+        res[scheme] = {"accuracy": round(acc, 4), "by_type": per}
+        log(f"{label}{scheme:6s} test accuracy {100 * acc:.1f}%  {per}  ({time.time() - t0:.0f}s)")
+    return res
+
+
+# ------------------------------------------------------------------------------------------- training
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def vision_params(model, family: str):
+    if family == "qwen2_vl":
+        return list(model.model.visual.parameters())
+    return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+
+
+def train(args, model, processor, cfg: DigitsVQAConfig, aux: VisionAux, val_samples) -> dict:
+    batcher = Batcher(processor, args.family)
+    t_start = time.time()
+    deadline = t_start + 60 * args.max_minutes
+    hist: dict = {"vision": [], "joint": []}
+    from tqdm.auto import tqdm
+
+    # --- stage 1: vision tower + merger/projector with the per-token digit classifier
+    if args.vision_steps > 0:
+        params = vision_params(model, args.family) + list(aux.parameters()) + [aux.embed.weight]
+        opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.0)
+        model.train()
+        bar = tqdm(range(args.vision_steps), desc="vision", mininterval=10, file=sys.stdout)
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.vision_steps, 20, args.vision_lr, args.vision_lr * 0.1)
+            n = 2 * args.batch_size
+            samples = digits.generate_samples("train", n, cfg, start=10_000_000 + step * n)
+            enc = batcher.images(samples)
+            labels = torch.tensor([s.labels for s in samples])
+            loss, acc = aux.loss_acc(model, enc, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", refresh=False)
+            if step % 50 == 0 or step == args.vision_steps - 1:
+                hist["vision"].append({"step": step, "loss": round(loss.item(), 4), "token_acc": round(acc, 4)})
+        log(f"vision stage done: token acc {acc:.3f} ({time.time() - t_start:.0f}s)")
+
+    # --- stage 2: everything, multi-turn answer loss (+ auxiliary digit loss)
+    params = list(model.parameters()) + list(aux.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    model.train()
+    best = -1.0
+    ema = None
+    steps_done = 0
+    bar = tqdm(range(args.steps), desc="train", mininterval=10, file=sys.stdout)
+    for step in bar:
+        if time.time() > deadline:
+            print(file=sys.stdout)
+            log(f"wall-clock budget of {args.max_minutes} min reached at step {step}")
+            break
+        lr = lr_at(step, args.steps, args.warmup, args.lr, args.lr * args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        samples = digits.generate_samples("train", args.batch_size, cfg, start=step * args.batch_size)
+        enc = batcher.train_batch(samples)
+        out = model(**enc, use_cache=False)
+        loss = out.loss
+        if args.aux_weight > 0:
+            aux_loss, _ = aux.loss_acc(model, enc, torch.tensor([s.labels for s in samples]))
+            loss = loss + args.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        steps_done = step + 1
+        ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", refresh=False)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc, per = accuracy_by_type(model, batcher, val_samples)
+            model.train()
+            best = max(best, acc)
+            hist["joint"].append({"step": step + 1, "loss_ema": round(ema, 4), "val_acc": round(acc, 4), "val_by_type": per, "minutes": round((time.time() - t_start) / 60, 2)})
+            print(file=sys.stdout)
+            log(f"step {step + 1}: answer loss {ema:.4f}, val acc {100 * acc:.1f}% {per} ({(time.time() - t_start) / 60:.1f} min)")
+    model.eval()
+    return {"steps_done": steps_done, "minutes": round((time.time() - t_start) / 60, 2), "history": hist}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--family", choices=("qwen2_vl", "llava_onevision"), required=True)
+    p.add_argument("--out", required=True, help="model directory to write (e.g. src/tlq/builtin/digits-qwen2vl)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    # architecture
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vision-hidden", type=int, default=64)
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-heads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=None,
+        help="RoPE base (default: 10 for qwen2_vl, 1e6 for llava_onevision). Qwen's M-RoPE gives the image rows and "
+        "columns only the lowest frequencies; with base 1e6 and head_dim 32 neighbouring visual tokens differ by "
+        "<0.03 rad, so the decoder cannot tell the 2x2 image tokens apart by position",
+    )
+    # training
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--max-minutes", type=float, default=28.0, help="wall-clock budget for both stages")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--vision-steps", type=int, default=600)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
+    p.add_argument("--aux-weight", type=float, default=0.2)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--val-samples", type=int, default=150)
+    # outliers, output, measurement
+    p.add_argument("--outlier-scale", type=float, default=8.0, help="power of two; 1 disables the reparametrisation")
+    p.add_argument("--outlier-channels", type=int, default=4, help="channels per RMSNorm")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--bench-question-types",
+        default="max,min",
+        help="question types of the shipped calib.jsonl / test.jsonl (comma list; 'train' = the training types). "
+        "The default keeps the types a CPU-trained model answers >= 90%% (see docs/builtin-models.md)",
+    )
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--test-samples", type=int, default=500)
+    p.add_argument("--no-measure", action="store_true", help="skip the FP / RTN test measurement")
+    p.add_argument("--measure-only", action="store_true", help="only measure the model already in --out")
+    p.add_argument(
+        "--reparam-only",
+        action="store_true",
+        help="undo the recorded outlier reparametrisation of the model in --out, apply --outlier-scale / "
+        "--outlier-channels instead (logits checked), save, then measure as --measure-only does",
+    )
+    p.add_argument("--sweep-scales", default="", help="comma list of outlier scales to measure on an in-memory copy")
+    return p.parse_args(argv)
+
+
+def load(out: Path, dtype=torch.float32):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(out)
+    return model.eval(), processor
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
+    if args.rope_theta is None:
+        args.rope_theta = 10.0 if args.family == "qwen2_vl" else 1_000_000.0
+    info_path = out / "tlq_tiny.json"
+
+    bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
+    bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
+
+    if args.reparam_only:
+        model, processor = load(out)
+        batcher = Batcher(processor, args.family)
+        info = json.loads(info_path.read_text())
+        undo_outliers(model, info.get("outlier_reparametrisation", {}))
+        info["outlier_reparametrisation"] = add_outliers_checked(args, model, batcher, digits.generate_samples("val", 20, cfg))
+        info.setdefault("commands", []).append("python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv))
+        model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
+        info_path.write_text(json.dumps(info, indent=1) + "\n")
+        args.measure_only = True
+
+    if args.measure_only:
+        model, processor = load(out)
+        batcher = Batcher(processor, args.family)
+        write_bench(args, out, bench_cfg)
+        test = digits.generate_samples("test", args.test_samples, bench_cfg)
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info["bench_question_types"] = list(bench_types)
+        info["measured"] = measure(model, batcher, test)
+        sweep(args, model, batcher, test, info)
+        info_path.write_text(json.dumps(info, indent=1) + "\n")
+        return 0
+
+    from tlq.models.tiny import make_tiny_vlm
+
+    torch.manual_seed(args.seed)
+    log(f"building untrained {args.family} checkpoint in {out}")
+    # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
+    corpus = digits.corpus(cfg) + ["user", "assistant", "system"] * 8
+    make_tiny_vlm(
+        args.family,
+        out,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        vision_hidden=args.vision_hidden,
+        vision_depth=args.vision_depth,
+        vision_heads=args.vision_heads,
+        corpus=corpus,
+        vocab_size=args.vocab_size,
+        image_size=56,
+        rope_theta=args.rope_theta,
+        seed=args.seed,
+        dtype=torch.float32,
+    )
+    model, processor = load(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_dec = sum(p.numel() for p in decoder_layers(model).parameters())
+    log(f"parameters: {n_params / 1e6:.2f}M total, {n_dec / 1e6:.2f}M in decoder layers")
+    torch.manual_seed(args.seed)
+    digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    aux = VisionAux(args.family, model, cfg.num_digits, (cfg.rows, cfg.cols), digit_ids)
+    val = digits.generate_samples("val", args.val_samples, cfg)
+    record = train(args, model, processor, cfg, aux, val)
+
+    batcher = Batcher(processor, args.family)
+    reparam = add_outliers_checked(args, model, batcher, val)
+
+    # save the trained weights in the untrained checkpoint's layout (tokenizer/processor files stay)
+    save_dtype = getattr(torch, args.save_dtype)
+    model.to(save_dtype).save_pretrained(out)
+    model.to(torch.float32)
+    for f in out.glob("*.safetensors"):
+        mb = f.stat().st_size / 2**20
+        log(f"{f.name}: {mb:.2f} MiB")
+        if mb > 25:
+            log("WARNING: above the 25 MB package limit")
+    write_bench(args, out, bench_cfg)
+
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info.update(
+        {
+            "name": "digits-qwen2vl" if args.family == "qwen2_vl" else "digits-llavaov",
+            "built_by": "scripts/train_digits.py",
+            "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "args": vars(args),
+            "digits_config": {"seed": cfg.seed, "question_types": list(cfg.question_types), "rows": cfg.rows, "cols": cfg.cols},
+            "bench_question_types": list(bench_types),
+            "calib": "calib.jsonl",
+            "test": "test.jsonl",
+            "parameters": n_params,
+            "decoder_parameters": n_dec,
+            "training": record,
+            "outlier_reparametrisation": reparam,
+        }
+    )
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    if not args.no_measure:
+        # measure what was saved (reload: the checkpoint, not the in-memory model)
+        model, processor = load(out)
+        batcher = Batcher(processor, args.family)
+        test = digits.generate_samples("test", args.test_samples, bench_cfg)
+        info["measured"] = measure(model, batcher, test)
+        sweep(args, model, batcher, test, info)
+        info_path.write_text(json.dumps(info, indent=1) + "\n")
+    log("done")
+    return 0
+
+
+def write_bench(args, out: Path, bench_cfg: DigitsVQAConfig) -> None:
+    """The model's own calibration (128, calibration split) and test (500, test split) sets, with images."""
+    import shutil
+
+    for name in ("calib", "test"):
+        shutil.rmtree(out / f"{name}_images", ignore_errors=True)
+    digits.write_jsonl(digits.generate_samples("calibration", args.calib_samples, bench_cfg), out, "calib")
+    digits.write_jsonl(digits.generate_samples("test", args.test_samples, bench_cfg), out, "test")
+
+
+def add_outliers_checked(args, model, batcher: Batcher, val) -> dict:
+    if args.outlier_scale == 1 or args.outlier_channels <= 0:
+        return {"applied": False}
+    ref = copy.deepcopy(model)
+    chans = add_outliers(model, args.outlier_scale, args.outlier_channels)
+    diff = max_logit_diff(ref, model, batcher, val[:20])
+    log(f"outlier reparametrisation a={args.outlier_scale:g}, {args.outlier_channels} channel(s) per norm: max |logit diff| = {diff:.3g}")
+    del ref
+    return {"applied": True, "scale": args.outlier_scale, "channels_per_norm": args.outlier_channels, "max_abs_logit_diff": diff, "channels": chans}
+
+
+def sweep(args, model, batcher: Batcher, test, info: dict) -> None:
+    if not args.sweep_scales:
+        return
+    base = copy.deepcopy(model)
+    undo_outliers(base, info.get("outlier_reparametrisation", {}))
+    res = {}
+    for s in [float(x) for x in args.sweep_scales.split(",")]:
+        m = copy.deepcopy(base)
+        add_outliers(m, s, args.outlier_channels)
+        res[f"{s:g}"] = measure(m, batcher, test, label=f"a={s:g} ")
+    info["sweep_outlier_scale"] = res
+
+
+@torch.no_grad()
+def undo_outliers(model, reparam: dict) -> None:
+    """Invert a recorded reparametrisation exactly (back to the trained weights)."""
+    if not reparam.get("applied"):
+        return
+    a = reparam["scale"]
+    for rec in reparam["channels"]:
+        layer = decoder_layers(model)[rec["layer"]]
+        idx = torch.tensor(rec["channels"])
+        if rec["norm"] == "input_layernorm":
+            norm, linears = layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        else:
+            norm, linears = layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]
+        norm.weight[idx] *= a
+        for lin in linears:
+            lin.weight[:, idx] /= a
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
