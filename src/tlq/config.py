@@ -215,7 +215,9 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
     * mbq: MBQ — AWQ search (weight-only) or SmoothQuant search (W-A) weighted by per-modality
       gradient weights, FP inputs per layer, then RTN.
     * tlq: token-level gradient importance + token-level calibration set + quantization-exposed
-      layer-wise calibration, solved by token-weighted GPTQ.
+      layer-wise calibration; each layer gets a token-weighted scale search (AWQ-style for weight-only,
+      SmoothQuant-style for W-A schemes), then token-weighted GPTQ. Both solvers in turn were chosen by
+      measurement (docs/accuracy-selection.md): lowest KL to FP16 on both built-in models.
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {
@@ -229,7 +231,7 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
             "quantized_inputs": False,
         },
         "mbq": {"solver": "rtn", "search": ScaleSearchConfig(kind=search_kind), "weighting": "modality", "quantized_inputs": False},
-        "tlq": {"solver": "gptq", "search": ScaleSearchConfig(), "weighting": "token", "token_select": True, "quantized_inputs": True},
+        "tlq": {"solver": "gptq", "search": ScaleSearchConfig(kind=search_kind), "weighting": "token", "token_select": True, "quantized_inputs": True},
     }
     if method not in presets:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
