@@ -210,7 +210,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
     engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir)
     result = engine.calibrate(samples, sample_ids=ids, resume=resume)
-    num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)]) if ctx.enabled else (len(samples), sum(s.seq_len for s in samples))
+    num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)])  # no-op in one process
     return CalibratedModel(
         adapter=adapter,
         model=hf_model,

@@ -171,9 +171,9 @@ class LayerwiseEngine:
         quantized = self._calibrate_layer(i, layer, stats_in, kwargs)
         q_out = self._run(layer, x_q, kwargs)
         num, den = squared_error_sums(q_out, fp_out)
-        num, den = D.all_reduce_scalars_sum([num, den]) if self.ctx.enabled else (num, den)
+        num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
         peak = torch.tensor([peak_memory_mb(self.device)], dtype=torch.float64)
-        D.all_reduce_max_(peak) if self.ctx.enabled else None
+        D.all_reduce_max_(peak)
         report = LayerReport(
             index=i,
             rel_error=num / max(den, 1e-30),
@@ -327,7 +327,7 @@ class LayerwiseEngine:
             for x, kw, t, w in zip(xs, kwargs, targets, weights):
                 err = (run_layer(layer, self._dev(x), self._dev(kw)).float().cpu() - t.float()).pow(2).sum(-1)[0]
                 total += float((err * w.cpu()).sum() if w is not None else err.sum())
-            return D.all_reduce_scalar_sum(total) if self.ctx.enabled else total
+            return D.all_reduce_scalar_sum(total)
         finally:
             for h in hooks:
                 h.remove()
