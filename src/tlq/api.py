@@ -52,17 +52,35 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dt
     return _DTYPES[dtype]
 
 
-def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", ctx: Any = None) -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
-    """Resolve, validate and load a model directory; returns adapter, model, processor and settings."""
+def _resolve_model(model: str | Path, device: str, dtype: str, ctx: Any) -> tuple[ModelAdapter, Path, torch.device, torch.dtype]:
     model_dir = resolve_model_dir(model)
     adapter = adapter_for_dir(model_dir)
     dev = resolve_device(device)
     if ctx is not None:
         dev = ctx.device_for(dev)  # one GPU per local rank under torchrun
-    dt = resolve_dtype(dtype, dev, model_dir)
+    return adapter, model_dir, dev, resolve_dtype(dtype, dev, model_dir)
+
+
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto", ctx: Any = None) -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
+    """Resolve, validate and load a model directory; returns adapter, model, processor and settings."""
+    adapter, model_dir, dev, dt = _resolve_model(model, device, dtype, ctx)
     hf_model, processor = adapter.load(model_dir, dev, dt)
     adapter.check_supported(hf_model)
     return adapter, hf_model, processor, model_dir, dev, dt
+
+
+def load_streamed(model: str | Path, device: str = "auto", dtype: str = "auto", ctx: Any = None) -> tuple[ModelAdapter, Any, Any, Path, torch.device, torch.dtype]:
+    """Like :func:`load_model`, but only the resident parts are loaded: returns a
+    ``tlq.models.streaming.StreamedModel`` (its decoder layers stay on disk) in place of the model."""
+    import transformers
+
+    from tlq.models.streaming import StreamedModel
+
+    adapter, model_dir, dev, dt = _resolve_model(model, device, dtype, ctx)
+    streamed = StreamedModel(adapter, model_dir, dev, dt)
+    adapter.check_supported(streamed.model)
+    processor = transformers.AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    return adapter, streamed, processor, model_dir, dev, dt
 
 
 def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
@@ -115,6 +133,7 @@ class CalibratedModel:
     seconds: float
     token_set: dict[str, Any] | None = None  # summary of the token-level calibration set (this rank's), if any
     resume: Any = None  # the ResumeState, to clean up once the output is written
+    streamed: Any = None  # the StreamedModel of a streamed run (decoder layers not in memory)
 
 
 def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig) -> None:
@@ -129,7 +148,7 @@ def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig)
 _WEIGHTING_KIND = {"uniform": "uniform", "modality": "modality"}
 
 
-def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None) -> Any:
+def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list) -> Any:
     """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
     from tlq.importance.calibset import SelectionConfig, build_token_calibration_set
 
@@ -138,7 +157,7 @@ def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, conf
     kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
     importance = dc_replace(config.importance, kind=kind)
     selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
-    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids)
+    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store)
 
 
 @dataclass
@@ -150,6 +169,7 @@ class RunOptions:
     spill_dir: str | None = None
     resume_dir: Path | None = None  # per-layer checkpoints; None = no resume
     overwrite: bool = False  # discard an existing resume directory of a different run
+    stream: bool = False  # keep decoder layers on disk, load one at a time (models larger than memory)
 
 
 def resume_dir_for(out_dir: Path) -> Path:
@@ -181,20 +201,29 @@ def _open_resume(options: RunOptions, config: QuantizeConfig, model_dir: Path, c
     return state
 
 
-def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True, options: RunOptions | None = None, ctx: Any = None) -> CalibratedModel:
+def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, progress: bool = True, options: RunOptions | None = None, ctx: Any = None, sink_factory: Any = None) -> CalibratedModel:
     """Load, calibrate layer by layer, and return the fake-quantized model (nothing is written).
 
     Under torchrun (``ctx`` from ``init_distributed``), every rank loads the model and calibrates its
     shard of the samples; all decisions use statistics reduced across ranks, so all ranks end with the
-    same model.
+    same model. With ``options.stream`` the decoder layers stay on disk and are loaded one at a time
+    (importance pass and calibration alike); the returned model then holds no decoder weights, and
+    ``sink_factory(adapter, model, model_dir)`` gives the engine's per-layer sink (a streamed export)
+    — or ``None`` on ranks that write nothing.
     """
-    from tlq.engine.activations import MemoryBudget
+    from tlq.engine.activations import ActivationStore, MemoryBudget
     from tlq.engine.distributed import DistContext, all_reduce_scalars_sum, shard_indices
+    from tlq.models.streaming import StreamedLayers
 
     options = options or RunOptions(progress=progress)
     ctx = ctx or DistContext()
     t0 = time.perf_counter()
-    adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
+    streamed = layers = None
+    if options.stream:
+        adapter, streamed, processor, model_dir, dev, dt = load_streamed(model, config.device, config.dtype, ctx=ctx)
+        hf_model, layers = streamed.model, StreamedLayers(streamed)
+    else:
+        adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
     check_scheme_fits(adapter, hf_model, config)
     ids: list[int] = []
 
@@ -204,11 +233,20 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
 
     samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed, shard=shard)
     show = options.progress and ctx.is_main
-    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids)
+    budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
+
+    def store(tensors: list) -> Any:  # importance-pass layer inputs: budgeted like the engine's streams
+        if budget is None:
+            return list(tensors)
+        s = ActivationStore(budget, options.spill_dir)
+        s.extend(tensors)
+        return s
+
+    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store)
     weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None
     resume = _open_resume(options, config, model_dir, Path(calib), ctx)
-    budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
-    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir)
+    sink = sink_factory(adapter, hf_model, model_dir) if sink_factory is not None else None
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir, layers=layers, sink=sink, keep_codes=not options.stream)
     result = engine.calibrate(samples, sample_ids=ids, resume=resume)
     num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)])  # no-op in one process
     return CalibratedModel(
@@ -225,7 +263,18 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
         seconds=time.perf_counter() - t0,
         token_set=token_set.summary() if token_set is not None else None,
         resume=resume,
+        streamed=streamed,
     )
+
+
+def _write_output(run: CalibratedModel, streamed_export: Any, out_dir: Path, overwrite: bool) -> None:
+    """Finish a streamed export (its layers are written already), or export the in-memory model."""
+    from tlq.export.compressed_tensors import export_compressed_tensors
+
+    if streamed_export is not None:
+        streamed_export.finish(run.streamed.resident_state_dict())
+        return
+    export_compressed_tensors(run.model, run.result.quantized, run.config.scheme, out_dir, source_dir=run.model_dir, ignore=list(run.adapter.spec.ignore), save_dtype=checkpoint_dtype(run.model_dir), overwrite=overwrite)
 
 
 def _global_weight_fn(token_set: Any, ids: list[int]) -> Any:
@@ -235,7 +284,7 @@ def _global_weight_fn(token_set: Any, ids: list[int]) -> Any:
     return lambda layer, gid: local(layer, position[gid])
 
 
-def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, max_cpu_memory: int | None = None, resume: bool = True, **options: Any) -> QuantizeReport:
+def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, max_cpu_memory: int | None = None, resume: bool = True, stream: bool = False, **options: Any) -> QuantizeReport:
     """Quantize a local VLM checkpoint and export it as a compressed-tensors directory.
 
     ``options`` are those of :func:`build_config` (``num_samples``, ``group_size``, ``act_order``...);
@@ -243,10 +292,10 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
     work starts, so an existing ``out`` costs seconds, not a calibration. With ``resume`` (default),
     progress is checkpointed after every layer next to ``out``; the same call after a crash continues
     from the last finished layer. Under ``torchrun`` the samples are sharded across ranks and rank 0
-    writes the outputs.
+    writes the outputs. With ``stream``, decoder layers are read from the checkpoint one at a time and
+    written to the output as soon as each is calibrated, so memory does not grow with depth.
     """
     from tlq.engine.distributed import all_gather_object, barrier, init_distributed
-    from tlq.export.compressed_tensors import export_compressed_tensors
 
     cfg = config or build_config(scheme, method, **options)
     out_dir = check_writable_output(out, overwrite, "output directory")
@@ -254,12 +303,26 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         check_writable_output(report_path, overwrite, "report")
     calib_path = default_dataset(model, "calib", calib)
     ctx = init_distributed(cfg.device)
-    run_opts = RunOptions(progress=progress, max_cpu_memory=max_cpu_memory, resume_dir=resume_dir_for(Path(out_dir)) if resume else None, overwrite=overwrite)
-    run = calibrate(model, calib_path, cfg, options=run_opts, ctx=ctx)
-    t_export = time.perf_counter()
-    save_dtype = checkpoint_dtype(run.model_dir)
-    if ctx.is_main:
-        export_compressed_tensors(run.model, run.result.quantized, cfg.scheme, out_dir, source_dir=run.model_dir, ignore=list(run.adapter.spec.ignore), save_dtype=save_dtype, overwrite=overwrite)
+    run_opts = RunOptions(progress=progress, max_cpu_memory=max_cpu_memory, resume_dir=resume_dir_for(Path(out_dir)) if resume else None, overwrite=overwrite, stream=stream)
+    exports: list[Any] = []
+
+    def streamed_export(adapter: ModelAdapter, hf_model: Any, model_dir: Path) -> Any:
+        from tlq.export.streamed import StreamedExport
+
+        if not ctx.is_main:
+            return None
+        exports.append(StreamedExport(hf_model, cfg.scheme, out_dir, num_layers=len(adapter.decoder_layers(hf_model)), layer_prefix=adapter.decoder_layer_prefix, source_dir=model_dir, ignore=list(adapter.spec.ignore), save_dtype=checkpoint_dtype(model_dir), overwrite=overwrite))
+        return exports[0].write_layer
+
+    try:
+        run = calibrate(model, calib_path, cfg, options=run_opts, ctx=ctx, sink_factory=streamed_export if stream else None)
+        t_export = time.perf_counter()
+        if ctx.is_main:
+            _write_output(run, exports[0] if exports else None, out_dir, overwrite)
+    except BaseException:
+        for export in exports:
+            export.abort()
+        raise
     barrier()
     if run.resume is not None:
         run.resume.cleanup()
@@ -335,3 +398,14 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
     if report_path is not None:
         atomic_write_json(report_path, result)
     return result
+
+
+def evaluate_lmms(model: str | Path, quantized: list[str | Path], tasks: str | list[str], **options: Any) -> dict[str, Any]:
+    """Compare FP16 and quantized checkpoints on lmms-eval benchmarks (needs ``pip install 'tlq[lmms]'``).
+
+    See :func:`tlq.eval.lmms.evaluate_lmms` for ``options`` and the returned comparison; kept here so the
+    Python API offers the same two evaluations as ``tlq eval`` (with and without ``--lmms-tasks``).
+    """
+    from tlq.eval.lmms import evaluate_lmms as _evaluate_lmms
+
+    return _evaluate_lmms(model, quantized, tasks, **options)

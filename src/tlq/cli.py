@@ -60,6 +60,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--nproc", type=int, default=1, help="shard calibration over N processes via torchrun (one GPU each on CUDA)")
     run.add_argument("--max-cpu-memory", default=None, help="RAM for calibration activations per process, e.g. 8GiB; the rest spills to disk")
     run.add_argument("--no-resume", dest="resume", action="store_false", help="do not checkpoint after each layer (no resume after a crash)")
+    run.add_argument("--stream", action="store_true", help="keep decoder layers on disk and load one at a time (for models larger than RAM/GPU memory)")
     p.set_defaults(func=_cmd_quantize)
 
 
@@ -104,6 +105,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_cpu_memory=max_cpu,
         resume=args.resume,
+        stream=args.stream,
     )
     if not args.quiet and current_context().is_main:
         render_summary(report)
@@ -121,6 +123,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="write the scores as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    lm = p.add_argument_group("lmms-eval bridge (pip install 'tlq[lmms]'; replaces the built-in VQA scoring)")
+    lm.add_argument("--lmms-tasks", default=None, metavar="TASKS", help="comma-separated lmms-eval tasks, e.g. textvqa_val,mmmu_val; --num-samples becomes lmms-eval's --limit")
+    lm.add_argument("--lmms-model", default=None, help="lmms-eval model name (default: from the model family: qwen2_vl, qwen2_5_vl, llava_hf)")
+    lm.add_argument("--lmms-args", default=None, metavar="K=V,...", help="extra lmms-eval --model_args, e.g. max_pixels=1003520 (pretrained= is set by tlq)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -128,6 +134,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from tlq.api import evaluate
     from tlq.eval.table import render_eval_table
 
+    if args.lmms_tasks is not None:
+        from tlq.eval.lmms import evaluate_lmms, render_lmms_table
+
+        if args.data is not None or args.dtype != "auto":
+            raise ConfigError("--data and --dtype belong to the built-in VQA scoring; with --lmms-tasks, lmms-eval brings the task data "
+                              "and its model class picks the dtype (pass model options with --lmms-args)")
+        lmms = evaluate_lmms(args.model, args.quantized, args.lmms_tasks, lmms_model=args.lmms_model, model_args=args.lmms_args, limit=args.num_samples,
+                             device=None if args.device == "auto" else args.device, report_path=args.report, overwrite=args.overwrite, progress=not args.quiet)
+        render_lmms_table(lmms)
+        return 0
     result = evaluate(
         args.model,
         args.quantized,

@@ -21,10 +21,8 @@ leftovers of dead processes of this host at the next start.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import weakref
@@ -36,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tlq.config import ConfigError
+from tlq.utils.io import process_tag, sweep_dead_owner_dirs
 
 SPILL_PREFIX = "tlq-act-"
 
@@ -221,7 +220,7 @@ class ActivationStore:
             base = self.spill_dir
             if base is not None:
                 base.mkdir(parents=True, exist_ok=True)
-            prefix = f"{SPILL_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+            prefix = f"{SPILL_PREFIX}{process_tag()}-"
             path = tempfile.mkdtemp(prefix=prefix, dir=base)
             self._dir = Path(path)
             self._finalizer = weakref.finalize(self, _remove_dir, path)
@@ -244,36 +243,9 @@ class ActivationStore:
             self.budget.release(n)
 
 
-_STALE_RE = re.compile(rf"^{re.escape(SPILL_PREFIX)}(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def sweep_stale_spill_dirs(spill_dir: str | Path | None = None) -> list[Path]:
-    """Remove spill directories left by dead processes *of this host* (never another host's: the pid
-    would mean nothing here); returns what was removed."""
-    base = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
-    if not base.is_dir():
-        return []
-    host = socket.gethostname()
-    removed = []
-    for entry in base.iterdir():
-        m = _STALE_RE.match(entry.name)
-        if m is None or m.group("host") != host or not entry.is_dir():
-            continue
-        pid = int(m.group("pid"))
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+    """Remove spill directories left by dead processes of this host; returns what was removed."""
+    return sweep_dead_owner_dirs(spill_dir if spill_dir is not None else tempfile.gettempdir(), SPILL_PREFIX)
 
 
 __all__ = ["ActivationStore", "MemoryBudget", "parse_memory_size", "sweep_stale_spill_dirs"]

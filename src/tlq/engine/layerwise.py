@@ -32,6 +32,7 @@ from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
+from tlq.models.streaming import ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
@@ -39,6 +40,9 @@ from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
 # Per-token weights for one layer's statistics: (layer index, sample index) -> [seq] or None.
 TokenWeightFn = Callable[[int, int], Tensor | None]
+# Called once per finished layer (also for layers restored from a resume state), while it is loaded:
+# (layer index, layer module, {module name: QuantizedWeight}). A streamed export writes the layer here.
+LayerSink = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
 
 
 @dataclass
@@ -105,10 +109,13 @@ class LayerwiseEngine:
     errors) is all-reduced, so all ranks take identical decisions. Resume: with a ``ResumeState``, each
     finished layer (its weights, quantized codes, report and the two streams after it) is checkpointed,
     and a restarted run continues after the last finished layer. Memory: with a ``MemoryBudget``, the
-    streams live in ``ActivationStore``s that spill to disk beyond the budget.
+    streams live in ``ActivationStore``s that spill to disk beyond the budget. Streaming: ``layers`` (a
+    ``tlq.models.streaming`` layer source) hands out one decoder layer at a time and takes it back when
+    it is finished; ``sink`` then receives each finished layer, and with ``keep_codes=False`` the codes
+    are not kept in the result (the sink has written them), so nothing grows with depth.
     """
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None) -> None:
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None, layers: Any = None, sink: LayerSink | None = None, keep_codes: bool = True) -> None:
         self.adapter = adapter
         self.model = model
         self.config = config
@@ -119,6 +126,9 @@ class LayerwiseEngine:
         self.ctx = ctx or DistContext()
         self.budget = budget
         self.spill_dir = spill_dir
+        self.layers = layers if layers is not None else ResidentLayers(adapter, model)
+        self.sink = sink
+        self.keep_codes = keep_codes
         self.sample_ids: list[int] = []
         self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -135,7 +145,6 @@ class LayerwiseEngine:
         x_q = x_fp
         del inputs
         result = EngineResult()
-        layers = self.adapter.decoder_layers(self.model)
         first = 0
         if resume is not None and resume.completed_layers() > 0:
             first = resume.completed_layers()
@@ -143,15 +152,17 @@ class LayerwiseEngine:
             streams = resume.load_streams(first - 1, container=lambda _name: self._store([]))
             _release(x_fp)
             x_fp, x_q = streams["x_fp"], streams["x_q"]
-        bar = tqdm(range(first, len(layers)), desc="calibrating layers", unit="layer", disable=not self.progress or not self.ctx.is_main, initial=first, total=len(layers))
+        num_layers = len(self.layers)
+        bar = tqdm(range(first, num_layers), desc="calibrating layers", unit="layer", disable=not self.progress or not self.ctx.is_main, initial=first, total=num_layers)
         try:
             for i in bar:
-                fp_out, q_out, quantized, report = self._layer(i, layers[i], x_fp, x_q, kwargs)
+                layer = self.layers.load(i)
+                fp_out, q_out, quantized, report = self._layer(i, layer, x_fp, x_q, kwargs)
                 result.layers.append(report)
-                result.quantized.update(quantized)
                 if resume is not None:
-                    resume.save_layer(i, layers[i].state_dict(), quantized, {"x_fp": fp_out, "x_q": q_out}, asdict(report))
+                    resume.save_layer(i, layer.state_dict(), quantized, {"x_fp": fp_out, "x_q": q_out}, asdict(report))
                     _fault_injection(i)
+                self._finish_layer(i, layer, quantized, result)
                 bar.set_postfix(rel_err=f"{report.rel_error:.2e}")
                 _release(x_fp, keep=(fp_out, q_out))
                 _release(x_q, keep=(fp_out, q_out))
@@ -184,17 +195,24 @@ class LayerwiseEngine:
         )
         return fp_out, q_out, quantized, report
 
+    def _finish_layer(self, i: int, layer: nn.Module, quantized: dict[str, QuantizedWeight], result: EngineResult) -> None:
+        """Hand a finished layer to the sink, keep its codes (unless streaming), give it back to the source."""
+        if self.sink is not None:
+            self.sink(i, layer, quantized)
+        if self.keep_codes:
+            result.quantized.update(quantized)
+        self.layers.release(i)
+
     def _restore(self, resume: ResumeState, upto: int, result: EngineResult) -> None:
         """Put finished layers back as they were saved: weights, codes, reports and activation quantizers."""
-        layers = self.adapter.decoder_layers(self.model)
         for i in range(upto):
             state, quantized, report = resume.load_layer(i)
-            layers[i].load_state_dict(state)
-            result.quantized.update(quantized)
+            layer = self.layers.load(i, state)
             result.layers.append(LayerReport(**report))
             if self.config.scheme.activations is not None:
                 for name in quantized:
                     self.act_hooks.append(add_input_quantizer(self.model.get_submodule(name), self.config.scheme.activations))
+            self._finish_layer(i, layer, quantized, result)
 
     def _store(self, tensors: list[Tensor]) -> Any:
         """A per-sample activation list: plain in RAM, or budgeted (spilling to disk) with --max-cpu-memory."""

@@ -205,21 +205,29 @@ def _targeted_modules(model: nn.Module, ignore: list[str]) -> dict[str, nn.Modul
     return dict(match_named_modules(model, ["Linear"], ignore))
 
 
-def _check_weights_match(name: str, weight: Tensor, qw: QuantizedWeight) -> None:
-    """The in-memory weight must be the dequantized codes, or the export is not the evaluated model."""
+def _check_weights_match(name: str, weight: Tensor, qw: QuantizedWeight, rows_per_block: int = 256) -> None:
+    """The in-memory weight must be the dequantized codes, or the export is not the evaluated model.
+
+    Checked ``rows_per_block`` rows at a time: the float32 temporaries of a whole wide weight would be
+    the largest allocation of a streamed export.
+    """
     if weight.device.type == "meta":
         return
-    deq = qw.dequantize(torch.float32)
-    w = weight.detach().to("cpu", torch.float32)
-    in_f = deq.shape[1]
-    step = qw.scale.float().repeat_interleave(in_f // qw.scale.shape[1], dim=1)
     eps = torch.finfo(weight.dtype).eps if weight.dtype.is_floating_point else 0.0
-    bound = 0.01 * step + 2 * eps * deq.abs() + 1e-12
-    bad = (w - deq).abs() > bound
-    if bool(bad.any()):
+    rep = qw.codes.shape[1] // qw.scale.shape[1]
+    worst = 0.0
+    for r0 in range(0, qw.codes.shape[0], rows_per_block):
+        rows = slice(r0, r0 + rows_per_block)
+        block = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero_point[rows], qw.spec)
+        deq = block.dequantize(torch.float32)
+        diff = (weight.detach()[rows].to("cpu", torch.float32) - deq).abs()
+        bound = 0.01 * block.scale.float().repeat_interleave(rep, dim=1) + 2 * eps * deq.abs() + 1e-12
+        if bool((diff > bound).any()):
+            worst = max(worst, float(diff.max()))
+    if worst > 0:
         raise ConfigError(
             f"the weight of {name} is not the dequantized value of its codes "
-            f"(max |W - dequant| = {float((w - deq).abs().max()):.3g}): write qw.dequantize() into the model, "
+            f"(max |W - dequant| = {worst:.3g}): write qw.dequantize() into the model, "
             "or pass check_weights=False if this is intended"
         )
 
@@ -291,15 +299,19 @@ def iter_stored_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, StoredWeigh
     ``model.layers.0.mlp.up_proj`` (Qwen) or ``language_model.layers.0.mlp.up_proj`` (LLaVA-OneVision).
     """
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors import safe_open
 
     ckpt_dir = Path(ckpt_dir)
     with (ckpt_dir / "config.json").open() as f:
         qcfg = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
     if len(qcfg.config_groups) != 1:
         raise ConfigError(f"{ckpt_dir}: expected one config group, found {list(qcfg.config_groups)}")
-    ct_scheme = next(iter(qcfg.config_groups.values()))
-    files = sorted(ckpt_dir.glob("*.safetensors"))
+    yield from iter_stored_in_files(sorted(ckpt_dir.glob("*.safetensors")), next(iter(qcfg.config_groups.values())))
+
+
+def iter_stored_in_files(files: Iterable[Path], ct_scheme) -> Iterator[tuple[str, StoredWeight]]:
+    """Decode the quantized linears stored in ``files`` under ``ct_scheme`` (see ``iter_stored_weights``)."""
+    from safetensors import safe_open
+
     handles = [safe_open(str(file), framework="pt") for file in files]
     # module -> {local name: handle index}; a module's tensors may sit in different shards
     where: dict[str, dict[str, int]] = {}
@@ -492,10 +504,15 @@ def _verify_saved(
     ckpt: Path, model: nn.Module, quantized: Mapping[str, QuantizedWeight], scale_dtype: torch.dtype
 ) -> None:
     """Read the written files back: every quantized module's codes, scales and zero points must be ours."""
-    names = _checkpoint_names(model, list(quantized))
+    verify_stored(iter_stored_weights(ckpt), _checkpoint_names(model, list(quantized)), quantized, scale_dtype)
+
+
+def verify_stored(stored: Iterable[tuple[str, StoredWeight]], names: Mapping[str, str], quantized: Mapping[str, QuantizedWeight], scale_dtype: torch.dtype) -> None:
+    """Every module of ``quantized`` must be in ``stored`` (by checkpoint name, ``names[module]``) with
+    exactly our codes, scales and zero points, and nothing else may be stored quantized."""
     by_ckpt_name = {ckpt_name: name for name, ckpt_name in names.items()}
     seen = set()
-    for ckpt_name, saved in iter_stored_weights(ckpt):
+    for ckpt_name, saved in stored:
         name = by_ckpt_name.get(ckpt_name)
         if name is None:
             raise RuntimeError(f"the saved checkpoint has an unexpected quantized module {ckpt_name}")

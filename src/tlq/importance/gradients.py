@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -148,7 +148,85 @@ def _norms(g: Tensor, squared: bool) -> Tensor:
     return (sq if squared else sq.sqrt()).to("cpu")
 
 
-def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output") -> list[TokenGradients]:
-    """:func:`layerwise_token_gradients` for every sample, in order."""
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: Any = None, store: Callable[[list[Tensor]], Any] = list) -> list[TokenGradients]:
+    """Token gradients of every sample, in order.
+
+    With a loaded model (``layers`` None), sample by sample (:func:`layerwise_token_gradients`): one
+    sample's layer inputs are held at a time. With a streamed layer source (``tlq.models.streaming``),
+    layer by layer for all samples (:func:`streamed_token_gradients`): each layer is loaded once
+    forward and once backward. Both give the same gradients.
+    """
+    if layers is not None:
+        return streamed_token_gradients(adapter, model, layers, samples, squared=squared, device=device, at=at, store=store, progress=progress)
     bar: Any = tqdm(samples, desc="token importance", unit="sample", disable=not progress)
     return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device, at=at) for s in bar]
+
+
+def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: Any, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False) -> list[TokenGradients]:
+    """The layer-wise pass in layer-major order, for a model whose layers are loaded one at a time.
+
+    ``layers`` hands out decoder layer ``i`` (``load(i)``) and takes it back (``release(i)``). Every
+    layer's inputs (all samples) are kept until the backward walk reaches that layer, in containers
+    made by ``store`` (an ``ActivationStore`` spills them to disk beyond a memory budget).
+    """
+    if at not in GRAD_AT:
+        raise ValueError(f"gradient position must be one of {GRAD_AT}, got {at!r}")
+    dev = torch.device(device) if device is not None else _model_device(model)
+    num_layers = len(layers)
+    targets = [answer_targets(s.inputs["input_ids"], s.answer_mask) for s in samples]
+    scored = [i for i, (pos, _t) in enumerate(targets) if pos.numel() > 0]
+    if len(scored) < len(samples):
+        warnings.warn(f"{len(samples) - len(scored)} calibration samples have no answer token to score; their token gradients are zero", stacklevel=2)
+    grads = [torch.zeros(num_layers, s.seq_len, dtype=torch.float32) for s in samples]
+    losses = [float("nan")] * len(samples)
+    firsts = [adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
+    kwargs = [f.kwargs for f in firsts]
+    bar: Any = tqdm(total=2 * num_layers, desc="token importance (streamed)", unit="layer", disable=not progress)
+    with frozen_parameters(model), torch.enable_grad():
+        # 1. forward, layer by layer: keep every layer's inputs.
+        inputs: list[Any] = []
+        h = [f.hidden_states for f in firsts]
+        del firsts
+        with torch.no_grad():
+            for i in range(num_layers):
+                layer = layers.load(i)
+                inputs.append(store(h))
+                h = [run_layer(layer, x.to(dev), tree_to(kw, dev)).to("cpu") for x, kw in zip(h, kwargs)]
+                layers.release(i)
+                bar.update()
+        # 2. head loss of each sample -> gradient at the last layer's output.
+        g: list[Tensor] = []
+        for k, (i, x) in enumerate(zip(scored, h)):
+            out = x.to(dev).requires_grad_(True)
+            loss = head_loss(adapter, model, out, *targets[i])
+            g.append(torch.autograd.grad(loss, out)[0])
+            losses[i] = float(loss.detach())
+        del h
+        # 3. backward, layer by layer.
+        for li in range(num_layers - 1, -1, -1):
+            if at == "output":
+                for k, i in enumerate(scored):
+                    grads[i][li] = _norms(g[k], squared)
+            if at == "input" or li > 0:
+                layer = layers.load(li)
+                for k in range(len(scored)):
+                    x = inputs[li][k].to(dev).requires_grad_(True)
+                    y = run_layer(layer, x, tree_to(kwargs[k], dev))
+                    g[k] = torch.autograd.grad(y, x, grad_outputs=g[k])[0]
+                    del x, y
+                layers.release(li)
+                if at == "input":
+                    for k, i in enumerate(scored):
+                        grads[i][li] = _norms(g[k], squared)
+            _close(inputs[li])
+            inputs[li] = None
+            bar.update()
+    bar.close()
+    return [TokenGradients(grads[i], losses[i], int(targets[i][0].numel())) for i in range(len(samples))]
+
+
+def _close(container: Any) -> None:
+    """Free a store of layer inputs (an ``ActivationStore`` removes its spill files)."""
+    close = getattr(container, "close", None)
+    if close is not None:
+        close()

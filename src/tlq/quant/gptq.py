@@ -169,6 +169,7 @@ def gptq_quantize(
     spec: WeightQuantSpec,
     cfg: GPTQConfig,
     scale_dtype: torch.dtype | None = None,
+    consume_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` column by column, compensating each rounding error on the
     not-yet-quantized columns through the inverse Hessian ``hessian`` ``[in, in]``.
@@ -178,12 +179,18 @@ def gptq_quantize(
     columns are visited by decreasing ``diag(H)``; parameters then stay per contiguous *original* group
     ("static groups", computed from the original weights) so that the result is plain group quantization
     that compressed-tensors/vLLM can serve without a ``g_idx``.
+
+    ``consume_hessian=True`` lets the solver overwrite ``hessian`` instead of copying it: an ``in x in``
+    float64 matrix is the largest buffer of the whole calibration for wide layers (a 18944-input
+    ``down_proj`` takes 2.9 GB per copy), so the engine hands over a Hessian it no longer needs.
     """
     _check_gptq_inputs(weight, hessian, cfg)
     in_f = weight.shape[1]
     gsize = group_size_of(in_f, spec)
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float64)
+    if h.data_ptr() == hessian.data_ptr() and not consume_hessian:
+        h = h.clone()
     _mask_dead_columns(w, h)
 
     static = spec.group_size is None or cfg.act_order
@@ -247,16 +254,22 @@ def _damping_schedule(cfg: GPTQConfig) -> Iterator[float]:
 def _inverse_hessian_cholesky(h: Tensor, cfg: GPTQConfig) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
 
+    Memory: ``h`` plus one work buffer of its size, factorised, inverted and re-factorised in place
+    (for a wide ``down_proj`` each ``in x in`` float64 buffer is hundreds of MB). ``h`` itself is kept
+    unchanged for a retry with stronger damping.
+
     GPTQ reads its error-compensation rows from ``U``: row ``i`` of ``U`` scaled by ``1 / U[i, i]`` is the
     update of the remaining columns after quantizing column ``i``, so one factorisation serves all steps.
     Factorised in float64: the one O(in^3) step, and the one that fails on ill-conditioned Hessians.
     """
     mean_diag = float(torch.diagonal(h).mean())
+    # Column-major (a transposed view; h is symmetric, so its values are the same): LAPACK's layout,
+    # which lets torch factorise in the buffer itself instead of in a column-major temporary copy.
+    work = torch.empty_like(h).mT
     for attempt, frac in enumerate(_damping_schedule(cfg)):
-        damped = h.clone()
-        damped.diagonal().add_(frac * mean_diag)
-        u = _try_inverse_cholesky(damped)
-        del damped
+        work.copy_(h)
+        work.diagonal().add_(frac * mean_diag)
+        u = _try_inverse_cholesky_(work)
         if u is not None:
             if attempt > 0:
                 warnings.warn(
@@ -272,18 +285,18 @@ def _inverse_hessian_cholesky(h: Tensor, cfg: GPTQConfig) -> Tensor:
     )
 
 
-def _try_inverse_cholesky(h: Tensor) -> Tensor | None:
-    """``cholesky(inverse(h), upper=True)`` via two factorisations, or ``None`` if either fails."""
-    low, info = torch.linalg.cholesky_ex(h)
+def _try_inverse_cholesky_(h: Tensor) -> Tensor | None:
+    """``cholesky(inverse(h), upper=True)`` via two factorisations, computed in ``h``'s own storage
+    (which it overwrites and returns), or ``None`` if either fails."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
     if int(info) != 0:
         return None
-    hinv = torch.cholesky_inverse(low)
-    del low  # n^2 float64 buffers are large for wide layers (down_proj): keep at most three alive
-    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    del hinv
-    if int(info) != 0 or not bool(torch.isfinite(u).all()):
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    if int(info) != 0 or not bool(torch.isfinite(h).all()):
         return None
-    return u
+    return h
 
 
 def _solve_columns(

@@ -57,7 +57,7 @@ class GPTQCalibrator:
         self.scheme = scheme
         self.cfg = cfg
         self.scale_dtype = scale_dtype
-        self.hessian = HessianAccumulator(in_features, device=device)
+        self.hessian: HessianAccumulator | None = HessianAccumulator(in_features, device=device)
 
     def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:
         self.hessian.add(x, token_weights)
@@ -69,7 +69,13 @@ class GPTQCalibrator:
             reduce_hessian_(self.hessian)
 
     def solve(self, weight: Tensor) -> QuantizedWeight:
-        return gptq_quantize(weight, self.hessian.hessian, self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype)
+        """Solve once: the accumulator is released first and its Hessian handed over to the solver, so
+        that no more than one ``in x in`` copy of it is alive during the factorisations."""
+        if self.hessian is None:
+            raise RuntimeError("this calibrator was solved already")
+        hessian = self.hessian.hessian
+        self.hessian = None
+        return gptq_quantize(weight, hessian, self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype, consume_hessian=True)
 
 
 def make_calibrator(method: str, in_features: int, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,3 +44,37 @@ def check_writable_output(path: str | Path, overwrite: bool, what: str = "output
     if path.exists() and not overwrite:
         raise ConfigError(f"{what} {str(path)!r} already exists; choose another path or pass --overwrite")
     return path
+
+
+def process_tag() -> str:
+    """``host-pid``: names a temporary directory by its owner, so a later run can tell a dead one's."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_dead_owner_dirs(base: str | Path, prefix: str) -> list[Path]:
+    """Remove directories ``base/{prefix}{host}-{pid}-...`` whose owner (a process *of this host*; another
+    host's pid means nothing here) is dead: what a SIGKILL or OOM kill left behind. Returns them."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+    host, removed = socket.gethostname(), []
+    for entry in base.iterdir():
+        m = pattern.match(entry.name)
+        if m is None or m.group("host") != host or not entry.is_dir():
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

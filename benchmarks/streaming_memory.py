@@ -1,0 +1,180 @@
+"""Peak memory of a streamed calibration against the checkpoint's size, measured from the OS.
+
+    python benchmarks/streaming_memory.py            # writes docs/streaming_memory.{md,json}
+
+1. Writes synthetic deep checkpoints: the Qwen2-VL architecture with a hidden-2048 decoder (intermediate
+   5632, 16 heads, 2 KV heads; 88 MB of bf16 per layer) at each depth asked for, random weights, one
+   safetensors shard per layer and an index, the way hub checkpoints are laid out (legacy key names
+   included). They are written layer by layer, so the benchmark itself never holds a model. Processor,
+   tokenizer and vision tower come from a small Qwen2-VL built by ``tlq.models.tiny`` (the vision tower
+   is small; the decoder is what is deep).
+2. Runs ``tlq quantize`` for each ``LAYERS:MODE:METHOD`` of ``--runs`` (MODE ``stream`` = ``--stream``,
+   ``memory`` = the default in-memory path) as a child process under ``/usr/bin/time -v`` and reads its
+   "Maximum resident set size": the peak RSS the OS measured for the whole process.
+3. Reports peak RSS / checkpoint size (the issue's target for streaming: at most 35%) and, across
+   depths, whether the streamed peak depends on depth (it should not).
+
+The outputs of the runs are deleted after each run; the checkpoints at the end (``--workdir`` keeps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tlq.builtin import resolve_model_dir
+from tlq.models.tiny import make_tiny_vlm
+from tlq.utils.io import atomic_write_json, atomic_write_text
+
+_LAYER_KEY = re.compile(r"(.*\.layers\.)0(\..*)")
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def write_deep_checkpoint(out: Path, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, seed: int = 0) -> int:
+    """Write the synthetic checkpoint into ``out``; returns the size of its weights in bytes."""
+    from safetensors.torch import save_file
+
+    small = make_tiny_vlm("qwen2_vl", out.parent / "one-layer", num_layers=1, hidden_size=hidden, intermediate_size=intermediate,
+                          num_heads=heads, num_kv_heads=kv_heads, dtype=torch.bfloat16, seed=seed)
+    out.mkdir(parents=True)
+    for f in small.iterdir():
+        if f.is_file() and not f.name.startswith("model"):
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((small / "config.json").read_text())
+    text = cfg["text_config"]
+    text.update(num_hidden_layers=layers, max_window_layers=layers, layer_types=["full_attention"] * layers)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = {}
+    for f in sorted(small.glob("*.safetensors")):
+        tensors.update(_read(f))
+    layer0 = {k: v for k, v in tensors.items() if _LAYER_KEY.match(k)}
+    resident = {k: v for k, v in tensors.items() if k not in layer0}
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    n_files = layers + 1
+    for i in range(layers):
+        shard = {}
+        for key, t in layer0.items():
+            name = _LAYER_KEY.sub(rf"\g<1>{i}\g<2>", key)
+            if t.dim() == 1 and "norm" in key:
+                shard[name] = torch.ones_like(t)
+            else:
+                shard[name] = (torch.randn(t.shape, generator=gen) * 0.02).to(t.dtype)
+        file = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    file = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+    save_file(resident, str(out / file), metadata={"format": "pt"})
+    weight_map.update({k: file for k in resident})
+    total += sum(t.numel() * t.element_size() for t in resident.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    shutil.rmtree(small)
+    return total
+
+
+def peak_rss_mib(stderr: str) -> float:
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    if m is None:
+        raise RuntimeError("no 'Maximum resident set size' in /usr/bin/time -v output:\n" + stderr[-2000:])
+    return int(m.group(1)) / 1024
+
+
+def import_floor_mib() -> float:
+    """Peak RSS of a process that only imports what ``tlq quantize`` imports (torch, transformers,
+    compressed-tensors): the part of every figure below that no calibration strategy can remove."""
+    code = "import torch, transformers, compressed_tensors, tlq.api, tlq.cli; from transformers import Qwen2VLForConditionalGeneration"
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return peak_rss_mib(proc.stderr)
+
+
+def run_quantize(model: Path, out: Path, method: str, stream: bool, num_samples: int, report: Path) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--out", str(out),
+           "--calib", str(resolve_model_dir("builtin:digits-qwen2vl") / "calib.jsonl"), "--scheme", "w4a16", "--method", method,
+           "--num-samples", str(num_samples), "--quiet", "--report", str(report)] + (["--stream"] if stream else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rep = json.loads(report.read_text())
+    return {"mode": "stream" if stream else "in-memory", "method": method, "peak_rss_mib": peak_rss_mib(proc.stderr),
+            "seconds": time.perf_counter() - t0, "num_layers": len(rep["layers"]), "num_tokens": rep["num_tokens"],
+            "max_layer_rel_error": max(layer["rel_error"] for layer in rep["layers"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--runs", default="64:stream:gptq,64:stream:rtn,16:stream:rtn,16:memory:rtn,64:memory:rtn",
+                   help="comma list of LAYERS:MODE:METHOD, MODE in stream|memory")
+    p.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temporary directory)")
+    p.add_argument("--out", default="docs/streaming_memory")
+    args = p.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tlq-streammem-"))
+    sizes: dict[int, int] = {}
+    rows = []
+    floor = import_floor_mib()
+    print(f"import floor: {floor:.0f} MiB", flush=True)
+    try:
+        for run in args.runs.split(","):
+            layers_text, mode, method = run.split(":")
+            layers = int(layers_text)
+            model = work / f"deep-qwen2vl-{layers}"
+            if layers not in sizes:
+                t0 = time.perf_counter()
+                sizes[layers] = write_deep_checkpoint(model, layers=layers, hidden=args.hidden, intermediate=args.intermediate,
+                                                      heads=args.heads, kv_heads=args.kv_heads)
+                print(f"checkpoint {layers} layers: {sizes[layers] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
+            name = f"{layers}-{mode}-{method}"
+            row = run_quantize(model, work / f"out-{name}", method, mode == "stream", args.num_samples, work / f"{name}.json")
+            row.update(layers=layers, checkpoint_bytes=sizes[layers], rss_over_checkpoint=row["peak_rss_mib"] * 2**20 / sizes[layers])
+            rows.append(row)
+            print(row, flush=True)
+            shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    command = "python benchmarks/streaming_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    result = {"command": command, "machine": machine, "hidden": args.hidden, "intermediate": args.intermediate,
+              "import_floor_mib": floor, "rows": rows}
+    md = ["# Streaming: peak memory against checkpoint size", "",
+          f"Command: `{command.strip()}` on {machine}.",
+          f"Synthetic Qwen2-VL checkpoints: hidden {args.hidden}, intermediate {args.intermediate}, random bf16 weights, one "
+          f"safetensors shard per decoder layer. W4A16 (g128), {args.num_samples} calibration samples "
+          f"({rows[0]['num_tokens']} tokens), CPU, compute in float32. Peak RSS: `/usr/bin/time -v` \"Maximum resident set "
+          f"size\" of the whole `tlq quantize` process. Of it, {floor:.0f} MiB is the import floor: the peak RSS of a process "
+          "that only imports torch, transformers, compressed-tensors and tlq (measured in the same run).", "",
+          "| layers | checkpoint (GiB) | mode | method | peak RSS (MiB) | peak RSS / checkpoint | wall time (s) |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
+                  f"{100 * r['rss_over_checkpoint']:.1f}% | {r['seconds']:.0f} |")
+    atomic_write_json(Path(args.out).with_suffix(".json"), result)
+    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
