@@ -44,6 +44,7 @@ class ModelSpec:
     # Regexes survive transformers' checkpoint-key renames; concrete names do not.
     ignore: tuple[str, ...]
     smooth_mappings: tuple[SmoothMapping, ...] = ()
+    lmms_eval_model: str | None = None  # lmms-eval's model class for these checkpoints (tlq eval --lmms-tasks)
 
 
 class _StopForward(Exception):

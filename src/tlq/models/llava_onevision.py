@@ -17,6 +17,9 @@ LLAVA_ONEVISION = ModelSpec(
     lm_head="lm_head",
     ignore=("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "lm_head"),
     smooth_mappings=QWEN2_DECODER_SMOOTHING,  # its language model is a Qwen2 decoder
+    # lmms-eval's "llava_onevision" class needs the LLaVA-NeXT package and lmms-lab's own layout;
+    # "llava_hf" loads transformers-format checkpoints like this one.
+    lmms_eval_model="llava_hf",
 )
 
 

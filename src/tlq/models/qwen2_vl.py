@@ -27,6 +27,7 @@ QWEN2_VL = ModelSpec(
     lm_head="lm_head",
     ignore=_QWEN_IGNORE,
     smooth_mappings=QWEN2_DECODER_SMOOTHING,
+    lmms_eval_model="qwen2_vl",
 )
 
 QWEN2_5_VL = ModelSpec(
@@ -38,6 +39,7 @@ QWEN2_5_VL = ModelSpec(
     lm_head="lm_head",
     ignore=_QWEN_IGNORE,
     smooth_mappings=QWEN2_DECODER_SMOOTHING,
+    lmms_eval_model="qwen2_5_vl",
 )
 
 
