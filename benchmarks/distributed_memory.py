@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from tlq.models.tiny import make_tiny_vlm
-from tlq.utils.io import atomic_write_json, atomic_write_text
+
+from _report import write_report
 
 
 def make_calib(root: Path, n: int, size: int) -> Path:
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         md.append(f"| {r['nproc']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb_per_rank'])} | "
                   f"{max(r['peak_rss_mb_per_rank']) / base:.2f} | {r['seconds']:.0f} |")
-    atomic_write_json(Path(args.out).with_suffix(".json"), result)
-    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, result, md)
     return 0
 
 

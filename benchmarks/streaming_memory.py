@@ -35,7 +35,8 @@ import torch
 
 from tlq.builtin import resolve_model_dir
 from tlq.models.tiny import make_tiny_vlm
-from tlq.utils.io import atomic_write_json, atomic_write_text
+
+from _report import write_report
 
 _LAYER_KEY = re.compile(r"(.*\.layers\.)0(\..*)")
 
@@ -170,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
                   f"{100 * r['rss_over_checkpoint']:.1f}% | {r['seconds']:.0f} |")
-    atomic_write_json(Path(args.out).with_suffix(".json"), result)
-    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, result, md)
     return 0
 
 

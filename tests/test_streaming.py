@@ -94,7 +94,7 @@ def test_streamed_quantize_writes_the_in_memory_checkpoint(tiny_vlm_dir, tiny_ca
     kw = dict(scheme=scheme, method=method, num_samples=4, progress=False, resume=False)
     tlq.quantize(model_dir, tiny_calib_jsonl, tmp_path / "memory", **kw)
     report = tlq.quantize(model_dir, tiny_calib_jsonl, tmp_path / "streamed", stream=True, **kw)
-    assert len(report.layers) == 3
+    assert len(report.layers) == 3 and report.streamed
     memory, streamed = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
     assert set(memory) == set(streamed)
     assert [k for k in memory if not torch.equal(memory[k], streamed[k])] == []

@@ -347,6 +347,7 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         config=cfg.to_dict(),
         world_size=ctx.world_size,
         token_set=run.token_set,
+        streamed=stream,
     )
     if report_path is not None and ctx.is_main:
         atomic_write_json(report_path, report.to_dict())

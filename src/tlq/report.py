@@ -31,6 +31,7 @@ class QuantizeReport:
     world_size: int = 1  # processes that shared the calibration (torchrun)
     peak_rss_mb_per_rank: list[float] = field(default_factory=list)  # each process's peak RSS (OS figure)
     token_set: dict[str, Any] | None = None  # token-level calibration set summary (TLQ / MBQ)
+    streamed: bool = False  # decoder layers were loaded from disk one at a time (--stream)
 
     @property
     def mean_rel_error(self) -> float:
@@ -64,5 +65,5 @@ def render_summary(report: QuantizeReport, console: Console | None = None) -> No
         f"[bold]done[/bold]: {len(report.layers)} layers, {report.num_samples} samples "
         f"({report.num_tokens} tokens), mean rel. error {report.mean_rel_error:.3e}, "
         f"calibration {report.calibration_seconds:.1f}s, export {report.export_seconds:.1f}s, "
-        f"peak RSS {report.peak_rss_mb:.0f} MiB -> {report.output}"
+        f"peak RSS {report.peak_rss_mb:.0f} MiB{' (streamed)' if report.streamed else ''} -> {report.output}"
     )

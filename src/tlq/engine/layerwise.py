@@ -32,7 +32,7 @@ from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
-from tlq.models.streaming import ResidentLayers
+from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
@@ -115,7 +115,7 @@ class LayerwiseEngine:
     are not kept in the result (the sink has written them), so nothing grows with depth.
     """
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None, layers: Any = None, sink: LayerSink | None = None, keep_codes: bool = True) -> None:
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None, layers: LayerSource | None = None, sink: LayerSink | None = None, keep_codes: bool = True) -> None:
         self.adapter = adapter
         self.model = model
         self.config = config

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from tlq.data.calibration import CalibSample
 from tlq.models.base import ModelAdapter, get_submodule, run_layer, tree_to
+from tlq.models.streaming import LayerSource
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _norms(g: Tensor, squared: bool) -> Tensor:
     return (sq if squared else sq.sqrt()).to("cpu")
 
 
-def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: Any = None, store: Callable[[list[Tensor]], Any] = list) -> list[TokenGradients]:
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: LayerSource | None = None, store: Callable[[list[Tensor]], Any] = list) -> list[TokenGradients]:
     """Token gradients of every sample, in order.
 
     With a loaded model (``layers`` None), sample by sample (:func:`layerwise_token_gradients`): one
@@ -162,7 +163,7 @@ def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[Calib
     return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device, at=at) for s in bar]
 
 
-def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: Any, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False) -> list[TokenGradients]:
+def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: LayerSource, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False) -> list[TokenGradients]:
     """The layer-wise pass in layer-major order, for a model whose layers are loaded one at a time.
 
     ``layers`` hands out decoder layer ``i`` (``load(i)``) and takes it back (``release(i)``). Every

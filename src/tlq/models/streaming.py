@@ -23,7 +23,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -249,6 +249,20 @@ def _local_tensor_names(modules: list[tuple[str, nn.Module]]) -> list[str]:
         names += [prefix + p for p, _ in m.named_parameters(recurse=False)]
         names += [prefix + b for b, _ in m.named_buffers(recurse=False) if b not in m._non_persistent_buffers_set]
     return names
+
+
+class LayerSource(Protocol):
+    """Where the layer-wise engine and the importance pass get decoder layers from, one at a time."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Layer ``index``, ready to run (with ``state``: holding those tensors, e.g. from a resume state)."""
+        ...
+
+    def release(self, index: int) -> None:
+        """The caller is done with layer ``index`` for now."""
+        ...
 
 
 class ResidentLayers:
