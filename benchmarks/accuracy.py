@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),
     "TLQ with input gradients": ("tlq", {"grad_at": "input"}),
 }
+TABLE_VARIANTS = tuple(VARIANTS)
+# Settings of the token-weight integration and of the token budget, compared on the held-out val split
+# (``--data val``) to choose the defaults; "importance" entries override ImportanceConfig fields.
+VARIANTS.update({
+    "TLQ 75% tokens": ("tlq", {"token_fraction": 0.75}),
+    "TLQ 90% tokens": ("tlq", {"token_fraction": 0.9}),
+    "TLQ 25% tokens": ("tlq", {"token_fraction": 0.25}),
+    "TLQ mix 0.7": ("tlq", {"importance": {"modality_mix": 0.7}}),
+    "TLQ mix 0.7 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.7}, "token_select": False}),
+    "TLQ mix 0 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.0}, "token_select": False}),
+    "TLQ |g| (all tokens)": ("tlq", {"importance": {"kind": "grad"}, "token_select": False}),
+    "TLQ one weight per token (all tokens)": ("tlq", {"importance": {"per_layer": False}, "token_select": False}),
+    "TLQ modality weights (all tokens)": ("tlq", {"weighting": "modality", "token_select": False}),
+})
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
 
 
@@ -50,12 +65,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
     p.add_argument("--schemes", default="w3a16,w4a8")
-    p.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated variant names")
+    p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help=f"comma-separated variant names, of: {', '.join(VARIANTS)}")
+    p.add_argument("--data", choices=("test", "val"), default="test",
+                   help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
     p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
     return p.parse_args(argv)
+
+
+def val_records(model_dir: Path) -> list[Any]:
+    """The digits ``val`` split (disjoint from calibration and test) with the model's benchmark question
+    types, as JSONL records (written once into a temporary directory)."""
+    import tempfile
+
+    from tlq.data import digits
+
+    info = json.loads((model_dir / "tlq_tiny.json").read_text())
+    cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
+    out = Path(tempfile.mkdtemp(prefix="tlq-val-"))
+    return read_jsonl(digits.write_jsonl(digits.generate_samples("val", None, cfg), out, "val"))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -65,7 +95,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any]:
     ref = f"builtin:{model}"
     mdir = builtin_dir(ref)
-    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0)
+    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0) if args.data == "test" else val_records(mdir)
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
     ecfg = EvalConfig()
     fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
@@ -75,10 +105,13 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     for scheme in schemes:
         for name in variants:
             method, overrides = VARIANTS[name]
+            overrides = dict(overrides)
+            importance = overrides.pop("importance", {})
             runs = []
             for seed in seeds[:1] if name in DETERMINISTIC else seeds:
                 t0 = time.perf_counter()
                 cfg = build_config(scheme, method, num_samples=args.num_calib, seed=seed, device="cpu", **overrides)
+                cfg.importance = dc_replace(cfg.importance, **importance)
                 run = calibrate(ref, mdir / "calib.jsonl", cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0})
@@ -105,7 +138,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         f"Machine: {result['machine']}; torch {result['torch']}; finished {result['finished']} ({result['minutes']:.0f} min).",
         f"Calibration: {result['num_calib']} samples per seed drawn from each model's calib.jsonl, seeds {result['seeds']}; "
-        f"test: {result['num_test']} samples of each model's test.jsonl. Accuracy is exact match of greedy answers; "
+        + (f"test: {result['num_test']} samples of each model's test.jsonl. " if result.get("data", "test") == "test"
+           else "scored on the digits val split (200 samples, held out from calibration and test; for choosing defaults). ")
+        + "Accuracy is exact match of greedy answers; "
         "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
         "",
     ]
@@ -140,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "num_calib": args.num_calib,
         "num_test": args.num_test,
+        "data": args.data,
         "seeds": seeds,
         "models": {},
     }
