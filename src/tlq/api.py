@@ -5,6 +5,7 @@ The CLI is a thin layer over this module, so both behave the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     ``sink_factory(adapter, model, model_dir)`` gives the engine's per-layer sink (a streamed export)
     — or ``None`` on ranks that write nothing.
     """
-    from tlq.engine.activations import ActivationStore, MemoryBudget
+    from tlq.engine.activations import MemoryBudget, activation_list
     from tlq.engine.distributed import DistContext, all_reduce_scalars_sum, shard_indices
     from tlq.models.streaming import StreamedLayers
 
@@ -234,14 +235,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=config.calib.max_seq_len, seed=config.calib.seed, shard=shard)
     show = options.progress and ctx.is_main
     budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
-
-    def store(tensors: list) -> Any:  # importance-pass layer inputs: budgeted like the engine's streams
-        if budget is None:
-            return list(tensors)
-        s = ActivationStore(budget, options.spill_dir)
-        s.extend(tensors)
-        return s
-
+    store = functools.partial(activation_list, budget=budget, spill_dir=options.spill_dir)  # streamed importance inputs
     token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store)
     weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None
     resume = _open_resume(options, config, model_dir, Path(calib), ctx)

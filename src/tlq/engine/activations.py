@@ -243,9 +243,20 @@ class ActivationStore:
             self.budget.release(n)
 
 
+def activation_list(tensors: Iterable[Tensor], budget: MemoryBudget | None, spill_dir: str | Path | None = None) -> list[Tensor] | ActivationStore:
+    """Per-sample activations: a plain list without a budget, else an ``ActivationStore`` sharing
+    ``budget`` (spilling to ``spill_dir`` beyond it). The engine's streams and the streamed importance
+    pass's layer inputs are both kept this way."""
+    if budget is None:
+        return list(tensors)
+    store = ActivationStore(budget, spill_dir)
+    store.extend(tensors)
+    return store
+
+
 def sweep_stale_spill_dirs(spill_dir: str | Path | None = None) -> list[Path]:
     """Remove spill directories left by dead processes of this host; returns what was removed."""
     return sweep_dead_owner_dirs(spill_dir if spill_dir is not None else tempfile.gettempdir(), SPILL_PREFIX)
 
 
-__all__ = ["ActivationStore", "MemoryBudget", "parse_memory_size", "sweep_stale_spill_dirs"]
+__all__ = ["ActivationStore", "MemoryBudget", "activation_list", "parse_memory_size", "sweep_stale_spill_dirs"]

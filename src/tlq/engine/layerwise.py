@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
-from tlq.engine.activations import ActivationStore, MemoryBudget
+from tlq.engine.activations import ActivationStore, MemoryBudget, activation_list
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
@@ -216,11 +216,7 @@ class LayerwiseEngine:
 
     def _store(self, tensors: list[Tensor]) -> Any:
         """A per-sample activation list: plain in RAM, or budgeted (spilling to disk) with --max-cpu-memory."""
-        if self.budget is None:
-            return list(tensors)
-        store = ActivationStore(self.budget, self.spill_dir)
-        store.extend(tensors)
-        return store
+        return activation_list(tensors, self.budget, self.spill_dir)
 
     # --- internals -------------------------------------------------------------------------------
     def _dev(self, x: Any) -> Any:

@@ -359,6 +359,19 @@ def _set_config_dtype(cfg: dict[str, Any], dtype_name: str) -> None:
             _set_config_dtype(value, dtype_name)
 
 
+def write_quantization_config(ckpt: Path, qcfg: Any, save_dtype: torch.dtype | None) -> None:
+    """Add ``qcfg`` to ``ckpt/config.json`` (compressed-tensors' own writer) and, with ``save_dtype``,
+    set every ``dtype`` in it to the dtype the dense tensors were stored in."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    ModelCompressor(quantization_config=qcfg).update_config(str(ckpt))
+    if save_dtype is not None:
+        cfg_path = ckpt / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        _set_config_dtype(cfg, str(save_dtype).removeprefix("torch."))
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def _copy_processor_files(source_dir: Path, dest: Path) -> list[str]:
     copied = []
     for name in PROCESSOR_FILES:
@@ -406,8 +419,6 @@ def export_compressed_tensors(
     Writes into a temporary sibling directory and renames it into place at the end; an existing
     ``out_dir`` is replaced only with ``overwrite=True``. Returns ``out_dir``.
     """
-    from compressed_tensors.compressors import ModelCompressor
-
     out_dir = Path(out_dir)
     ignore = list(DEFAULT_IGNORE if ignore is None else ignore)
     _check_ignore(ignore)
@@ -473,12 +484,7 @@ def export_compressed_tensors(
         tmp.mkdir()
         model.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=max_shard_size)
         del state_dict
-        ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
-        if save_dtype is not None:
-            cfg_path = tmp / "config.json"
-            cfg = json.loads(cfg_path.read_text())
-            _set_config_dtype(cfg, str(save_dtype).removeprefix("torch."))
-            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        write_quantization_config(tmp, qcfg, save_dtype)
         copied = _copy_processor_files(source_dir, tmp) if source_dir is not None else []
         if processor is not None:
             processor.save_pretrained(str(tmp))

@@ -21,7 +21,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +34,12 @@ from tlq.export.compressed_tensors import (
     _compress_one,
     _copy_processor_files,
     _replace_dir,
-    _set_config_dtype,
     _targeted_modules,
     build_ct_config,
     build_ct_scheme,
     iter_stored_in_files,
     verify_stored,
+    write_quantization_config,
 )
 from tlq.quant.quantizer import QuantizedWeight
 from tlq.utils.io import process_tag, sweep_dead_owner_dirs
@@ -116,19 +116,13 @@ class StreamedExport:
     # --- the end -----------------------------------------------------------------------------------
     def finish(self, resident_state: Mapping[str, Tensor]) -> Path:
         """Write the resident tensors, the index, the config and the processor files; move into place."""
-        from compressed_tensors.compressors import ModelCompressor
-
         self._save(self.num_layers, {k: _cast(t, self.save_dtype) for k, t in resident_state.items()})
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         config = self.model.config
         config.architectures = [type(self.model).__name__]
         config.save_pretrained(str(self.tmp))
-        ModelCompressor(quantization_config=build_ct_config(self.scheme, self.ignore, ct_format=self.ct_format)).update_config(str(self.tmp))
-        cfg_path = self.tmp / "config.json"
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
-        _set_config_dtype(cfg, str(self.save_dtype).removeprefix("torch."))
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        write_quantization_config(self.tmp, build_ct_config(self.scheme, self.ignore, ct_format=self.ct_format), self.save_dtype)
         if self.source_dir is not None:
             _copy_processor_files(self.source_dir, self.tmp)
         _replace_dir(self.tmp, self.out_dir)

@@ -181,7 +181,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
     grads = [torch.zeros(num_layers, s.seq_len, dtype=torch.float32) for s in samples]
     losses = [float("nan")] * len(samples)
     firsts = [adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
-    kwargs = [f.kwargs for f in firsts]
+    kwargs = [tree_to(f.kwargs, dev) for f in firsts]  # small (positions, mask): moved once, used 2L times
     bar: Any = tqdm(total=2 * num_layers, desc="token importance (streamed)", unit="layer", disable=not progress)
     with frozen_parameters(model), torch.enable_grad():
         # 1. forward, layer by layer: keep every layer's inputs.
@@ -192,12 +192,12 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
             for i in range(num_layers):
                 layer = layers.load(i)
                 inputs.append(store(h))
-                h = [run_layer(layer, x.to(dev), tree_to(kw, dev)).to("cpu") for x, kw in zip(h, kwargs)]
+                h = [run_layer(layer, x.to(dev), kw).to("cpu") for x, kw in zip(h, kwargs)]
                 layers.release(i)
                 bar.update()
         # 2. head loss of each sample -> gradient at the last layer's output.
         g: list[Tensor] = []
-        for k, (i, x) in enumerate(zip(scored, h)):
+        for i, x in zip(scored, h):
             out = x.to(dev).requires_grad_(True)
             loss = head_loss(adapter, model, out, *targets[i])
             g.append(torch.autograd.grad(loss, out)[0])
@@ -212,7 +212,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
                 layer = layers.load(li)
                 for k in range(len(scored)):
                     x = inputs[li][k].to(dev).requires_grad_(True)
-                    y = run_layer(layer, x, tree_to(kwargs[k], dev))
+                    y = run_layer(layer, x, kwargs[k])
                     g[k] = torch.autograd.grad(y, x, grad_outputs=g[k])[0]
                     del x, y
                 layers.release(li)
