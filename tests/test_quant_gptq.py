@@ -312,3 +312,46 @@ def test_gptq_does_not_modify_its_inputs(data) -> None:
     w0, h0 = w.clone(), h.clone()
     gptq_quantize(w, h, W3_G128_ASYM, GPTQConfig(act_order=True))
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+def test_taken_hessian_equals_hessian_and_empties_the_accumulator() -> None:
+    x = _tokens(300, seed=5)
+    acc = HessianAccumulator(IN_F)
+    acc.add(x[:100])
+    acc.add(x[100:], torch.rand(200, generator=torch.Generator().manual_seed(6)))
+    ref = acc.hessian.clone()
+    # The float32 products are widened element by element: the same sum as adding float64 copies.
+    one = HessianAccumulator(IN_F)
+    one.add(x[:100])
+    one.add(x[100:200])
+    assert torch.equal(one.raw_sum, (x[:100].T @ x[:100]).double() + (x[100:200].T @ x[100:200]).double())
+    taken = acc.take_hessian()
+    assert torch.equal(taken, ref)
+    with pytest.raises(RuntimeError, match="taken already"):
+        acc.take_hessian()
+
+
+def test_consumed_hessian_is_freed_before_the_column_solve(data, monkeypatch) -> None:
+    """With consume_hessian the in x in float64 buffer must be gone while the solver works: for a wide
+    layer it is the largest allocation of the calibration (peak memory of streamed GPTQ)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import tlq.quant.gptq as gptq_mod
+
+    _, w, h = data
+    handed = h.clone()
+    ref = StorageWeakRef(handed.untyped_storage())
+    expired_during_solve = []
+    real_solve = gptq_mod._solve_columns
+
+    def spy(*args, **kwargs):
+        expired_during_solve.append(ref.expired())
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_mod, "_solve_columns", spy)
+    expected = gptq_quantize(w, h, W4_G128, GPTQConfig())
+    holder = [handed]
+    del handed
+    got = gptq_quantize(w, holder.pop(), W4_G128, GPTQConfig(), consume_hessian=True)
+    assert expired_during_solve == [False, True]  # the copying call keeps its input; the consuming one frees it
+    assert torch.equal(got.codes, expected.codes)

@@ -67,7 +67,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from tlq.api import quantize
     from tlq.engine.activations import parse_memory_size
-    from tlq.engine.distributed import current_context, launch_torchrun, raise_on_sigterm
+    from tlq.engine.distributed import current_context, launch_torchrun, raise_on_sigterm, shutdown
     from tlq.report import render_summary
 
     if args.nproc > 1:
@@ -75,39 +75,43 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     raise_on_sigterm()  # torchrun stops workers with SIGTERM: let cleanup (temp dirs) run
     max_cpu = parse_memory_size(args.max_cpu_memory) if args.max_cpu_memory is not None else None
 
-    report = quantize(
-        args.model,
-        args.calib,
-        args.out,
-        scheme=args.scheme,
-        method=args.method,
-        overwrite=args.overwrite,
-        report_path=args.report,
-        progress=not args.quiet,
-        group_size=args.group_size,
-        symmetric=args.symmetric,
-        num_samples=args.num_samples,
-        max_seq_len=args.max_seq_len,
-        seed=args.seed,
-        damp_percent=args.damp,
-        block_size=args.block_size,
-        act_order=args.act_order,
-        solver=args.solver,
-        scale_search=args.scale_search,
-        search_grid=args.search_grid,
-        search_samples=args.search_samples,
-        weighting=args.weighting,
-        token_select=args.token_select,
-        quantized_inputs=args.quantized_inputs,
-        grad_at=args.grad_at,
-        token_fraction=args.token_fraction,
-        device=args.device,
-        dtype=args.dtype,
-        max_cpu_memory=max_cpu,
-        resume=args.resume,
-        stream=args.stream,
-    )
-    if not args.quiet and current_context().is_main:
+    try:
+        report = quantize(
+            args.model,
+            args.calib,
+            args.out,
+            scheme=args.scheme,
+            method=args.method,
+            overwrite=args.overwrite,
+            report_path=args.report,
+            progress=not args.quiet,
+            group_size=args.group_size,
+            symmetric=args.symmetric,
+            num_samples=args.num_samples,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            damp_percent=args.damp,
+            block_size=args.block_size,
+            act_order=args.act_order,
+            solver=args.solver,
+            scale_search=args.scale_search,
+            search_grid=args.search_grid,
+            search_samples=args.search_samples,
+            weighting=args.weighting,
+            token_select=args.token_select,
+            quantized_inputs=args.quantized_inputs,
+            grad_at=args.grad_at,
+            token_fraction=args.token_fraction,
+            device=args.device,
+            dtype=args.dtype,
+            max_cpu_memory=max_cpu,
+            resume=args.resume,
+            stream=args.stream,
+        )
+        show_summary = not args.quiet and current_context().is_main
+    finally:
+        shutdown()  # every rank leaves the process group before exiting (see distributed.shutdown)
+    if show_summary:
         render_summary(report)
     return 0
 

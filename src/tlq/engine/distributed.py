@@ -42,6 +42,7 @@ no ``torch.distributed`` calls at all then.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import signal
@@ -190,11 +191,19 @@ def init_distributed(device_hint: torch.device | str | None = "auto", *, timeout
         kwargs["device_id"] = device
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s), **kwargs)
     _CONTEXT = DistContext(rank, world_size, local_rank, backend, initialized_here=True)
+    # A process group still alive at interpreter teardown can abort the process: gloo's worker threads
+    # release tensors (and take the GIL) while Python is being finalised -> "terminate called without an
+    # active exception", SIGABRT (pytorch/pytorch#190489). Destroy it while the interpreter is whole,
+    # whichever way the process ends (normal return, exception, SIGTERM via raise_on_sigterm).
+    atexit.register(shutdown)
     return _CONTEXT
 
 
 def shutdown() -> None:
-    """Destroy the process group if :func:`init_distributed` created it; forget the context."""
+    """Destroy the process group if :func:`init_distributed` created it; forget the context.
+
+    Idempotent; also registered with :mod:`atexit` by :func:`init_distributed`.
+    """
     global _CONTEXT
     ctx, _CONTEXT = _CONTEXT, None
     if ctx is not None and ctx.initialized_here and dist.is_available() and dist.is_initialized():

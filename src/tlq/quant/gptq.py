@@ -98,7 +98,9 @@ class HessianAccumulator:
             return
         if w is not None:
             rows = rows * w.sqrt().unsqueeze(1)
-        self.raw_sum += (rows.T @ rows).to(self.raw_sum.dtype)
+        # In-place add with type promotion: each float32 product element is widened as it is added, so
+        # no float64 copy of the product is materialised (an in x in float64 temporary otherwise).
+        self.raw_sum += rows.T @ rows
         self.total_weight += total
         self.num_tokens += rows.shape[0]
 
@@ -117,9 +119,21 @@ class HessianAccumulator:
         Normalising keeps the scale independent of how many tokens were seen, so that damping (relative
         to the mean diagonal anyway) and error values are comparable across layers and runs.
         """
+        self._check_nonempty()
+        return self.raw_sum / self.total_weight
+
+    def take_hessian(self) -> Tensor:
+        """:attr:`hessian`, computed in the running sum's own storage and handed over: the accumulator is
+        left empty (no further ``add``), so that only one ``in x in`` buffer exists instead of two."""
+        self._check_nonempty()
+        h, self.raw_sum = self.raw_sum.div_(self.total_weight), self.raw_sum.new_empty(0)
+        return h
+
+    def _check_nonempty(self) -> None:
+        if self.raw_sum.numel() == 0:
+            raise RuntimeError("this accumulator's Hessian was taken already")
         if float(self.total_weight) <= 0:
             raise RuntimeError("no calibration tokens with positive weight reached this layer")
-        return self.raw_sum / self.total_weight
 
 
 def _check_token_weights(weights: Tensor, token_shape: torch.Size) -> Tensor:
@@ -191,6 +205,9 @@ def gptq_quantize(
     h = hessian.detach().to(device=w.device, dtype=torch.float64)
     if h.data_ptr() == hessian.data_ptr() and not consume_hessian:
         h = h.clone()
+    # With consume_hessian the caller handed over its only reference (CPython moves call arguments
+    # into the callee's frame): dropping ours lets the buffer go as soon as ``h`` is done with it.
+    del hessian
     _mask_dead_columns(w, h)
 
     static = spec.group_size is None or cfg.act_order
@@ -205,8 +222,10 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
     col_group = [int(c) // gsize for c in perm.tolist()]
 
-    hinv = _inverse_hessian_cholesky(h, cfg).to(torch.float32)
-    del h
+    factor = _inverse_hessian_cholesky(h, cfg)
+    del h  # freed before the float32 copy of the factor exists, not when the function returns
+    hinv = factor.to(torch.float32)
+    del factor
     codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype)
     if cfg.act_order:
         codes = codes[:, torch.argsort(perm)]

@@ -73,9 +73,9 @@ class GPTQCalibrator:
         that no more than one ``in x in`` copy of it is alive during the factorisations."""
         if self.hessian is None:
             raise RuntimeError("this calibrator was solved already")
-        hessian = self.hessian.hessian
-        self.hessian = None
-        return gptq_quantize(weight, hessian, self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype, consume_hessian=True)
+        acc, self.hessian = self.hessian, None
+        # take_hessian() passed straight in: no local keeps it alive while the solver frees it.
+        return gptq_quantize(weight, acc.take_hessian(), self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype, consume_hessian=True)
 
 
 def make_calibrator(method: str, in_features: int, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:
