@@ -5,7 +5,9 @@
 Builds a small, wide random Qwen2-VL checkpoint and a calibration set large enough that the calibration
 activations (which sharding divides) dominate the per-process memory, then runs
 ``tlq quantize --nproc N`` for each N and reads every rank's peak RSS (``ru_maxrss``) from the report.
-The model itself is replicated on every rank, so the saving is the activations' share.
+In memory (the default) the model itself is replicated on every rank, so the saving is the
+activations' share; with ``--stream`` every rank holds one decoder layer at a time, so what is left per
+rank is mostly its shard of the activations (and the import floor of torch + transformers).
 """
 
 from __future__ import annotations
@@ -49,19 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--image-size", type=int, default=224, help="224 px -> 64 visual tokens per sample")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the synthetic model")
+    p.add_argument("--stream", action="store_true", help="run tlq quantize --stream (one decoder layer in memory per rank)")
     p.add_argument("--out", default="docs/distributed_memory")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tlq-distmem-") as tmp:
         root = Path(tmp)
-        model = make_tiny_vlm("qwen2_vl", root / "model", num_layers=2, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        model = make_tiny_vlm("qwen2_vl", root / "model", num_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                               num_heads=8, num_kv_heads=8, image_size=args.image_size)
         calib = make_calib(root / "data", args.samples, args.image_size)
         for n in [int(x) for x in args.nprocs.split(",")]:
             report = root / f"report{n}.json"
             cmd = [sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--calib", str(calib), "--out", str(root / f"out{n}"),
                    "--scheme", "w4a16", "--method", "gptq", "--num-samples", str(args.samples), "--nproc", str(n),
-                   "--no-resume", "--quiet", "--report", str(report)]
+                   "--no-resume", "--quiet", "--report", str(report)] + (["--stream"] if args.stream else [])
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rep = json.loads(report.read_text())
@@ -69,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                          "num_tokens": rep["num_tokens"]})
             print(rows[-1], flush=True)
     result = {"command": "python benchmarks/distributed_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "hidden": args.hidden, "samples": args.samples, "rows": rows}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "hidden": args.hidden, "layers": args.layers,
+              "samples": args.samples, "stream": args.stream, "rows": rows}
     base = max(rows[0]["peak_rss_mb_per_rank"])
     md = ["# Per-rank peak memory against the number of processes", "",
-          f"Command: `{result['command']}` on {result['machine']}. Qwen2-VL architecture, hidden {args.hidden}, 2 layers, "
-          f"{args.samples} calibration samples ({rows[0]['num_tokens']} tokens), W4A16 GPTQ, gloo. Peak RSS from the OS (`ru_maxrss`) per rank.", "",
+          f"Command: `{result['command']}` on {result['machine']}. Qwen2-VL architecture, hidden {args.hidden}, {args.layers} layers, "
+          f"{args.samples} calibration samples ({rows[0]['num_tokens']} tokens), W4A16 GPTQ, gloo, "
+          + ("decoder layers streamed from disk (`--stream`). " if args.stream else "model in memory on every rank. ")
+          + "Peak RSS from the OS (`ru_maxrss`) per rank.", "",
           "| processes | peak RSS per rank (MiB) | max vs 1 process | wall time (s) |", "|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['nproc']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb_per_rank'])} | "

@@ -98,9 +98,7 @@ class HessianAccumulator:
             return
         if w is not None:
             rows = rows * w.sqrt().unsqueeze(1)
-        # In-place add with type promotion: each float32 product element is widened as it is added, so
-        # no float64 copy of the product is materialised (an in x in float64 temporary otherwise).
-        self.raw_sum += rows.T @ rows
+        _add_widened_(self.raw_sum, rows.T @ rows)
         self.total_weight += total
         self.num_tokens += rows.shape[0]
 
@@ -108,7 +106,7 @@ class HessianAccumulator:
         """Add another accumulator's statistics (what an all-reduce does across ranks)."""
         if other.in_features != self.in_features:
             raise ValueError(f"cannot merge {other.in_features}-feature statistics into {self.in_features}")
-        self.raw_sum += other.raw_sum.to(self.raw_sum)
+        _add_widened_(self.raw_sum, other.raw_sum.to(self.raw_sum.device))
         self.total_weight += other.total_weight.to(self.total_weight)
         self.num_tokens += other.num_tokens.to(self.num_tokens.device)
 
@@ -134,6 +132,28 @@ class HessianAccumulator:
             raise RuntimeError("this accumulator's Hessian was taken already")
         if float(self.total_weight) <= 0:
             raise RuntimeError("no calibration tokens with positive weight reached this layer")
+
+
+# Rows per step of the blocked helpers below: their temporaries are this many rows of an in x in matrix
+# (a few MB) instead of the whole matrix. Memory only: results do not depend on it.
+_BLOCK_ROWS = 256
+
+
+def _add_widened_(total: Tensor, part: Tensor) -> None:
+    """``total += part`` for a float64 ``total`` and a lower-precision ``part``, in row blocks.
+
+    A plain mixed-dtype ``+=`` first casts all of ``part`` to float64: an extra ``in x in`` float64
+    buffer (254 MB for a 5632-input ``down_proj``), the peak of a streamed GPTQ run. Element by
+    element the result is the same.
+    """
+    for start in range(0, total.shape[0], _BLOCK_ROWS):
+        total[start : start + _BLOCK_ROWS] += part[start : start + _BLOCK_ROWS]
+
+
+def _all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()`` in row blocks: the one-shot form allocates an ``abs`` copy of ``t``
+    and two boolean masks, over 1.3x the size of a float64 Hessian."""
+    return all(bool(torch.isfinite(t[start : start + _BLOCK_ROWS]).all()) for start in range(0, t.shape[0], _BLOCK_ROWS))
 
 
 def _check_token_weights(weights: Tensor, token_shape: torch.Size) -> Tensor:
@@ -222,10 +242,8 @@ def gptq_quantize(
         w, h = w[:, perm], h[perm][:, perm]
     col_group = [int(c) // gsize for c in perm.tolist()]
 
-    factor = _inverse_hessian_cholesky(h, cfg)
-    del h  # freed before the float32 copy of the factor exists, not when the function returns
-    hinv = factor.to(torch.float32)
-    del factor
+    hinv = _inverse_hessian_cholesky_(h, cfg)
+    del h  # its storage held the float64 factor: free it before the column loop
     codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype)
     if cfg.act_order:
         codes = codes[:, torch.argsort(perm)]
@@ -239,7 +257,7 @@ def _check_gptq_inputs(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> None
     in_f = weight.shape[1]
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match {in_f} input features")
-    if not bool(torch.isfinite(hessian).all()):
+    if not _all_finite(hessian):
         raise ValueError("the Hessian contains NaN/inf: the calibration activations reaching this layer overflowed")
     if cfg.block_size <= 0:
         raise ConfigError(f"GPTQ block size must be positive, got {cfg.block_size}")
@@ -270,23 +288,29 @@ def _damping_schedule(cfg: GPTQConfig) -> Iterator[float]:
         yield base * DAMP_RETRY_FACTOR**k
 
 
-def _inverse_hessian_cholesky(h: Tensor, cfg: GPTQConfig) -> Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
+def _inverse_hessian_cholesky_(h: Tensor, cfg: GPTQConfig) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``), in float32.
 
-    Memory: ``h`` plus one work buffer of its size, factorised, inverted and re-factorised in place
-    (for a wide ``down_proj`` each ``in x in`` float64 buffer is hundreds of MB). ``h`` itself is kept
-    unchanged for a retry with stronger damping.
+    Memory: computed in ``h``'s own storage (which it overwrites) plus one float32 buffer of its size,
+    instead of a float64 working copy: for a wide ``down_proj`` each ``in x in`` float64 buffer is
+    hundreds of MB and the largest allocation of a streamed calibration. The float32 buffer first keeps
+    a copy of ``H`` for a retry with stronger damping and finally receives ``U``. A retry therefore
+    starts from ``H`` rounded to float32 (relative 6e-8, far below the damping it adds); the first
+    attempt, the usual case, is computed from ``H`` exactly.
 
     GPTQ reads its error-compensation rows from ``U``: row ``i`` of ``U`` scaled by ``1 / U[i, i]`` is the
     update of the remaining columns after quantizing column ``i``, so one factorisation serves all steps.
     Factorised in float64: the one O(in^3) step, and the one that fails on ill-conditioned Hessians.
     """
     mean_diag = float(torch.diagonal(h).mean())
-    # Column-major (a transposed view; h is symmetric, so its values are the same): LAPACK's layout,
-    # which lets torch factorise in the buffer itself instead of in a column-major temporary copy.
-    work = torch.empty_like(h).mT
+    backup = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    backup.copy_(h)
+    # Column-major view (h is symmetric, so its values are the same): LAPACK's layout, which lets
+    # torch factorise in the buffer itself instead of in a column-major temporary copy.
+    work = h.mT
     for attempt, frac in enumerate(_damping_schedule(cfg)):
-        work.copy_(h)
+        if attempt > 0:
+            work.copy_(backup.mT)
         work.diagonal().add_(frac * mean_diag)
         u = _try_inverse_cholesky_(work)
         if u is not None:
@@ -297,7 +321,7 @@ def _inverse_hessian_cholesky(h: Tensor, cfg: GPTQConfig) -> Tensor:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return u
+            return backup.copy_(u)
     raise RuntimeError(
         f"GPTQ: Hessian is not positive definite even with damp_percent={frac:g}; "
         "check the calibration activations of this layer (all-equal or degenerate inputs?)"
@@ -313,7 +337,7 @@ def _try_inverse_cholesky_(h: Tensor) -> Tensor | None:
         return None
     torch.cholesky_inverse(h, out=h)
     torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-    if int(info) != 0 or not bool(torch.isfinite(h).all()):
+    if int(info) != 0 or not _all_finite(h):
         return None
     return h
 
