@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "TLQ w/o token selection": ("tlq", {"token_select": False}),
     "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),
     "TLQ with input gradients": ("tlq", {"grad_at": "input"}),
+    "TLQ per-linear importance": ("tlq", {"grad_at": "linear"}),
 }
 TABLE_VARIANTS = tuple(VARIANTS)
 # Settings of the token-weight integration and of the token budget, compared on the held-out val split
@@ -57,6 +58,10 @@ VARIANTS.update({
     "TLQ |g| (all tokens)": ("tlq", {"importance": {"kind": "grad"}, "token_select": False}),
     "TLQ one weight per token (all tokens)": ("tlq", {"importance": {"per_layer": False}, "token_select": False}),
     "TLQ modality weights (all tokens)": ("tlq", {"weighting": "modality", "token_select": False}),
+    "TLQ per-linear importance (all tokens)": ("tlq", {"grad_at": "linear", "token_select": False}),
+    "TLQ per-linear importance 75% tokens": ("tlq", {"grad_at": "linear", "token_fraction": 0.75}),
+    "TLQ layer-output importance": ("tlq", {"grad_at": "output"}),
+    "TLQ layer-output importance (all tokens)": ("tlq", {"grad_at": "output", "token_select": False}),
 })
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
 
@@ -70,14 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
-    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set)")
+    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
     return p.parse_args(argv)
 
 
-def val_records(model_dir: Path) -> list[Any]:
-    """The digits ``val`` split (disjoint from calibration and test) with the model's benchmark question
-    types, as JSONL records (written once into a temporary directory)."""
+def val_records(model_dir: Path, n: int) -> list[Any]:
+    """The first ``n`` samples of the digits ``val`` split (disjoint from calibration and test) with the
+    model's benchmark question types, as JSONL records (written once into a temporary directory)."""
     import tempfile
 
     from tlq.data import digits
@@ -85,7 +90,7 @@ def val_records(model_dir: Path) -> list[Any]:
     info = json.loads((model_dir / "tlq_tiny.json").read_text())
     cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
     out = Path(tempfile.mkdtemp(prefix="tlq-val-"))
-    return read_jsonl(digits.write_jsonl(digits.generate_samples("val", None, cfg), out, "val"))
+    return read_jsonl(digits.write_jsonl(digits.generate_samples("val", n, cfg), out, "val"))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -95,7 +100,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any]:
     ref = f"builtin:{model}"
     mdir = builtin_dir(ref)
-    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0) if args.data == "test" else val_records(mdir)
+    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
     ecfg = EvalConfig()
     fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
@@ -139,7 +144,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine']}; torch {result['torch']}; finished {result['finished']} ({result['minutes']:.0f} min).",
         f"Calibration: {result['num_calib']} samples per seed drawn from each model's calib.jsonl, seeds {result['seeds']}; "
         + (f"test: {result['num_test']} samples of each model's test.jsonl. " if result.get("data", "test") == "test"
-           else "scored on the digits val split (200 samples, held out from calibration and test; for choosing defaults). ")
+           else f"scored on the first {result['num_test']} samples of the digits val split (held out from calibration and test; for choosing defaults). ")
         + "Accuracy is exact match of greedy answers; "
         "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
         "",

@@ -307,3 +307,84 @@ def test_input_gradients_shift_the_output_gradients(tiny_vlm_dir, tiny_calib_jso
         logits = model.get_submodule(adapter.spec.lm_head)(get_submodule(model, adapter.spec.final_norm)(h))
         torch.nn.functional.cross_entropy(logits[0, tgt - 1].float(), ids[tgt]).backward()
     torch.testing.assert_close(in_g[0], h0.grad[0].pow(2).sum(-1), rtol=1e-4, atol=1e-10)
+
+
+# --- per-linear importance (grad_at="linear") ----------------------------------------------------
+def _full_backprop_linear_grad2(adapter, model, sample, names):
+    """||dL/dy||^2 at every linear's output ``y`` of every decoder layer, by ordinary back-propagation."""
+    outs: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for n in names:
+            def keep(_m, _a, y, key=(i, n)):
+                y.retain_grad()
+                outs[key] = y
+
+            handles.append(layer.get_submodule(n).register_forward_hook(keep))
+    try:
+        with torch.enable_grad():
+            logits = model(**sample.inputs, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    ids = sample.inputs["input_ids"][0]
+    tgt = sample.answer_mask.nonzero().reshape(-1)
+    tgt = tgt[tgt > 0]
+    torch.nn.functional.cross_entropy(logits[0, tgt - 1].float(), ids[tgt]).backward()
+    model.zero_grad(set_to_none=True)
+    n_layers = len(adapter.decoder_layers(model))
+    return torch.stack([torch.stack([outs[(i, n)].grad[0].pow(2).sum(-1) for n in names]) for i in range(n_layers)]).detach()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_per_linear_gradients_equal_full_backprop(tiny_vlm_dir, tiny_calib_jsonl, family):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
+    sample = samples[1]
+    tg = layerwise_token_gradients(adapter, model, sample, at="linear")
+    layers = adapter.decoder_layers(model)
+    assert tg.linear_names == tuple(n for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear))
+    assert len(tg.linear_names) == 7 and tg.grad.shape == (len(layers), 8, sample.seq_len)
+    # row 0 is the decoder layer's output gradient, as with at="output"
+    torch.testing.assert_close(tg.grad[:, 0], layerwise_token_gradients(adapter, model, sample).grad, rtol=0, atol=0)
+    ref = _full_backprop_linear_grad2(adapter, model, sample, tg.linear_names)
+    torch.testing.assert_close(tg.grad[:, 1:], ref, rtol=1e-4, atol=1e-10)
+    # the point of it: k/v errors at visual tokens reach the answer through attention, so the k_proj
+    # rows give visual tokens a far larger share than the layer output's own gradient does
+    k = 1 + next(i for i, n in enumerate(tg.linear_names) if n.endswith("k_proj"))
+    vis = sample.visual_mask
+    share = lambda row: float(row[:, vis].sum() / row.sum())  # noqa: E731
+    assert share(tg.grad[:-1, k]) > 2 * share(tg.grad[:-1, 0])
+
+
+def test_per_linear_weights_reach_each_linear(tiny_vlm_dir, tiny_calib_jsonl):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=3)
+    cfg = ImportanceConfig(grad_at="linear")
+    tcs = build_token_calibration_set(adapter, model, samples, cfg, SelectionConfig(token_fraction=0.5))
+    names = tcs.linear_names
+    assert tcs.weights[0].shape == (tcs.num_layers, 1 + len(names), samples[0].seq_len)
+    fn = tcs.weight_fn()
+    # each row is integrated and selected on its own: every row keeps the budget, rows differ
+    for name in names:
+        w = fn(1, 0, name)
+        assert int((w > 0).sum()) == round(0.5 * samples[0].seq_len)
+    assert not torch.equal(fn(1, 0, "self_attn.k_proj"), fn(1, 0, "mlp.down_proj"))
+    assert torch.equal(fn(1, 0), tcs.weights[0][1, 0])  # no linear named: the layer output's row
+    with pytest.raises(KeyError, match="no token weights for linear"):
+        fn(1, 0, "visual.merger")
+    json.dumps(tcs.summary())
+    # the engine asks per linear: record what each linear's Hessian was fed
+    seen: dict[str, torch.Tensor] = {}
+    engine = LayerwiseEngine(adapter, model, build_config("w4a16", "gptq"), torch.device("cpu"), token_weights=fn, progress=False)
+    real = engine._weights
+
+    def spy(index, sample, linear=None):
+        w = real(index, sample, linear)
+        if index == 1 and sample == 0 and linear is not None:
+            seen[linear] = w
+        return w
+
+    engine._weights = spy
+    engine.calibrate(samples)
+    assert set(seen) == set(names)
+    for name in names:
+        assert torch.equal(seen[name], fn(1, 0, name))

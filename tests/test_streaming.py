@@ -70,7 +70,7 @@ class _CountingLayers(StreamedLayers):
         return super().load(index, state)
 
 
-@pytest.mark.parametrize("at", ["output", "input"])
+@pytest.mark.parametrize("at", ["output", "input", "linear"])
 def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_jsonl, at):
     model_dir = tiny_vlm_dir("qwen2_vl", num_layers=3)
     adapter, ref, processor, streamed = _loaded_and_streamed(model_dir)
@@ -80,8 +80,8 @@ def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_
     got = token_gradients(adapter, streamed.model, samples, at=at, layers=source)
     for g, w in zip(got, want):
         assert torch.equal(g.grad, w.grad)
-        assert g.loss == w.loss and g.num_answer_tokens == w.num_answer_tokens
-    backward = [2, 1, 0] if at == "input" else [2, 1]  # the output gradient of layer 0 needs no layer-0 pass
+        assert g.loss == w.loss and g.num_answer_tokens == w.num_answer_tokens and g.linear_names == w.linear_names
+    backward = [2, 1] if at == "output" else [2, 1, 0]  # the output gradient of layer 0 needs no layer-0 pass
     assert source.loads == [0, 1, 2] + backward
 
 

@@ -275,7 +275,7 @@ def _global_weight_fn(token_set: Any, ids: list[int]) -> Any:
     """The engine asks by global sample id; the token set is indexed by this rank's local order."""
     local = token_set.weight_fn()
     position = {gid: i for i, gid in enumerate(ids)}
-    return lambda layer, gid: local(layer, position[gid])
+    return lambda layer, gid, linear=None: local(layer, position[gid], linear)
 
 
 def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, scheme: str = "w4a16", method: str = "gptq", overwrite: bool = False, report_path: str | Path | None = None, progress: bool = True, config: QuantizeConfig | None = None, max_cpu_memory: int | None = None, resume: bool = True, stream: bool = False, **options: Any) -> QuantizeReport:

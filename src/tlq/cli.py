@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tlq.config import METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
+from tlq.config import GRAD_AT, METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
 
 
 def _group_size(text: str) -> int:
@@ -46,7 +46,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     sel = abl.add_mutually_exclusive_group()
     sel.add_argument("--token-select", dest="token_select", action="store_true", default=None, help="use the token-level calibration set")
     sel.add_argument("--no-token-select", dest="token_select", action="store_false", help="keep every token (weighted)")
-    abl.add_argument("--grad-at", choices=("output", "input"), default=None, help="token importance from the gradient at each layer's output (default) or input")
+    abl.add_argument("--grad-at", choices=GRAD_AT, default=None,
+                     help="token importance from the gradient at each decoder layer's output, its input, or (linear) at each linear's own output")
     abl.add_argument("--token-fraction", type=float, default=None, help="share of each sample's tokens kept by the token-level set (default 0.5)")
     inp = abl.add_mutually_exclusive_group()
     inp.add_argument("--fp-inputs", dest="quantized_inputs", action="store_false", default=None, help="calibrate each layer on FP inputs")

@@ -161,6 +161,9 @@ def _default_selection() -> Any:
 
 SOLVERS = ("rtn", "gptq")
 WEIGHTINGS = ("uniform", "modality", "token")
+# Where the importance pass takes token gradients (tlq.importance.gradients): each decoder layer's output,
+# its input, or its output plus each linear's own output ("linear": per-linear token weights).
+GRAD_AT = ("output", "input", "linear")
 
 
 @dataclass

@@ -39,7 +39,9 @@ from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_
 from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
 # Per-token weights for one layer's statistics: (layer index, sample index) -> [seq] or None.
-TokenWeightFn = Callable[[int, int], Tensor | None]
+# (layer index, global sample id[, linear name within the layer]) -> token weights [seq]; without a linear
+# name, the weights of the layer's output (also those of every linear unless importance is per linear).
+TokenWeightFn = Callable[..., Tensor | None]
 # Called once per finished layer (also for layers restored from a resume state), while it is loaded:
 # (layer index, layer module, {module name: QuantizedWeight}). A streamed export writes the layer here.
 LayerSink = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
@@ -254,19 +256,20 @@ class LayerwiseEngine:
 
     @torch.no_grad()
     def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]]) -> None:
-        current: dict[str, Tensor | None] = {"w": None}
+        current: dict[str, Tensor | None] = {}
 
         def make_hook(name: str) -> Callable:
             def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
-                cals[name].observe(args[0], current["w"])
+                cals[name].observe(args[0], current[name])
 
             return hook
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
         try:
             for s, (x, kw) in enumerate(zip(xs, kwargs)):
-                w = self._weights(index, s)
-                current["w"] = None if w is None else w.to(self.device).reshape(1, -1)
+                for name in mods:  # per-linear importance gives each linear its own token weights
+                    w = self._weights(index, s, name)
+                    current[name] = None if w is None else w.to(self.device).reshape(1, -1)
                 run_layer(layer, self._dev(x), self._dev(kw))
         finally:
             for h in handles:
@@ -308,9 +311,13 @@ class LayerwiseEngine:
         _release(targets)
         return chosen
 
-    def _weights(self, index: int, sample: int) -> Tensor | None:
-        """Token weights of this rank's ``sample``-th sample (the weight function takes global ids)."""
-        return self.token_weights(index, self.sample_ids[sample]) if self.token_weights is not None else None
+    def _weights(self, index: int, sample: int, linear: str | None = None) -> Tensor | None:
+        """Token weights of this rank's ``sample``-th sample (the weight function takes global ids), for
+        the inputs of ``linear`` (a name within the layer) or, without one, for the layer's output."""
+        if self.token_weights is None:
+            return None
+        gid = self.sample_ids[sample]
+        return self.token_weights(index, gid) if linear is None else self.token_weights(index, gid, linear)
 
     @torch.no_grad()
     def _channel_stats(self, layer: nn.Module, first: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> ChannelStats:

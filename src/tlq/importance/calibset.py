@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tlq.config import ConfigError
 from tlq.data.calibration import CalibSample
 from tlq.importance.gradients import TokenGradients, token_gradients
-from tlq.importance.weights import ImportanceConfig, integrate
+from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
 from tlq.models.base import ModelAdapter
 
 
@@ -58,8 +58,11 @@ class SelectionConfig:
 
 
 def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | None = None, valid_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Zero the weights of the tokens left out of the budget, per layer row: ``[L, seq] -> [L, seq]``."""
+    """Zero the weights of the tokens left out of the budget, per layer row: ``[L, seq] -> [L, seq]``
+    (``[L, rows, seq]`` per-linear weights: every row chooses its own tokens)."""
     cfg = cfg or SelectionConfig()
+    if weights.dim() == 3:
+        return select_tokens(weights.flatten(0, 1), visual_mask, cfg, valid_mask, generator).reshape(weights.shape)
     w = weights.detach().float().cpu()
     num_layers, seq = w.shape
     visual = visual_mask.reshape(-1).to(torch.bool).cpu()
@@ -88,13 +91,22 @@ def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | N
 
 
 class TokenCalibrationSet:
-    """Per-sample ``[num_layers, seq]`` token weights (0 = not selected) for the layer-wise engine."""
+    """Per-sample ``[num_layers, seq]`` token weights (0 = not selected) for the layer-wise engine.
 
-    def __init__(self, weights: list[Tensor], visual_masks: list[Tensor], valid_masks: list[Tensor] | None = None, selection: SelectionConfig | None = None, importance: ImportanceConfig | None = None) -> None:
+    With per-linear importance (``linear_names``), ``[num_layers, 1 + K, seq]``: row 0 weighs the decoder
+    layer's output (the scale search's loss) and row ``1 + k`` the inputs of linear ``linear_names[k]``.
+    """
+
+    def __init__(self, weights: list[Tensor], visual_masks: list[Tensor], valid_masks: list[Tensor] | None = None, selection: SelectionConfig | None = None, importance: ImportanceConfig | None = None, linear_names: tuple[str, ...] = ()) -> None:
         if len(weights) != len(visual_masks):
             raise ValueError("one visual mask per sample is needed")
-        if weights and len({int(w.shape[0]) for w in weights}) != 1:
+        if weights and len({tuple(w.shape[:-1]) for w in weights}) != 1:
             raise ValueError("every sample must have weights for the same number of layers")
+        if weights:
+            shape = tuple(weights[0].shape)
+            if len(shape) != (3 if linear_names else 2) or (linear_names and shape[1] != 1 + len(linear_names)):
+                raise ValueError(f"weights of shape {shape} do not match {len(linear_names)} linear names")
+        self.linear_names = tuple(linear_names)
         self.weights = [w.detach().float().cpu() for w in weights]
         self.visual_masks = [m.reshape(-1).to(torch.bool).cpu() for m in visual_masks]
         self.valid_masks = (
@@ -106,7 +118,7 @@ class TokenCalibrationSet:
         self.importance = importance
 
     @classmethod
-    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None) -> "TokenCalibrationSet":
+    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = ()) -> "TokenCalibrationSet":
         """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights."""
         cfg = cfg or SelectionConfig()
         # One tie-breaking stream per sample, keyed by its global id: a sample's selection must not depend
@@ -115,7 +127,7 @@ class TokenCalibrationSet:
         gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + sid) for sid in ids]
         valids = valid_masks if valid_masks is not None else [None] * len(weights)
         selected = [select_tokens(w, m, cfg, v, g) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
-        return cls(selected, visual_masks, valid_masks, cfg, importance)
+        return cls(selected, visual_masks, valid_masks, cfg, importance, linear_names)
 
     # --- engine ------------------------------------------------------------------------------------
     @property
@@ -127,12 +139,19 @@ class TokenCalibrationSet:
         return int(self.weights[0].shape[0]) if self.weights else 0
 
     def weight_fn(self):  # -> tlq.engine.layerwise.TokenWeightFn
-        """``(layer_idx, sample_idx) -> Tensor[seq]`` for ``LayerwiseEngine(token_weights=...)``."""
+        """``(layer_idx, sample_idx, linear=None) -> Tensor[seq]`` for ``LayerwiseEngine(token_weights=...)``:
+        the weights of a linear's inputs (its name within the layer), or of the layer's output."""
+        rows = {name: 1 + k for k, name in enumerate(self.linear_names)}
 
-        def fn(layer: int, sample: int) -> Tensor:
+        def fn(layer: int, sample: int, linear: str | None = None) -> Tensor:
             if not 0 <= layer < self.num_layers:
                 raise IndexError(f"token weights cover {self.num_layers} layers, layer {layer} was asked for")
-            return self.weights[sample][layer]
+            w = self.weights[sample][layer]
+            if not self.linear_names:
+                return w
+            if linear is not None and linear not in rows:
+                raise KeyError(f"no token weights for linear {linear!r}; the importance pass saw {list(rows)}")
+            return w[rows.get(linear, 0)]
 
         return fn
 
@@ -142,7 +161,7 @@ class TokenCalibrationSet:
         vis = torch.zeros(self.num_layers, dtype=torch.long)
         txt = torch.zeros(self.num_layers, dtype=torch.long)
         for w, m in zip(self.weights, self.visual_masks):
-            sel = w > 0
+            sel = layer_rows(w) > 0
             vis += (sel & m).sum(-1)
             txt += (sel & ~m).sum(-1)
         return {
@@ -157,6 +176,7 @@ class TokenCalibrationSet:
         vis = torch.zeros(self.num_layers, dtype=torch.float64)
         tot = torch.zeros(self.num_layers, dtype=torch.float64)
         for w, m in zip(self.weights, self.visual_masks):
+            w = layer_rows(w)
             vis += (w * m).sum(-1).double()
             tot += w.sum(-1).double()
         return (vis / tot.clamp(min=1e-30)).tolist()
@@ -166,6 +186,7 @@ class TokenCalibrationSet:
         return {
             "num_samples": self.num_samples,
             "num_layers": self.num_layers,
+            "per_linear": list(self.linear_names),
             "selection": self.selection.to_dict() if self.selection else None,
             "importance": self.importance.to_dict() if self.importance else None,
             "candidate_tokens": {"visual": counts["candidates_visual"], "text": counts["candidates_text"]},
@@ -191,6 +212,7 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     if gradients is None and importance.needs_gradients:
         gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at, layers=layers, store=store)
     raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
+    names = gradients[0].linear_names if gradients else ()
     valids = [sample_valid_mask(s) for s in samples]
     weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]
-    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids)
+    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names)

@@ -18,6 +18,11 @@ It never holds the whole model's autograd graph:
 
 Peak memory is one layer's graph plus the boundary activations; the gradients equal full
 back-propagation (tested in float32 against ``model(...).backward()``).
+
+``at="linear"`` also keeps, for every linear layer inside each decoder layer, the gradient with respect
+to *that linear's own output*, read off the same recomputation (step 3). It is the first-order weight of
+an error in that linear's output at token ``t``: a ``k_proj`` error at a visual token reaches the loss
+through every later query, which the gradient at the decoder layer's output does not see.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 
 from tlq.data.calibration import CalibSample
 from tlq.models.base import ModelAdapter, get_submodule, run_layer, tree_to
+from tlq.config import GRAD_AT
 from tlq.models.streaming import LayerSource
 
 
@@ -40,9 +46,12 @@ from tlq.models.streaming import LayerSource
 class TokenGradients:
     """Result of the importance pass for one sample."""
 
-    grad: Tensor  # float32 [num_layers, seq] on CPU: ||dL/dh[l, t]||^2 (or ||.|| with squared=False)
+    # float32 on CPU: ||dL/dh[l, t]||^2 (or ||.|| with squared=False), [num_layers, seq]; with
+    # at="linear" [num_layers, 1 + len(linear_names), seq]: the decoder layer's output, then each linear's.
+    grad: Tensor
     loss: float  # mean answer-token cross-entropy (nan when the sample has no predictable answer token)
     num_answer_tokens: int  # answer tokens that enter the loss (an answer token at position 0 cannot)
+    linear_names: tuple[str, ...] = ()  # with at="linear": the linears of a decoder layer, by name within it
 
 
 @contextmanager
@@ -87,7 +96,36 @@ def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions
     return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
 
 
-GRAD_AT = ("output", "input")
+
+
+def layer_linear_names(layer: nn.Module) -> tuple[str, ...]:
+    """The ``nn.Linear`` modules of a decoder layer, by their names within it (module order)."""
+    return tuple(name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear))
+
+
+def _backward_through(layer: nn.Module, x: Tensor, kwargs: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool) -> tuple[Tensor, list[Tensor]]:
+    """Recompute ``layer`` on ``x`` with autograd and back-propagate ``g`` (its output's gradient).
+
+    Returns the input's gradient and, for each of ``linear_names``, the norms of the gradient at that
+    linear's output (zeros for a linear the output does not depend on).
+    """
+    outputs: dict[str, Tensor] = {}
+    hooks = [
+        layer.get_submodule(name).register_forward_hook(lambda _m, _a, y, name=name: outputs.__setitem__(name, y))
+        for name in linear_names
+    ]
+    try:
+        x = x.requires_grad_(True)
+        y = run_layer(layer, x, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    grads = torch.autograd.grad(y, [x, *(outputs[n] for n in linear_names)], grad_outputs=g, allow_unused=True)
+    rows = [
+        _norms(gl, squared) if gl is not None else torch.zeros(x.shape[1], dtype=torch.float32)
+        for gl in grads[1:]
+    ]
+    return grads[0], rows
 
 
 def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output") -> TokenGradients:
@@ -106,14 +144,16 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = adapter.decoder_layers(model)
     num_layers, seq = len(layers), sample.seq_len
+    names = layer_linear_names(layers[0]) if at == "linear" else ()
+    shape = (num_layers, 1 + len(names), seq) if names else (num_layers, seq)
     positions, targets = answer_targets(sample.inputs["input_ids"], sample.answer_mask)
     if positions.numel() == 0:
         warnings.warn("calibration sample has no answer token to score; its token gradients are zero", stacklevel=2)
-        return TokenGradients(torch.zeros(num_layers, seq), float("nan"), 0)
+        return TokenGradients(torch.zeros(shape), float("nan"), 0, names)
 
     li = adapter.capture_layer0_inputs(model, tree_to(sample.inputs, dev))
     kwargs = tree_to(li.kwargs, dev)
-    grads = torch.zeros(num_layers, seq, dtype=torch.float32)
+    grads = torch.zeros(shape, dtype=torch.float32)
 
     with frozen_parameters(model), torch.enable_grad():
         # 1. forward without a graph, keeping every layer's input on CPU.
@@ -134,14 +174,15 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
                 grads[i] = _norms(g, squared)
                 if i == 0:
                     break
-            x = stored[i].to(dev).requires_grad_(True)
-            y = run_layer(layers[i], x, kwargs)
-            (g,) = torch.autograd.grad(y, x, grad_outputs=g)
-            del x, y
+            elif at == "linear":
+                grads[i, 0] = _norms(g, squared)
+            g, rows = _backward_through(layers[i], stored[i].to(dev), kwargs, g, names, squared)
             if at == "input":
                 grads[i] = _norms(g, squared)
+            for k, row in enumerate(rows):
+                grads[i, 1 + k] = row
             stored[i] = None  # type: ignore[call-overload]  # free the boundary as soon as it is used
-    return TokenGradients(grads, float(loss.detach()), int(positions.numel()))
+    return TokenGradients(grads, float(loss.detach()), int(positions.numel()), names)
 
 
 def _norms(g: Tensor, squared: bool) -> Tensor:
@@ -178,7 +219,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
     scored = [i for i, (pos, _t) in enumerate(targets) if pos.numel() > 0]
     if len(scored) < len(samples):
         warnings.warn(f"{len(samples) - len(scored)} calibration samples have no answer token to score; their token gradients are zero", stacklevel=2)
-    grads = [torch.zeros(num_layers, s.seq_len, dtype=torch.float32) for s in samples]
+    names: tuple[str, ...] = ()
     losses = [float("nan")] * len(samples)
     firsts = [adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
     kwargs = [tree_to(f.kwargs, dev) for f in firsts]  # small (positions, mask): moved once, used 2L times
@@ -191,10 +232,13 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         with torch.no_grad():
             for i in range(num_layers):
                 layer = layers.load(i)
+                if i == 0 and at == "linear":
+                    names = layer_linear_names(layer)
                 inputs.append(store(h))
                 h = [run_layer(layer, x.to(dev), kw).to("cpu") for x, kw in zip(h, kwargs)]
                 layers.release(i)
                 bar.update()
+        grads = [torch.zeros((num_layers, 1 + len(names), s.seq_len) if names else (num_layers, s.seq_len), dtype=torch.float32) for s in samples]
         # 2. head loss of each sample -> gradient at the last layer's output.
         g: list[Tensor] = []
         for i, x in zip(scored, h):
@@ -205,25 +249,23 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         del h
         # 3. backward, layer by layer.
         for li in range(num_layers - 1, -1, -1):
-            if at == "output":
+            if at != "input":  # the output gradient: the whole row, or row 0 next to the linears'
                 for k, i in enumerate(scored):
-                    grads[i][li] = _norms(g[k], squared)
-            if at == "input" or li > 0:
+                    grads[i][li if at == "output" else (li, 0)] = _norms(g[k], squared)
+            if at != "output" or li > 0:
                 layer = layers.load(li)
-                for k in range(len(scored)):
-                    x = inputs[li][k].to(dev).requires_grad_(True)
-                    y = run_layer(layer, x, kwargs[k])
-                    g[k] = torch.autograd.grad(y, x, grad_outputs=g[k])[0]
-                    del x, y
-                layers.release(li)
-                if at == "input":
-                    for k, i in enumerate(scored):
+                for k, i in enumerate(scored):
+                    g[k], rows = _backward_through(layer, inputs[li][k].to(dev), kwargs[k], g[k], names, squared)
+                    for r, row in enumerate(rows):
+                        grads[i][li, 1 + r] = row
+                    if at == "input":
                         grads[i][li] = _norms(g[k], squared)
+                layers.release(li)
             _close(inputs[li])
             inputs[li] = None
             bar.update()
     bar.close()
-    return [TokenGradients(grads[i], losses[i], int(targets[i][0].numel())) for i in range(len(samples))]
+    return [TokenGradients(grads[i], losses[i], int(targets[i][0].numel()), names) for i in range(len(samples))]
 
 
 def _close(container: Any) -> None:

@@ -33,7 +33,7 @@ from tlq.builtin import default_dataset
 from tlq.config import CalibConfig, ConfigError
 from tlq.importance.calibset import SelectionConfig, TokenCalibrationSet, sample_valid_mask
 from tlq.importance.gradients import token_gradients
-from tlq.importance.weights import ImportanceConfig, integrate
+from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
 from tlq.utils.io import atomic_write_json, check_writable_output
 
 # YlOrRd-like ramp: pale yellow (low) -> orange -> red -> dark red (high).
@@ -236,24 +236,27 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     records = choose(read_jsonl(calib), num_samples, seed)
     adapter, hf_model, processor, _model_dir, dev, dt = load_model(model, device, dtype)
     samples = [build_sample(r, processor, adapter, hf_model, max_seq_len, str(calib)) for r in records]
-    grads = token_gradients(adapter, hf_model, samples, device=dev, progress=progress)
+    grads = token_gradients(adapter, hf_model, samples, device=dev, progress=progress, at=cfg.grad_at)
     valids = [sample_valid_mask(s) for s in samples]
-    weights = [integrate(g.grad, s.visual_mask, cfg, v) for g, s, v in zip(grads, samples, valids)]
+    full = [integrate(g.grad, s.visual_mask, cfg, v) for g, s, v in zip(grads, samples, valids)]
+    # Saved in full below; drawn and summarised per decoder layer (per-linear rows: the layer's own row).
+    weights = [layer_rows(w) for w in full]
+    raws = [layer_rows(g.grad) for g in grads]
     num_layers = int(weights[0].shape[0])
 
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     per_sample: list[dict[str, Any]] = []
     tokenizer = getattr(processor, "tokenizer", processor)
-    for i, (rec, s, g, w) in enumerate(zip(records, samples, grads, weights)):
+    for i, (rec, s, g, w, raw) in enumerate(zip(records, samples, grads, weights, raws)):
         p = f"sample_{i:03d}"
         tensors[f"{p}.raw"] = g.grad.contiguous()
-        tensors[f"{p}.weights"] = w.contiguous()
+        tensors[f"{p}.weights"] = full[i].contiguous()
         tensors[f"{p}.visual_mask"] = s.visual_mask.contiguous()
         tensors[f"{p}.answer_mask"] = s.answer_mask.contiguous()
         tensors[f"{p}.input_ids"] = s.inputs["input_ids"][0].contiguous()
         vis_w, txt_w = _modality_means(w, s.visual_mask)
-        vis_r, txt_r = _modality_means(g.grad, s.visual_mask)
+        vis_r, txt_r = _modality_means(raw, s.visual_mask)
         grid = adapter.visual_token_grid(hf_model, s.inputs)
         entry: dict[str, Any] = {
             "index": i,
@@ -308,7 +311,7 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
         "num_layers": num_layers,
         "config": cfg.to_dict(),
         "mean_loss": _finite(sum(losses) / len(losses)) if (losses := [g.loss for g in grads if g.loss == g.loss]) else None,
-        "per_layer": _aggregate(weights, [g.grad for g in grads], [s.visual_mask for s in samples]),
+        "per_layer": _aggregate(weights, raws, [s.visual_mask for s in samples]),
         "samples": per_sample,
         "files": {"tensors": "importance.safetensors", "pngs": [e["png"] for e in per_sample if e["png"]]},
     }

@@ -35,9 +35,15 @@ import math
 import torch
 from torch import Tensor
 
-from tlq.config import ConfigError
+from tlq.config import GRAD_AT, ConfigError
 
 KINDS = ("grad2", "grad", "modality", "uniform")
+
+
+def layer_rows(t: Tensor) -> Tensor:
+    """The decoder-layer rows ``[L, seq]`` of per-token values that may also have per-linear rows
+    (``[L, 1 + K, seq]``, ``grad_at="linear"``, the layer's own row first)."""
+    return t if t.dim() == 2 else t[:, 0]
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class ImportanceConfig:
     clip_quantile: float | None = 0.99  # clip each row at this quantile of its tokens (None or 1.0 = off)
     modality_mix: float = 0.3  # lam in  w = lam * modality_mean + (1 - lam) * w  (0 = pure token weights)
     normalize_per_sample: bool = True  # mean weight 1 over each sample's tokens, per layer
-    grad_at: str = "output"  # gradient w.r.t. each layer's "output" (DESIGN) or "input" hidden state
+    # gradient w.r.t. each decoder layer's "output" hidden state (DESIGN), its "input", or "linear": the
+    # layer's output plus each linear's own output (each linear's inputs weighted by their own importance)
+    grad_at: str = "output"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,8 +67,8 @@ class ImportanceConfig:
             raise ConfigError(f"importance floor must be in [0, 1) (a fraction of the mean weight), got {self.floor}")
         if self.clip_quantile is not None and not 0.0 < self.clip_quantile <= 1.0:
             raise ConfigError(f"clip_quantile must be in (0, 1] or None, got {self.clip_quantile}")
-        if self.grad_at not in ("output", "input"):
-            raise ConfigError(f"grad_at must be 'output' or 'input', got {self.grad_at!r}")
+        if self.grad_at not in GRAD_AT:
+            raise ConfigError(f"grad_at must be one of {', '.join(GRAD_AT)}, got {self.grad_at!r}")
         if not 0.0 <= self.modality_mix <= 1.0:
             raise ConfigError(f"modality_mix must be in [0, 1], got {self.modality_mix}")
 
@@ -123,15 +131,18 @@ def _apply_floor(w: Tensor, valid: Tensor, floor: float) -> Tensor:
 
 
 def integrate(raw: Tensor, visual_mask: Tensor, cfg: ImportanceConfig | None = None, valid_mask: Tensor | None = None) -> Tensor:
-    """Token weights ``[num_layers, seq]`` (float32, >= 0, finite) from one sample's raw ``||g||^2``.
+    """Token weights ``[num_layers, seq]`` (float32, >= 0, finite) from one sample's raw ``||g||^2``
+    (``[num_layers, rows, seq]`` in and out for per-linear gradients, each row kind integrated alone).
 
     ``raw`` is the importance pass's default output (squared norms, ``[num_layers, seq]``);
     ``visual_mask`` [seq] marks visual tokens; ``valid_mask`` [seq] (default: all) marks the tokens that
     exist (not padding) — only they are normalised over and weighted.
     """
     cfg = cfg or ImportanceConfig()
+    if raw.dim() == 3:  # [L, 1 + K, seq]: each kind of row (layer output, each linear) on its own
+        return torch.stack([integrate(raw[:, r], visual_mask, cfg, valid_mask) for r in range(raw.shape[1])], 1)
     if raw.dim() != 2:
-        raise ValueError(f"raw gradients must be [num_layers, seq], got shape {tuple(raw.shape)}")
+        raise ValueError(f"raw gradients must be [num_layers, seq] or [num_layers, rows, seq], got shape {tuple(raw.shape)}")
     seq = raw.shape[1]
     visual = visual_mask.reshape(-1).to(torch.bool).cpu()
     valid = torch.ones(seq, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).to(torch.bool).cpu()
