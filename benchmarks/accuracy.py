@@ -42,8 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "TLQ w/o token importance": ("tlq", {"weighting": "uniform", "token_select": False}),
     "TLQ w/o token selection": ("tlq", {"token_select": False}),
     "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),
-    "TLQ with input gradients": ("tlq", {"grad_at": "input"}),
-    "TLQ per-linear importance": ("tlq", {"grad_at": "linear"}),
+    "TLQ layer-output importance": ("tlq", {"grad_at": "output"}),
 }
 TABLE_VARIANTS = tuple(VARIANTS)
 # Settings of the token-weight integration and of the token budget, compared on the held-out val split
@@ -58,9 +57,9 @@ VARIANTS.update({
     "TLQ |g| (all tokens)": ("tlq", {"importance": {"kind": "grad"}, "token_select": False}),
     "TLQ one weight per token (all tokens)": ("tlq", {"importance": {"per_layer": False}, "token_select": False}),
     "TLQ modality weights (all tokens)": ("tlq", {"weighting": "modality", "token_select": False}),
+    "TLQ with input gradients": ("tlq", {"grad_at": "input"}),
+    "TLQ per-linear importance": ("tlq", {"grad_at": "linear"}),
     "TLQ per-linear importance (all tokens)": ("tlq", {"grad_at": "linear", "token_select": False}),
-    "TLQ per-linear importance 75% tokens": ("tlq", {"grad_at": "linear", "token_fraction": 0.75}),
-    "TLQ layer-output importance": ("tlq", {"grad_at": "output"}),
     "TLQ layer-output importance (all tokens)": ("tlq", {"grad_at": "output", "token_select": False}),
 })
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
@@ -70,14 +69,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
     p.add_argument("--schemes", default="w3a16,w4a8")
-    p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help=f"comma-separated variant names, of: {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--data", choices=("test", "val"), default="test",
                    help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
     p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
+    p.add_argument("--parallel", action="store_true",
+                   help="one child process per model (one core each), merged into one report when all are done")
     return p.parse_args(argv)
+
+
+def run_parallel(args: argparse.Namespace, argv: list[str], models: list[str]) -> dict[str, Any]:
+    """Each model in its own ``accuracy.py --models M`` child process, all at once; returns their results
+    by model. A child that fails fails the run (its partial report stays in OUT-MODEL.json)."""
+    import subprocess
+
+    rest = [a for a in argv if a != "--parallel"]
+    children = []
+    for model in models:
+        out = f"{args.out}-{model}"  # no dot: OUT.json and OUT.md are derived by suffix
+        cmd = [sys.executable, __file__, *rest, "--models", model, "--out", out]
+        children.append((model, out, subprocess.Popen(cmd)))
+    results = {}
+    for model, out, child in children:
+        if child.wait() != 0:
+            raise SystemExit(f"the run for {model} failed (exit {child.returncode}); partial results: {out}.json")
+        results[model] = json.loads(Path(out).with_suffix(".json").read_text())["models"][model]
+        for suffix in (".json", ".md"):
+            Path(out).with_suffix(suffix).unlink()
+    return results
 
 
 def val_records(model_dir: Path, n: int) -> list[Any]:
@@ -192,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out.with_suffix(".json"), result)
         atomic_write_text(out.with_suffix(".md"), to_markdown(result))
 
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.parallel and len(models) > 1:
+        result["models"] = run_parallel(args, list(argv if argv is not None else sys.argv[1:]), models)
+    for model in models if not result["models"] else []:
 
         def checkpoint(rows: dict[str, Any], model: str = model) -> None:
             result["models"][model] = rows

@@ -220,7 +220,9 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
     * tlq: token-level gradient importance + token-level calibration set + quantization-exposed
       layer-wise calibration; each layer gets a token-weighted scale search (AWQ-style for weight-only,
       SmoothQuant-style for W-A schemes), then token-weighted GPTQ. Both solvers in turn were chosen by
-      measurement (docs/accuracy-selection.md): lowest KL to FP16 on both built-in models.
+      measurement (docs/accuracy-selection.md): lowest KL to FP16 on both built-in models. Each linear's
+      inputs are weighted by the gradient at that linear's own output (``grad_at="linear"``), chosen over
+      the decoder layer's output gradient by measurement on the held-out val split (docs/methods.md).
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {
@@ -234,7 +236,14 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
             "quantized_inputs": False,
         },
         "mbq": {"solver": "rtn", "search": ScaleSearchConfig(kind=search_kind), "weighting": "modality", "quantized_inputs": False},
-        "tlq": {"solver": "gptq", "search": ScaleSearchConfig(kind=search_kind), "weighting": "token", "token_select": True, "quantized_inputs": True},
+        "tlq": {
+            "solver": "gptq",
+            "search": ScaleSearchConfig(kind=search_kind),
+            "weighting": "token",
+            "importance": replace(_default_importance(), grad_at="linear"),
+            "token_select": True,
+            "quantized_inputs": True,
+        },
     }
     if method not in presets:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")

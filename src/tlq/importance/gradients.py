@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tlq.config import GRAD_AT
 from tlq.data.calibration import CalibSample
 from tlq.models.base import ModelAdapter, get_submodule, run_layer, tree_to
-from tlq.config import GRAD_AT
 from tlq.models.streaming import LayerSource
 
 
@@ -96,8 +96,6 @@ def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions
     return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
 
 
-
-
 def layer_linear_names(layer: nn.Module) -> tuple[str, ...]:
     """The ``nn.Linear`` modules of a decoder layer, by their names within it (module order)."""
     return tuple(name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear))
@@ -120,12 +118,11 @@ def _backward_through(layer: nn.Module, x: Tensor, kwargs: dict[str, Any], g: Te
     finally:
         for h in hooks:
             h.remove()
-    grads = torch.autograd.grad(y, [x, *(outputs[n] for n in linear_names)], grad_outputs=g, allow_unused=True)
-    rows = [
-        _norms(gl, squared) if gl is not None else torch.zeros(x.shape[1], dtype=torch.float32)
-        for gl in grads[1:]
-    ]
-    return grads[0], rows
+    ran = [n for n in linear_names if n in outputs]  # a linear the forward never called has no gradient
+    grads = dict(zip(["", *ran], torch.autograd.grad(y, [x, *(outputs[n] for n in ran)], grad_outputs=g, allow_unused=True)))
+    zeros = torch.zeros(x.shape[1], dtype=torch.float32)
+    rows = [_norms(grads[n], squared) if grads.get(n) is not None else zeros for n in linear_names]
+    return grads[""], rows
 
 
 def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output") -> TokenGradients:
