@@ -38,9 +38,9 @@ from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
 from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
-# Per-token weights for one layer's statistics: (layer index, sample index) -> [seq] or None.
-# (layer index, global sample id[, linear name within the layer]) -> token weights [seq]; without a linear
-# name, the weights of the layer's output (also those of every linear unless importance is per linear).
+# Per-token weights for one layer's statistics: (layer index, global sample id[, linear name within the
+# layer]) -> [seq] or None. Without a linear name: the weights of the layer's output, which are also
+# every linear's unless the importance is per linear.
 TokenWeightFn = Callable[..., Tensor | None]
 # Called once per finished layer (also for layers restored from a resume state), while it is loaded:
 # (layer index, layer module, {module name: QuantizedWeight}). A streamed export writes the layer here.
