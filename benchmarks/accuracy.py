@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -43,6 +44,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "TLQ w/o token selection": ("tlq", {"token_select": False}),
     "TLQ w/o quantized inputs": ("tlq", {"quantized_inputs": False}),
     "TLQ layer-output importance": ("tlq", {"grad_at": "output"}),
+    "TLQ w/o FP target": ("tlq", {"gptq_target": "quantized"}),
 }
 TABLE_VARIANTS = tuple(VARIANTS)
 # Settings of the token-weight integration and of the token budget, compared on the held-out val split
@@ -61,14 +63,20 @@ VARIANTS.update({
     "TLQ per-linear importance": ("tlq", {"grad_at": "linear"}),
     "TLQ per-linear importance (all tokens)": ("tlq", {"grad_at": "linear", "token_select": False}),
     "TLQ layer-output importance (all tokens)": ("tlq", {"grad_at": "output", "token_select": False}),
+    "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
+    "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
+    "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),
+    "TLQ FP target 75% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.75}),
+    "GPTQ FP target": ("gptq", {"gptq_target": "fp"}),
 })
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
+BASELINES = ("RTN", "SmoothQuant", "AWQ", "GPTQ", "MBQ")  # what TLQ is compared with in the summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
-    p.add_argument("--schemes", default="w3a16,w4a8")
+    p.add_argument("--schemes", default="w3a16,w4a16,w4a8")
     p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--data", choices=("test", "val"), default="test",
                    help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
@@ -76,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
     p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rewrite the Markdown of an earlier run's JSON (next to it), with the current table format")
     p.add_argument("--parallel", action="store_true",
                    help="one child process per model (one core each), merged into one report when all are done")
     return p.parse_args(argv)
@@ -158,6 +168,70 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     return rows
 
 
+def beyond_spread(better: dict[str, float], worse: dict[str, float], higher_is_better: bool) -> bool:
+    """Whether ``better`` beats ``worse`` by more than both seed spreads (mean ± std intervals apart).
+
+    Differences inside the spread are what another calibration draw could undo; they are not wins."""
+    sign = 1.0 if higher_is_better else -1.0
+    return sign * (better["mean"] - worse["mean"]) > better["std"] + worse["std"]
+
+
+def summary_rows(rows: dict[str, Any], scheme: str) -> dict[str, Any] | None:
+    """TLQ against the baselines of one (model, scheme) cell: the best by accuracy and by KL, and whether
+    TLQ beats *every* baseline beyond the spread (:func:`beyond_spread`); ``None`` when the cell lacks
+    TLQ or every baseline."""
+    cells = {c["variant"]: c for c in rows["cells"].values() if c["scheme"] == scheme}
+    base = [cells[b] for b in BASELINES if b in cells]
+    if "TLQ" not in cells or not base:
+        return None
+    tlq = cells["TLQ"]
+    best_acc = max(base, key=lambda c: (c["accuracy"]["mean"], -c["kl"]["mean"]))
+    best_kl = min(base, key=lambda c: c["kl"]["mean"])
+    return {
+        "tlq": tlq,
+        "best_acc": best_acc,
+        "best_kl": best_kl,
+        "acc_win": all(beyond_spread(tlq["accuracy"], b["accuracy"], higher_is_better=True) for b in base),
+        "acc_loss": beyond_spread(best_acc["accuracy"], tlq["accuracy"], higher_is_better=True),
+        "kl_win": all(beyond_spread(tlq["kl"], b["kl"], higher_is_better=False) for b in base),
+        "kl_ratio": best_kl["kl"]["mean"] / max(tlq["kl"]["mean"], 1e-30),
+    }
+
+
+def _pm(stat: dict[str, float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{scale * stat['mean']:{fmt}} ± {scale * stat['std']:{fmt}}"
+
+
+def summary_markdown(result: dict[str, Any]) -> list[str]:
+    """The computed summary: per (model, scheme), TLQ against the best baseline by accuracy (% of FP16)
+    and by KL, and whether each gap is beyond the seed spread. Written from the numbers, never by hand."""
+    lines = ["## Summary (computed from the table below)", "",
+             "A gap counts only when the mean ± std intervals over calibration seeds do not overlap.", "",
+             "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    counts = {"acc_win": 0, "kl_win": 0, "cells": 0}
+    for model, rows in result["models"].items():
+        for scheme in dict.fromkeys(c["scheme"] for c in rows["cells"].values()):
+            s = summary_rows(rows, scheme)
+            if s is None:
+                continue
+            counts["cells"] += 1
+            counts["acc_win"] += s["acc_win"]
+            counts["kl_win"] += s["kl_win"]
+            acc_verdict = "TLQ ahead" if s["acc_win"] else ("TLQ behind" if s["acc_loss"] else "within spread")
+            kl_verdict = "TLQ lower" if s["kl_win"] else "within spread or higher"
+            ba, bk = s["best_acc"], s["best_kl"]
+            lines.append(
+                f"| {model} | {scheme} | {_pm(s['tlq']['accuracy'], 100)} | {ba['variant']} {_pm(ba['accuracy'], 100)} | {acc_verdict} | "
+                f"{_pm(s['tlq']['kl'], fmt='.1e')} | {bk['variant']} {_pm(bk['kl'], fmt='.1e')} | {s['kl_ratio']:.2f}x | {kl_verdict} |"
+            )
+    if counts["cells"] == 0:  # a run without TLQ and a baseline side by side (e.g. choosing a default)
+        return []
+    lines += ["", f"TLQ is ahead of every baseline beyond the spread in accuracy in {counts['acc_win']} of {counts['cells']} cells, "
+              f"and in KL(FP16 || quantized) in {counts['kl_win']} of {counts['cells']}.", ""]
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Accuracy: every method against FP16 on the built-in models",
@@ -171,6 +245,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
         "",
     ]
+    if result.get("note"):  # added by hand to a finished run's JSON, e.g. when variants were renamed
+        lines += [f"Note: {result['note']}", ""]
+    lines += summary_markdown(result)
     for model, rows in result["models"].items():
         fp = rows["fp16"]
         lines += [f"## {model} (FP16 accuracy {100 * fp['accuracy']:.2f}%)", ""]
@@ -187,6 +264,10 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        report = Path(args.render)
+        atomic_write_text(report.with_suffix(".md"), to_markdown(json.loads(report.read_text())))
+        return 0
     torch.manual_seed(0)
     t0 = time.perf_counter()
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
@@ -197,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     schemes = [s.strip() for s in args.schemes.split(",")]
     result: dict[str, Any] = {
-        "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}",
         "torch": torch.__version__,
         "num_calib": args.num_calib,

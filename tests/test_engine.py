@@ -107,3 +107,15 @@ def test_reports_have_one_entry_per_layer(tiny_vlm_dir, tiny_calib_jsonl):
     adapter, model, _samples, result = _calibrate(tiny_vlm_dir, tiny_calib_jsonl, "w4a16", "rtn")
     assert [r.index for r in result.layers] == list(range(len(adapter.decoder_layers(model))))
     assert all(r.num_linears == 7 and r.rel_error > 0 and r.peak_mem_mb > 0 for r in result.layers)
+
+
+def test_fp_target_follows_the_fp_model_more_closely(tiny_vlm_dir, tiny_calib_jsonl):
+    """GPTQ with the FP target (W X_fp from X_q) undoes part of the error of the layers before: from the
+    second layer on, the quantized stream stays closer to the FP stream than with plain GPTQ. Layer 0's
+    first group sees identical inputs on both streams, so its codes do not change."""
+    *_, plain = _calibrate(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "gptq")
+    *_, fp = _calibrate(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "gptq", gptq_target="fp")
+    q0 = [n for n in plain.quantized if n.endswith("layers.0.self_attn.q_proj")]
+    assert q0 and torch.equal(plain.quantized[q0[0]].codes, fp.quantized[q0[0]].codes)
+    assert fp.layers[-1].rel_error < plain.layers[-1].rel_error
+    assert sum(r.rel_error for r in fp.layers[1:]) < sum(r.rel_error for r in plain.layers[1:])

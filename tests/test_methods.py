@@ -34,7 +34,8 @@ def test_tlq_selects_half_the_tokens_with_both_modalities(tiny_vlm_dir, tiny_cal
 def test_token_weights_change_the_solution(tiny_vlm_dir, tiny_calib_jsonl):
     plain = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "gptq")
     tlq = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq")
-    ablated = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq", weighting="uniform", token_select=False, scale_search="none")
+    ablated = _run(tiny_vlm_dir, tiny_calib_jsonl, "w3a16", "tlq", weighting="uniform", token_select=False, scale_search="none",
+                   gptq_target="quantized")
     name = next(iter(plain.result.quantized))
     assert not torch.equal(plain.result.quantized[name].codes, tlq.result.quantized[name].codes)
     # TLQ with every part switched off is exactly GPTQ

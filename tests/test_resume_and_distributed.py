@@ -56,15 +56,16 @@ def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("scheme", "method", "two_rank_extra"),
-    [("w4a8", "tlq", ()), ("w3a16", "mbq", ()), ("w4a16", "gptq", ("--stream",))],
-    ids=["tlq-w4a8", "mbq-w3a16", "gptq-w4a16-2-ranks-streamed"],
+    ("scheme", "method", "common_extra", "two_rank_extra"),
+    [("w4a8", "tlq", (), ()), ("w3a16", "mbq", (), ()), ("w4a16", "gptq", ("--gptq-target", "fp"), ("--stream",))],
+    ids=["tlq-w4a8", "mbq-w3a16", "gptq-fp-target-w4a16-2-ranks-streamed"],
 )
-def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, two_rank_extra):
+def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, common_extra, two_rank_extra):
     """TLQ (importance, token selection, weighted GPTQ) and MBQ (modality weights, scale search); and
-    2 ranks each streaming the layers from disk against 1 in-memory process."""
+    GPTQ with the FP target (its cross statistics all-reduced too), 2 ranks each streaming the layers
+    from disk against 1 in-memory process."""
     for nproc in ("1", "2"):
-        extra = two_rank_extra if nproc == "2" else ()
+        extra = (*common_extra, *(two_rank_extra if nproc == "2" else ()))
         args = _quantize_args(deep_model, tiny_calib_jsonl, tmp_path / f"n{nproc}", "--nproc", nproc, "--no-resume", *extra,
                               scheme=scheme, method=method)
         r = _tlq(*args)

@@ -84,7 +84,7 @@ def load_streamed(model: str | Path, device: str = "auto", dtype: str = "auto", 
     return adapter, streamed, processor, model_dir, dev, dt
 
 
-def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, gptq_target: str | None = None, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
     """Validate user-facing options into a ``QuantizeConfig``.
 
     ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
@@ -92,7 +92,8 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
     """
     kw = {} if group_size is None else {"group_size": group_size}
     qscheme = resolve_scheme(scheme, symmetric=symmetric, **kw)
-    preset = method_preset(method, qscheme)
+    preset = dict(method_preset(method, qscheme))
+    preset_target = preset.pop("gptq_target", GPTQConfig.target)
     search: ScaleSearchConfig = preset["search"]
     if scale_search == "auto":  # AWQ for weight-only schemes, SmoothQuant when activations are quantized
         scale_search = "smoothquant" if qscheme.quantizes_activations else "awq"
@@ -105,7 +106,7 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
         scheme=qscheme,
         method=method,
         calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
-        gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order),
+        gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order, target=gptq_target or preset_target),
         device=device,
         dtype=dtype,
         **parts,

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tlq.config import GRAD_AT, METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
+from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
 
 
 def _group_size(text: str) -> int:
@@ -39,6 +39,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     abl = p.add_argument_group("method parts (each overrides the --method preset; used for ablations)")
     abl.add_argument("--solver", choices=SOLVERS, default=None, help="per-linear solver")
+    abl.add_argument("--gptq-target", choices=GPTQ_TARGETS, default=None,
+                     help="GPTQ matches each linear's output to W X_q (quantized: plain GPTQ) or to the FP model's W X_fp "
+                          "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)")
     abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant", "auto"), default=None, help="per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)")
     abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
     abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
@@ -94,6 +97,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             damp_percent=args.damp,
             block_size=args.block_size,
             act_order=args.act_order,
+            gptq_target=args.gptq_target,
             solver=args.solver,
             scale_search=args.scale_search,
             search_grid=args.search_grid,

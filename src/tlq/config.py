@@ -120,6 +120,17 @@ class GPTQConfig:
     damp_percent: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
     block_size: int = 128  # lazy-batch column block
     act_order: bool = False  # quantize columns by decreasing Hessian diagonal
+    # What each linear's output is matched to: "quantized" = W X_q (plain GPTQ: the FP weights on the
+    # inputs the quantized path delivers); "fp" = W X_fp (GPTAQ-style: the FP model's own output, so the
+    # solver also undoes the error of the layers and linears before it). See tlq.quant.gptq.
+    target: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if self.target not in GPTQ_TARGETS:
+            raise ConfigError(f"unknown GPTQ target {self.target!r}; choose one of: {', '.join(GPTQ_TARGETS)}")
+
+
+GPTQ_TARGETS = ("quantized", "fp")
 
 
 @dataclass
@@ -223,6 +234,8 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
       measurement (docs/accuracy-selection.md): lowest KL to FP16 on both built-in models. Each linear's
       inputs are weighted by the gradient at that linear's own output (``grad_at="linear"``), chosen over
       the decoder layer's output gradient by measurement on the held-out val split (docs/methods.md).
+      GPTQ matches the FP model's outputs ``W X_fp`` (``gptq_target="fp"``), also chosen on the val
+      split (docs/accuracy-fp-target.md).
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {
@@ -243,6 +256,7 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
             "importance": replace(_default_importance(), grad_at="linear"),
             "token_select": True,
             "quantized_inputs": True,
+            "gptq_target": "fp",
         },
     }
     if method not in presets:

@@ -14,6 +14,7 @@ later group sees the error of the earlier ones ("true sequential").
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import signal
@@ -181,7 +182,11 @@ class LayerwiseEngine:
         fp_out = self._run(layer, x_fp, kwargs)
         stats_in = x_q if self.config.quantized_inputs else x_fp
         alphas = self._search_scales(i, layer, stats_in, kwargs)
-        quantized = self._calibrate_layer(i, layer, stats_in, kwargs)
+        # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
+        # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's
+        fp_ref = (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None
+        quantized = self._calibrate_layer(i, layer, stats_in, kwargs, fp_ref)
+        del fp_ref
         q_out = self._run(layer, x_q, kwargs)
         num, den = squared_error_sums(q_out, fp_out)
         num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
@@ -228,7 +233,10 @@ class LayerwiseEngine:
     def _run(self, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]]) -> Any:
         return self._store([run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)])
 
-    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, QuantizedWeight]:
+    def _wants_fp_inputs(self) -> bool:
+        return self.config.solver == "gptq" and self.config.gptq.target == "fp"
+
+    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None) -> dict[str, QuantizedWeight]:
         prefix = self.adapter.decoder_layer_prefix(index)
         scheme = self.config.scheme
         out: dict[str, QuantizedWeight] = {}
@@ -245,7 +253,7 @@ class LayerwiseEngine:
                 for n, m in mods.items()
             }
             if any(c.needs_inputs for c in cals.values()):
-                self._observe(index, layer, mods, cals, xs, kwargs)
+                self._observe(index, layer, mods, cals, xs, kwargs, fp_ref)
                 for cal in cals.values():
                     cal.reduce(self.ctx)
             for n, m in mods.items():
@@ -255,21 +263,35 @@ class LayerwiseEngine:
         return out
 
     @torch.no_grad()
-    def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]]) -> None:
+    def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None) -> None:
+        """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
+        forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens."""
         current: dict[str, Tensor | None] = {}
+        fp_inputs: dict[str, Tensor] = {}
+        wants_fp = fp_ref is not None and any(c.needs_fp_inputs for c in cals.values())
 
         def make_hook(name: str) -> Callable:
             def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
-                cals[name].observe(args[0], current[name])
+                cals[name].observe(args[0], current[name], x_fp=fp_inputs.pop(name, None))
+
+            return hook
+
+        def make_fp_hook(name: str) -> Callable:
+            def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
+                fp_inputs[name] = args[0]
 
             return hook
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+        if wants_fp:
+            handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods]
         try:
             for s, (x, kw) in enumerate(zip(xs, kwargs)):
                 for name in mods:  # per-linear importance gives each linear its own token weights
                     w = self._weights(index, s, name)
                     current[name] = None if w is None else w.to(self.device).reshape(1, -1)
+                if wants_fp:
+                    run_layer(fp_ref[0], self._dev(fp_ref[1][s]), self._dev(kw))
                 run_layer(layer, self._dev(x), self._dev(kw))
         finally:
             for h in handles:
@@ -359,6 +381,15 @@ class LayerwiseEngine:
         for h in self.act_hooks:
             h.remove()
         self.act_hooks.clear()
+
+
+def _fp_copy(layer: nn.Module) -> nn.Module:
+    """A hook-free copy of ``layer`` as it is now (FP weights): the reference the FP target reads."""
+    ref = copy.deepcopy(layer)
+    for m in ref.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return ref
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

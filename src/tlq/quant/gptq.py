@@ -33,6 +33,9 @@ from tlq.quant.quantizer import (
 DAMP_RETRY_FACTOR = 10.0
 DAMP_MAX_RETRIES = 4
 DAMP_RETRY_START_PERCENT = 0.01
+# The FP-target correction ``W D H^-1`` is damped by at least this fraction of the mean diagonal, also
+# when GPTQ itself runs undamped: an undamped inverse of a calibration Hessian amplifies noise.
+TARGET_MIN_DAMP_PERCENT = 0.01
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,6 +135,81 @@ class HessianAccumulator:
             raise RuntimeError("this accumulator's Hessian was taken already")
         if float(self.total_weight) <= 0:
             raise RuntimeError("no calibration tokens with positive weight reached this layer")
+
+
+class CrossAccumulator:
+    """Running ``D = sum_t w_t (x_fp,t - x_q,t) x_q,t^T``: how the FP model's inputs of a linear differ
+    from the inputs the quantized path gives it, correlated with the latter.
+
+    It turns GPTQ's target from ``W X_q`` into ``W X_fp`` (GPTAQ-style asymmetric calibration): with
+    ``H = sum_t w_t x_q x_q^T``, ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) + const``
+    for ``W* = W + W D H^-1`` (see :func:`fp_target_weight`), so plain GPTQ on ``W*`` solves it. The
+    difference is accumulated directly, not ``sum x_fp x_q^T``, so that ``W* = W`` exactly when the two
+    streams agree. Same precision and distributed contract as :class:`HessianAccumulator`: float32
+    batch products, float64 running sum, all-reduce ``raw_sum`` and ``total_weight``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float64) -> None:
+        self.in_features = in_features
+        self.raw_sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.total_weight = torch.zeros((), dtype=dtype, device=device)
+
+    def add(self, x_fp: Tensor, x_q: Tensor, weights: Tensor | None = None) -> None:
+        """Accumulate aligned token rows of the FP and quantized inputs ``[..., in]`` (same tokens)."""
+        if x_fp.shape != x_q.shape or x_q.shape[-1] != self.in_features:
+            raise ValueError(f"FP inputs {tuple(x_fp.shape)} and quantized inputs {tuple(x_q.shape)} must have the same "
+                             f"shape with {self.in_features} features: the two streams must hold the same tokens")
+        q = x_q.detach().reshape(-1, self.in_features).to(self.raw_sum.device, torch.float32)
+        delta = x_fp.detach().reshape(-1, self.in_features).to(self.raw_sum.device, torch.float32) - q
+        if weights is None:
+            total = float(q.shape[0])
+        else:
+            w = _check_token_weights(weights, x_q.shape[:-1]).reshape(-1).to(self.raw_sum.device, torch.float32)
+            keep = w > 0
+            q, delta, w = q[keep], delta[keep], w[keep]
+            delta = delta * w.unsqueeze(1)
+            total = w.to(self.total_weight.dtype).sum()
+        if q.shape[0] == 0:
+            return
+        _add_widened_(self.raw_sum, delta.T @ q)
+        self.total_weight += total
+
+    def take_raw_sum(self) -> Tensor:
+        """The running sum, handed over: the accumulator is left empty, so that the solve can free it."""
+        if self.raw_sum.numel() == 0:
+            raise RuntimeError("this accumulator's sum was taken already")
+        raw, self.raw_sum = self.raw_sum, self.raw_sum.new_empty(0)
+        return raw
+
+
+def fp_target_weight(weight: Tensor, cross: CrossAccumulator, hessian: HessianAccumulator, damp_percent: float) -> Tensor:
+    """``W* = W + W D (H + damp)^-1``: the weight whose output on the quantized inputs best matches the FP
+    weight's output on the FP inputs, in the token-weighted least-squares sense.
+
+    ``cross`` and ``hessian`` hold the same tokens; ``cross`` is consumed (its sum is freed as soon as
+    ``W D`` is formed), ``hessian`` is left as it was for the GPTQ solve that follows. Both are used
+    unnormalised (their common token weight cancels in ``D H^-1``), so the working set is the Hessian
+    plus one factor of its size. The damping of the GPTQ solve (relative to the mean diagonal, at least
+    ``TARGET_MIN_DAMP_PERCENT``) regularises the correction: it shrinks ``W*`` towards ``W`` where ``H``
+    is ill-conditioned instead of amplifying noise. Computed in float64; returned in ``weight``'s dtype.
+    """
+    hessian._check_nonempty()
+    if float(cross.total_weight) <= 0:
+        raise RuntimeError("no calibration tokens with positive weight reached this layer")
+    ratio = float(hessian.total_weight) / float(cross.total_weight)  # 1 when both saw the same tokens
+    w = weight.detach().to(hessian.raw_sum.device, torch.float64)
+    wd = (w @ cross.take_raw_sum()).mul_(ratio)  # the [out, in] product; the in x in sum is freed here
+    factor = hessian.raw_sum.clone()
+    factor.diagonal().add_(max(damp_percent, TARGET_MIN_DAMP_PERCENT) * float(torch.diagonal(factor).mean()))
+    info = torch.empty((), dtype=torch.int32, device=factor.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    if int(info) != 0:
+        raise RuntimeError("GPTQ FP target: the damped Hessian is not positive definite; "
+                           "raise --damp or use --gptq-target quantized")
+    # (W D) H^-1 = (H^-1 (W D)^T)^T, H being symmetric
+    correction = torch.cholesky_solve(wd.T.contiguous(), factor).T
+    del factor
+    return (w + correction).to(device=weight.device, dtype=weight.dtype)
 
 
 # Rows per step of the blocked helpers below: their temporaries are this many rows of an in x in matrix

@@ -12,15 +12,16 @@ import torch
 from torch import Tensor
 
 from tlq.config import GPTQConfig, QuantScheme
-from tlq.quant.gptq import HessianAccumulator, gptq_quantize
+from tlq.quant.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
 from tlq.quant.quantizer import QuantizedWeight
 from tlq.quant.rtn import rtn_quantize
 
 
 class LinearCalibrator(Protocol):
     needs_inputs: bool
+    needs_fp_inputs: bool  # observe() also wants the FP model's inputs of the same tokens (x_fp)
 
-    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None: ...
+    def observe(self, x: Tensor, token_weights: Tensor | None = None, x_fp: Tensor | None = None) -> None: ...
 
     def solve(self, weight: Tensor) -> QuantizedWeight: ...
 
@@ -33,12 +34,13 @@ class RTNCalibrator:
     """Round-to-nearest: data-free, the floor every method must beat."""
 
     needs_inputs = False
+    needs_fp_inputs = False
 
     def __init__(self, scheme: QuantScheme, scale_dtype: torch.dtype | None) -> None:
         self.scheme = scheme
         self.scale_dtype = scale_dtype
 
-    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:  # pragma: no cover - unused
+    def observe(self, x: Tensor, token_weights: Tensor | None = None, x_fp: Tensor | None = None) -> None:  # pragma: no cover - unused
         return None
 
     def reduce(self, ctx: Any) -> None:
@@ -49,7 +51,11 @@ class RTNCalibrator:
 
 
 class GPTQCalibrator:
-    """GPTQ on the (optionally token-weighted) Hessian of the inputs the layer really receives."""
+    """GPTQ on the (optionally token-weighted) Hessian of the inputs the layer really receives.
+
+    With ``cfg.target == "fp"`` it also accumulates how the FP model's inputs differ from those
+    (:class:`CrossAccumulator`) and solves for ``W X_fp`` instead of ``W X_q``.
+    """
 
     needs_inputs = True
 
@@ -58,15 +64,27 @@ class GPTQCalibrator:
         self.cfg = cfg
         self.scale_dtype = scale_dtype
         self.hessian: HessianAccumulator | None = HessianAccumulator(in_features, device=device)
+        self.cross = CrossAccumulator(in_features, device=device) if cfg.target == "fp" else None
 
-    def observe(self, x: Tensor, token_weights: Tensor | None = None) -> None:
+    @property
+    def needs_fp_inputs(self) -> bool:
+        return self.cross is not None
+
+    def observe(self, x: Tensor, token_weights: Tensor | None = None, x_fp: Tensor | None = None) -> None:
         self.hessian.add(x, token_weights)
+        if self.cross is not None:
+            if x_fp is None:
+                raise ValueError("the FP target needs the FP inputs of the same tokens (x_fp)")
+            self.cross.add(x_fp, x, token_weights)
 
     def reduce(self, ctx: Any) -> None:
         if ctx.enabled:
-            from tlq.engine.distributed import reduce_hessian_
+            from tlq.engine.distributed import all_reduce_sum_, reduce_hessian_
 
             reduce_hessian_(self.hessian)
+            if self.cross is not None:
+                all_reduce_sum_(self.cross.raw_sum)
+                all_reduce_sum_(self.cross.total_weight)
 
     def solve(self, weight: Tensor) -> QuantizedWeight:
         """Solve once: the accumulator is released first and its Hessian handed over to the solver, so
@@ -74,6 +92,9 @@ class GPTQCalibrator:
         if self.hessian is None:
             raise RuntimeError("this calibrator was solved already")
         acc, self.hessian = self.hessian, None
+        if self.cross is not None:
+            cross, self.cross = self.cross, None
+            weight = fp_target_weight(weight, cross, acc, self.cfg.damp_percent)
         # take_hessian() passed straight in: no local keeps it alive while the solver frees it.
         return gptq_quantize(weight, acc.take_hessian(), self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype, consume_hessian=True)
 
