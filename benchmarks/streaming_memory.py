@@ -119,6 +119,27 @@ def run_quantize(model: Path, out: Path, method: str, stream: bool, num_samples:
             "max_layer_rel_error": max(layer["rel_error"] for layer in rep["layers"])}
 
 
+def to_markdown(result: dict) -> list[str]:
+    """The report's Markdown lines, from its JSON (also for a run's rows assembled afterwards)."""
+    rows = result["rows"]
+    md = ["# Streaming: peak memory against checkpoint size", "",
+          f"Command: `{result['command'].strip()}` on {result['machine']}.",
+          f"Synthetic Qwen2-VL checkpoints: hidden {result['hidden']}, intermediate {result['intermediate']}, random bf16 weights, "
+          f"one safetensors shard per decoder layer. W4A16 (g128), {result['num_samples']} calibration samples "
+          f"({rows[0]['num_tokens'] if rows else '?'} tokens), CPU, compute in float32. Peak RSS: `/usr/bin/time -v` \"Maximum "
+          "resident set size\" of the whole `tlq quantize` process. Of it, "
+          f"{result['import_floor_mib']:.0f} MiB is the import floor: the peak RSS of a process that only imports torch, "
+          "transformers, compressed-tensors and tlq (measured in the same run).", ""]
+    if result.get("note"):
+        md += [f"Note: {result['note']}", ""]
+    md += ["| layers | checkpoint (GiB) | mode | method | peak RSS (MiB) | peak RSS / checkpoint | wall time (s) |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
+                  f"{100 * r['rss_over_checkpoint']:.1f}% | {r['seconds']:.0f} |")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048)
@@ -127,16 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--num-samples", type=int, default=32)
     # 64:memory:rtn would need about 22 GiB (4.4x the checkpoint, measured at 16 layers): not on a 24 GiB machine.
-    p.add_argument("--runs", default="64:stream:gptq,64:stream:rtn,16:stream:rtn,16:memory:rtn",
+    p.add_argument("--runs", default="64:stream:gptq,64:stream:rtn,8:stream:tlq,16:stream:rtn,16:memory:rtn",
                    help="comma list of LAYERS:MODE:METHOD, MODE in stream|memory")
     p.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temporary directory)")
     p.add_argument("--out", default="docs/streaming_memory")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tlq-streammem-"))
     sizes: dict[int, int] = {}
-    rows = []
     floor = import_floor_mib()
     print(f"import floor: {floor:.0f} MiB", flush=True)
+    result = {"command": "python benchmarks/streaming_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "hidden": args.hidden, "intermediate": args.intermediate, "num_samples": args.num_samples,
+              "import_floor_mib": floor, "rows": []}
     try:
         for run in args.runs.split(","):
             layers_text, mode, method = run.split(":")
@@ -150,29 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{layers}-{mode}-{method}"
             row = run_quantize(model, work / f"out-{name}", method, mode == "stream", args.num_samples, work / f"{name}.json")
             row.update(layers=layers, checkpoint_bytes=sizes[layers], rss_over_checkpoint=row["peak_rss_mib"] * 2**20 / sizes[layers])
-            rows.append(row)
+            result["rows"].append(row)
             print(row, flush=True)
+            write_report(args.out, result, to_markdown(result))  # after every row: a long run that dies still reports
             shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    command = "python benchmarks/streaming_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    result = {"command": command, "machine": machine, "hidden": args.hidden, "intermediate": args.intermediate,
-              "import_floor_mib": floor, "rows": rows}
-    md = ["# Streaming: peak memory against checkpoint size", "",
-          f"Command: `{command.strip()}` on {machine}.",
-          f"Synthetic Qwen2-VL checkpoints: hidden {args.hidden}, intermediate {args.intermediate}, random bf16 weights, one "
-          f"safetensors shard per decoder layer. W4A16 (g128), {args.num_samples} calibration samples "
-          f"({rows[0]['num_tokens']} tokens), CPU, compute in float32. Peak RSS: `/usr/bin/time -v` \"Maximum resident set "
-          f"size\" of the whole `tlq quantize` process. Of it, {floor:.0f} MiB is the import floor: the peak RSS of a process "
-          "that only imports torch, transformers, compressed-tensors and tlq (measured in the same run).", "",
-          "| layers | checkpoint (GiB) | mode | method | peak RSS (MiB) | peak RSS / checkpoint | wall time (s) |",
-          "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
-                  f"{100 * r['rss_over_checkpoint']:.1f}% | {r['seconds']:.0f} |")
-    write_report(args.out, result, md)
     return 0
 
 
