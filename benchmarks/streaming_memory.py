@@ -8,9 +8,12 @@
    included). They are written layer by layer, so the benchmark itself never holds a model. Processor,
    tokenizer and vision tower come from a small Qwen2-VL built by ``tlq.models.tiny`` (the vision tower
    is small; the decoder is what is deep).
-2. Runs ``tlq quantize`` for each ``LAYERS:MODE:METHOD`` of ``--runs`` (MODE ``stream`` = ``--stream``,
-   ``memory`` = the default in-memory path) as a child process under ``/usr/bin/time -v`` and reads its
-   "Maximum resident set size": the peak RSS the OS measured for the whole process.
+2. Runs ``tlq quantize`` for each ``LAYERS:MODE:METHOD[:GRID]`` of ``--runs`` (MODE ``stream`` =
+   ``--stream``, ``memory`` = the default in-memory path; GRID, for the methods with a scale search, is
+   ``--search-grid``, default the method's own) as a child process under ``/usr/bin/time -v`` and reads
+   its "Maximum resident set size": the peak RSS the OS measured for the whole process. The grid points
+   are tried one after the other on the same buffers, so the grid changes the time, not the peak: a
+   deep TLQ run can use a short grid (the benchmark can show both on a shallow checkpoint).
 3. Reports peak RSS / checkpoint size (the issue's target for streaming: at most 35%) and, across
    depths, whether the streamed peak depends on depth (it should not).
 
@@ -105,16 +108,17 @@ def import_floor_mib() -> float:
     return peak_rss_mib(proc.stderr)
 
 
-def run_quantize(model: Path, out: Path, method: str, stream: bool, num_samples: int, report: Path) -> dict:
+def run_quantize(model: Path, out: Path, method: str, stream: bool, num_samples: int, report: Path, search_grid: int | None = None) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--out", str(out),
            "--calib", str(resolve_model_dir("builtin:digits-qwen2vl") / "calib.jsonl"), "--scheme", "w4a16", "--method", method,
            "--num-samples", str(num_samples), "--quiet", "--report", str(report)] + (["--stream"] if stream else [])
+    cmd += [] if search_grid is None else ["--search-grid", str(search_grid)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     rep = json.loads(report.read_text())
-    return {"mode": "stream" if stream else "in-memory", "method": method, "peak_rss_mib": peak_rss_mib(proc.stderr),
+    return {"mode": "stream" if stream else "in-memory", "method": method, "search_grid": search_grid, "peak_rss_mib": peak_rss_mib(proc.stderr),
             "seconds": time.perf_counter() - t0, "num_layers": len(rep["layers"]), "num_tokens": rep["num_tokens"],
             "max_layer_rel_error": max(layer["rel_error"] for layer in rep["layers"])}
 
@@ -132,10 +136,11 @@ def to_markdown(result: dict) -> list[str]:
           "transformers, compressed-tensors and tlq (measured in the same run).", ""]
     if result.get("note"):
         md += [f"Note: {result['note']}", ""]
-    md += ["| layers | checkpoint (GiB) | mode | method | peak RSS (MiB) | peak RSS / checkpoint | wall time (s) |",
-           "|---|---|---|---|---|---|---|"]
+    md += ["| layers | checkpoint (GiB) | mode | method | search grid | peak RSS (MiB) | peak RSS / checkpoint | wall time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {r['peak_rss_mib']:.0f} | "
+        grid = r.get("search_grid") or "default"
+        md.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 2**30:.2f} | {r['mode']} | {r['method']} | {grid} | {r['peak_rss_mib']:.0f} | "
                   f"{100 * r['rss_over_checkpoint']:.1f}% | {r['seconds']:.0f} |")
     return md
 
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=32)
     # 64:memory:rtn would need about 22 GiB (4.4x the checkpoint, measured at 16 layers): not on a 24 GiB machine.
     p.add_argument("--runs", default="64:stream:gptq,64:stream:rtn,8:stream:tlq,16:stream:rtn,16:memory:rtn",
-                   help="comma list of LAYERS:MODE:METHOD, MODE in stream|memory")
+                   help="comma list of LAYERS:MODE:METHOD[:GRID], MODE in stream|memory, GRID the scale search's --search-grid")
     p.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temporary directory)")
     p.add_argument("--out", default="docs/streaming_memory")
     args = p.parse_args(argv)
@@ -163,16 +168,16 @@ def main(argv: list[str] | None = None) -> int:
               "import_floor_mib": floor, "rows": []}
     try:
         for run in args.runs.split(","):
-            layers_text, mode, method = run.split(":")
-            layers = int(layers_text)
+            layers_text, mode, method, *grid = run.split(":")
+            layers, search_grid = int(layers_text), int(grid[0]) if grid else None
             model = work / f"deep-qwen2vl-{layers}"
             if layers not in sizes:
                 t0 = time.perf_counter()
                 sizes[layers] = write_deep_checkpoint(model, layers=layers, hidden=args.hidden, intermediate=args.intermediate,
                                                       heads=args.heads, kv_heads=args.kv_heads)
                 print(f"checkpoint {layers} layers: {sizes[layers] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
-            name = f"{layers}-{mode}-{method}"
-            row = run_quantize(model, work / f"out-{name}", method, mode == "stream", args.num_samples, work / f"{name}.json")
+            name = f"{layers}-{mode}-{method}" + (f"-grid{search_grid}" if search_grid else "")
+            row = run_quantize(model, work / f"out-{name}", method, mode == "stream", args.num_samples, work / f"{name}.json", search_grid)
             row.update(layers=layers, checkpoint_bytes=sizes[layers], rss_over_checkpoint=row["peak_rss_mib"] * 2**20 / sizes[layers])
             result["rows"].append(row)
             print(row, flush=True)

@@ -32,6 +32,7 @@ from tlq.export.compressed_tensors import (
     export_compressed_tensors,
     read_stored_weights,
 )
+from tlq.export.reload import load_quantized
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer, compute_qparams, quantize_codes
 
 ATOL = RTOL = 1e-5
@@ -290,3 +291,24 @@ def test_export_refuses_inconsistent_input_and_cleans_up(tmp_path, tiny_vlm_dir)
     with pytest.raises(OSError, match="disk full"):
         export_compressed_tensors(model, quantized, scheme, out, processor=BrokenProcessor())
     assert list(tmp_path.iterdir()) == []  # nothing written, temporary directory removed
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_load_quantized_generates_like_the_in_memory_model(tmp_path, tiny_vlm_dir, family):
+    """``tlq.export.reload.load_quantized`` decompresses at load time and drops compressed-tensors'
+    offloading wrappers, which turn ``ModelOutput`` arguments into plain dicts: without that,
+    ``generate`` on a reloaded LLaVA-OneVision fails on its pre-encoded image features. The reloaded
+    model then decodes the same tokens as the fake-quantized model in memory (W4A8: activations too)."""
+    src = tiny_vlm_dir(family)
+    scheme = SCHEMES["w4a8"]
+    inputs = _image_inputs(src)
+    model = _load(src)
+    quantized, _hooks = _rtn_in_memory(model, scheme)
+    out = export_compressed_tensors(model, quantized, scheme, tmp_path / "q", source_dir=src)
+    reloaded = load_quantized(out, type(model).__name__, torch.device("cpu"), torch.float32)
+    assert not any("_original_forward_func" in m.__dict__ for m in reloaded.modules())
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        got = reloaded.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(_logits(reloaded, inputs), _logits(model, inputs), atol=ATOL, rtol=RTOL)

@@ -23,9 +23,9 @@ How the work is split
 Calibration samples are sharded over ranks (:func:`shard_indices`); each rank runs the current decoder
 layer on its own samples only, and every statistic that the layer's decisions depend on is summed (or
 maxed) over ranks *before* the decision is taken, so that every rank solves the same problem and gets
-the same quantized weights: weighted Hessians (:func:`reduce_hessian_`), channel statistics
-(:func:`reduce_channel_stats_`), scale-search losses (:func:`all_reduce_scalar_sum`) and activation
-maxima (:func:`all_reduce_max_`).
+the same quantized weights: weighted Hessians (:func:`reduce_hessian_`), the FP target's cross
+statistics (:func:`reduce_cross_`), channel statistics (:func:`reduce_channel_stats_`), scale-search
+losses (:func:`all_reduce_scalar_sum`) and activation maxima (:func:`all_reduce_max_`).
 
 Reproducibility: sums are formed, reduced and kept in float64 (:func:`all_reduce_sum_` upcasts
 lower-precision floating tensors for the reduction). Sharding only re-brackets the single-process sum
@@ -343,6 +343,16 @@ def reduce_hessian_(acc: Any) -> Any:
     all_reduce_sum_(acc.raw_sum)
     all_reduce_sum_(acc.total_weight)
     all_reduce_sum_(acc.num_tokens)
+    return acc
+
+
+def reduce_cross_(acc: Any) -> Any:
+    """Sum a ``CrossAccumulator``'s ``raw_sum`` and ``total_weight`` over ranks, in place (the FP
+    target's statistics, under the same contract as :func:`reduce_hessian_`)."""
+    if not _active():
+        return acc
+    all_reduce_sum_(acc.raw_sum)
+    all_reduce_sum_(acc.total_weight)
     return acc
 
 

@@ -183,10 +183,9 @@ class LayerwiseEngine:
         stats_in = x_q if self.config.quantized_inputs else x_fp
         alphas = self._search_scales(i, layer, stats_in, kwargs)
         # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
-        # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's
-        fp_ref = (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None
-        quantized = self._calibrate_layer(i, layer, stats_in, kwargs, fp_ref)
-        del fp_ref
+        # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's;
+        # passed without a local name here, so that _calibrate_layer can free it as soon as it is done
+        quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None)
         q_out = self._run(layer, x_q, kwargs)
         num, den = squared_error_sums(q_out, fp_out)
         num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
@@ -249,13 +248,15 @@ class LayerwiseEngine:
                 # The group's own inputs are quantized at inference too: calibrate on what it will see.
                 self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
             cals = {
-                n: make_calibrator(self.config.solver, m.in_features, scheme, self.config.gptq, self.scale_dtype, self.device)
+                n: make_calibrator(self.config.solver, m.weight, scheme, self.config.gptq, self.scale_dtype, self.device)
                 for n, m in mods.items()
             }
             if any(c.needs_inputs for c in cals.values()):
                 self._observe(index, layer, mods, cals, xs, kwargs, fp_ref)
                 for cal in cals.values():
                     cal.reduce(self.ctx)
+            if group is groups[-1]:
+                fp_ref = None  # the FP copy (one layer) is done with: free it before the last, widest solve
             for n, m in mods.items():
                 qw = cals[n].solve(m.weight.data)
                 m.weight.data.copy_(qw.dequantize(m.weight.dtype))

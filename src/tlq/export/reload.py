@@ -42,4 +42,26 @@ def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype:
         # that override (dequantize=True) is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
         model = cls.from_pretrained(str(out_dir), **kwargs)
+    decompress_now(model)
     return model.to(device).eval()
+
+
+def decompress_now(model: nn.Module) -> nn.Module:
+    """Decompress a checkpoint loaded on the default route now instead of on its first forward.
+
+    compressed-tensors (0.20) decompresses in a forward pre-hook of the first call and leaves every module
+    wrapped in its offloading ``forward``, which rebuilds dict arguments as plain dicts. A ``ModelOutput``
+    argument then loses its attributes: ``generate`` on LLaVA-OneVision passes the pre-encoded image
+    features that way and fails (``'dict' object has no attribute 'pooler_output'``). Run that hook
+    here, then remove the offloading wrappers (everything is on one device anyway): the result is plain
+    transformers modules with compressed-tensors' quantized forwards, the same logits. A no-op for a
+    model without the hook (the ``dequantize=True`` route, or other versions).
+    """
+    handle = getattr(model, "ct_decompress_hook", None)
+    hook = None if handle is None else model._forward_pre_hooks.get(handle.id)
+    if hook is None:
+        return model
+    hook(model, ())
+    from compressed_tensors.offload import remove_dispatch
+
+    return remove_dispatch(model, onload_tensors=True)

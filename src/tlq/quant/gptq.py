@@ -33,9 +33,6 @@ from tlq.quant.quantizer import (
 DAMP_RETRY_FACTOR = 10.0
 DAMP_MAX_RETRIES = 4
 DAMP_RETRY_START_PERCENT = 0.01
-# The FP-target correction ``W D H^-1`` is damped by at least this fraction of the mean diagonal, also
-# when GPTQ itself runs undamped: an undamped inverse of a calibration Hessian amplifies noise.
-TARGET_MIN_DAMP_PERCENT = 0.01
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,19 +86,12 @@ class HessianAccumulator:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=self.compute_dtype)
-        if weights is None:
-            w = None
-            total = float(rows.shape[0])
-        else:
-            w = _check_token_weights(weights, x.shape[:-1]).reshape(-1).to(self.device, self.compute_dtype)
-            keep = w > 0
-            rows, w = rows[keep], w[keep]
-            total = w.to(self.total_weight.dtype).sum()
+        keep, w, total = _positive_tokens(weights, x.shape[:-1], rows.shape[0], self.device, self.total_weight.dtype)
+        if keep is not None:
+            rows = rows[keep] * w.to(self.compute_dtype).sqrt().unsqueeze(1)
         if rows.shape[0] == 0:
             return
-        if w is not None:
-            rows = rows * w.sqrt().unsqueeze(1)
-        _add_widened_(self.raw_sum, rows.T @ rows)
+        _add_product_(self.raw_sum, rows, rows)
         self.total_weight += total
         self.num_tokens += rows.shape[0]
 
@@ -138,20 +128,29 @@ class HessianAccumulator:
 
 
 class CrossAccumulator:
-    """Running ``D = sum_t w_t (x_fp,t - x_q,t) x_q,t^T``: how the FP model's inputs of a linear differ
-    from the inputs the quantized path gives it, correlated with the latter.
+    """Running ``S = W sum_t w_t (x_fp,t - x_q,t) x_q,t^T`` (``[out, in]``): how the FP model's inputs of a
+    linear differ from the inputs the quantized path gives it, correlated with the latter and seen
+    through the linear's weight ``W``.
 
     It turns GPTQ's target from ``W X_q`` into ``W X_fp`` (GPTAQ-style asymmetric calibration): with
-    ``H = sum_t w_t x_q x_q^T``, ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) + const``
-    for ``W* = W + W D H^-1`` (see :func:`fp_target_weight`), so plain GPTQ on ``W*`` solves it. The
-    difference is accumulated directly, not ``sum x_fp x_q^T``, so that ``W* = W`` exactly when the two
-    streams agree. Same precision and distributed contract as :class:`HessianAccumulator`: float32
-    batch products, float64 running sum, all-reduce ``raw_sum`` and ``total_weight``.
+    ``H = sum_t w_t x_q x_q^T`` and ``D = sum_t w_t (x_fp - x_q) x_q^T``,
+    ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) + const`` for ``W* = W + W D H^-1``,
+    so GPTQ run on ``W*`` solves it (``gptq_quantize(..., target_shift=)`` forms ``W*`` from its own
+    factor of ``H``). Only ``W D`` is ever needed, so that is what is accumulated, batch by batch: an
+    ``out x in`` matrix instead of the ``in x in`` ``D`` (a third of it for a wide ``down_proj``), and it
+    spares the solve a second factor of ``H``. ``W`` must therefore stay as it is until the solve, which
+    holds in the engine: a linear's statistics are all observed before any of its group is solved. The
+    difference is accumulated directly, so ``S = 0`` exactly where the streams agree. Same precision and
+    distributed contract as :class:`HessianAccumulator`: float32 batch products, float64 running sum,
+    all-reduce ``raw_sum`` and ``total_weight``.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float64) -> None:
-        self.in_features = in_features
-        self.raw_sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+    def __init__(self, weight: Tensor, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float64) -> None:
+        if weight.ndim != 2:
+            raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        self.weight = weight  # a reference, not a copy: the linear's own weight, unchanged until the solve
+        self.in_features = weight.shape[1]
+        self.raw_sum = torch.zeros(weight.shape, dtype=dtype, device=device)
         self.total_weight = torch.zeros((), dtype=dtype, device=device)
 
     def add(self, x_fp: Tensor, x_q: Tensor, weights: Tensor | None = None) -> None:
@@ -159,57 +158,43 @@ class CrossAccumulator:
         if x_fp.shape != x_q.shape or x_q.shape[-1] != self.in_features:
             raise ValueError(f"FP inputs {tuple(x_fp.shape)} and quantized inputs {tuple(x_q.shape)} must have the same "
                              f"shape with {self.in_features} features: the two streams must hold the same tokens")
-        q = x_q.detach().reshape(-1, self.in_features).to(self.raw_sum.device, torch.float32)
-        delta = x_fp.detach().reshape(-1, self.in_features).to(self.raw_sum.device, torch.float32) - q
-        if weights is None:
-            total = float(q.shape[0])
-        else:
-            w = _check_token_weights(weights, x_q.shape[:-1]).reshape(-1).to(self.raw_sum.device, torch.float32)
-            keep = w > 0
-            q, delta, w = q[keep], delta[keep], w[keep]
-            delta = delta * w.unsqueeze(1)
-            total = w.to(self.total_weight.dtype).sum()
+        device = self.raw_sum.device
+        q = x_q.detach().reshape(-1, self.in_features).to(device, torch.float32)
+        delta = x_fp.detach().reshape(-1, self.in_features).to(device, torch.float32) - q
+        keep, w, total = _positive_tokens(weights, x_q.shape[:-1], q.shape[0], device, self.total_weight.dtype)
+        if keep is not None:
+            q, delta = q[keep], delta[keep] * w.unsqueeze(1)
         if q.shape[0] == 0:
             return
-        _add_widened_(self.raw_sum, delta.T @ q)
+        projected = delta @ self.weight.detach().to(device, torch.float32).T  # [tokens, out]
+        _add_product_(self.raw_sum, projected, q)
         self.total_weight += total
 
-    def take_raw_sum(self) -> Tensor:
-        """The running sum, handed over: the accumulator is left empty, so that the solve can free it."""
+    def take_shift(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``S / total_weight`` (a token-weighted mean, like :attr:`HessianAccumulator.hessian`), in
+        ``dtype``, handed over: the accumulator is left empty so that its float64 sum is freed."""
         if self.raw_sum.numel() == 0:
             raise RuntimeError("this accumulator's sum was taken already")
+        if float(self.total_weight) <= 0:
+            raise RuntimeError("no calibration tokens with positive weight reached this layer")
         raw, self.raw_sum = self.raw_sum, self.raw_sum.new_empty(0)
-        return raw
+        return raw.div_(self.total_weight).to(dtype)
 
 
-def fp_target_weight(weight: Tensor, cross: CrossAccumulator, hessian: HessianAccumulator, damp_percent: float) -> Tensor:
-    """``W* = W + W D (H + damp)^-1``: the weight whose output on the quantized inputs best matches the FP
-    weight's output on the FP inputs, in the token-weighted least-squares sense.
+def apply_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor) -> Tensor:
+    """``weight += shift H^-1`` in place, with ``H^-1 = U^T U`` given by GPTQ's factor ``U``
+    (:func:`_inverse_hessian_cholesky_`): ``W* = W + W D H^-1`` of :class:`CrossAccumulator`.
 
-    ``cross`` and ``hessian`` hold the same tokens; ``cross`` is consumed (its sum is freed as soon as
-    ``W D`` is formed), ``hessian`` is left as it was for the GPTQ solve that follows. Both are used
-    unnormalised (their common token weight cancels in ``D H^-1``), so the working set is the Hessian
-    plus one factor of its size. The damping of the GPTQ solve (relative to the mean diagonal, at least
-    ``TARGET_MIN_DAMP_PERCENT``) regularises the correction: it shrinks ``W*`` towards ``W`` where ``H``
-    is ill-conditioned instead of amplifying noise. Computed in float64; returned in ``weight``'s dtype.
+    Using the factor GPTQ computes anyway means the FP target costs no factorisation and no ``in x in``
+    buffer of its own, and its correction is damped exactly as the GPTQ solve is: the damping shrinks
+    ``W*`` towards ``W`` where ``H`` is ill-conditioned instead of amplifying noise. Row blocks keep the
+    temporaries at ``_BLOCK_ROWS x in``.
     """
-    hessian._check_nonempty()
-    if float(cross.total_weight) <= 0:
-        raise RuntimeError("no calibration tokens with positive weight reached this layer")
-    ratio = float(hessian.total_weight) / float(cross.total_weight)  # 1 when both saw the same tokens
-    w = weight.detach().to(hessian.raw_sum.device, torch.float64)
-    wd = (w @ cross.take_raw_sum()).mul_(ratio)  # the [out, in] product; the in x in sum is freed here
-    factor = hessian.raw_sum.clone()
-    factor.diagonal().add_(max(damp_percent, TARGET_MIN_DAMP_PERCENT) * float(torch.diagonal(factor).mean()))
-    info = torch.empty((), dtype=torch.int32, device=factor.device)
-    torch.linalg.cholesky_ex(factor, out=(factor, info))
-    if int(info) != 0:
-        raise RuntimeError("GPTQ FP target: the damped Hessian is not positive definite; "
-                           "raise --damp or use --gptq-target quantized")
-    # (W D) H^-1 = (H^-1 (W D)^T)^T, H being symmetric
-    correction = torch.cholesky_solve(wd.T.contiguous(), factor).T
-    del factor
-    return (w + correction).to(device=weight.device, dtype=weight.dtype)
+    u = hinv_upper.to(weight.dtype)
+    for start in range(0, weight.shape[0], _BLOCK_ROWS):
+        rows = shift[start : start + _BLOCK_ROWS].to(weight.dtype)
+        weight[start : start + _BLOCK_ROWS] += (rows @ u.T) @ u
+    return weight
 
 
 # Rows per step of the blocked helpers below: their temporaries are this many rows of an in x in matrix
@@ -228,10 +213,35 @@ def _add_widened_(total: Tensor, part: Tensor) -> None:
         total[start : start + _BLOCK_ROWS] += part[start : start + _BLOCK_ROWS]
 
 
+def _add_product_(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """``total += a^T b`` (``a`` ``[n, m]``, ``b`` ``[n, k]``, ``total`` ``[m, k]``), one block of ``total``'s
+    rows at a time: the float32 product never exists whole (127 MB for a 5632-input ``down_proj``'s
+    Hessian batch, on top of the running sum). Each block is the same dot products as the whole
+    product's rows; the sum is widened to ``total``'s dtype block by block."""
+    for start in range(0, total.shape[0], _BLOCK_ROWS):
+        total[start : start + _BLOCK_ROWS] += a[:, start : start + _BLOCK_ROWS].T @ b
+
+
 def _all_finite(t: Tensor) -> bool:
     """``torch.isfinite(t).all()`` in row blocks: the one-shot form allocates an ``abs`` copy of ``t``
     and two boolean masks, over 1.3x the size of a float64 Hessian."""
     return all(bool(torch.isfinite(t[start : start + _BLOCK_ROWS]).all()) for start in range(0, t.shape[0], _BLOCK_ROWS))
+
+
+def _positive_tokens(weights: Tensor | None, token_shape: torch.Size, num_rows: int, device: torch.device | str,
+                     total_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | float]:
+    """The token rows a weighted statistic keeps: ``(mask, their weights, total weight)``.
+
+    Zero-weight tokens (most of them under token selection) are dropped before any product, so they
+    cost nothing and leave a sum bit-identical to never having seen them. Unweighted: no mask, and the
+    total is the number of rows.
+    """
+    if weights is None:
+        return None, None, float(num_rows)
+    w = _check_token_weights(weights, token_shape).reshape(-1).to(device, torch.float32)
+    keep = w > 0
+    w = w[keep]
+    return keep, w, w.to(total_dtype).sum()
 
 
 def _check_token_weights(weights: Tensor, token_shape: torch.Size) -> Tensor:
@@ -282,6 +292,7 @@ def gptq_quantize(
     cfg: GPTQConfig,
     scale_dtype: torch.dtype | None = None,
     consume_hessian: bool = False,
+    target_shift: Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` column by column, compensating each rounding error on the
     not-yet-quantized columns through the inverse Hessian ``hessian`` ``[in, in]``.
@@ -295,6 +306,11 @@ def gptq_quantize(
     ``consume_hessian=True`` lets the solver overwrite ``hessian`` instead of copying it: an ``in x in``
     float64 matrix is the largest buffer of the whole calibration for wide layers (a 18944-input
     ``down_proj`` takes 2.9 GB per copy), so the engine hands over a Hessian it no longer needs.
+
+    ``target_shift`` (``[out, in]``, from :meth:`CrossAccumulator.take_shift`, normalised like
+    ``hessian``) makes the target the FP model's output: the columns are solved for
+    ``W* = W + target_shift H^-1`` (with GPTQ's own damped inverse), and static group parameters are
+    computed from ``W*``.
     """
     _check_gptq_inputs(weight, hessian, cfg)
     in_f = weight.shape[1]
@@ -307,13 +323,8 @@ def gptq_quantize(
     # into the callee's frame): dropping ours lets the buffer go as soon as ``h`` is done with it.
     del hessian
     _mask_dead_columns(w, h)
-
-    static = spec.group_size is None or cfg.act_order
-    if static:  # per channel, or act-order's static groups: from the original (dead-masked) weights
-        scale, zero = compute_qparams(w, spec, scale_dtype)
-    else:  # filled group by group inside the solver
-        scale = torch.empty(w.shape[0], in_f // gsize, dtype=torch.float32, device=w.device)
-        zero = torch.empty(w.shape[0], in_f // gsize, dtype=torch.int8, device=w.device)
+    if target_shift is not None and tuple(target_shift.shape) != tuple(w.shape):
+        raise ValueError(f"target shift of shape {tuple(target_shift.shape)} does not match the weight {tuple(w.shape)}")
 
     perm = _act_order_permutation(h) if cfg.act_order else torch.arange(in_f, device=w.device)
     if cfg.act_order:
@@ -322,6 +333,16 @@ def gptq_quantize(
 
     hinv = _inverse_hessian_cholesky_(h, cfg)
     del h  # its storage held the float64 factor: free it before the column loop
+    if target_shift is not None:
+        # a dead column's shift is exactly zero (its quantized input is), so the masked weights stay zero
+        apply_target_shift_(w, target_shift[:, perm] if cfg.act_order else target_shift, hinv)
+
+    static = spec.group_size is None or cfg.act_order
+    if static:  # per channel, or act-order's static groups: from the (dead-masked) weights in original order
+        scale, zero = compute_qparams(w[:, torch.argsort(perm)] if cfg.act_order else w, spec, scale_dtype)
+    else:  # filled group by group inside the solver
+        scale = torch.empty(w.shape[0], in_f // gsize, dtype=torch.float32, device=w.device)
+        zero = torch.empty(w.shape[0], in_f // gsize, dtype=torch.int8, device=w.device)
     codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype)
     if cfg.act_order:
         codes = codes[:, torch.argsort(perm)]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from tlq.config import GPTQConfig, QuantScheme
-from tlq.quant.gptq import CrossAccumulator, HessianAccumulator, fp_target_weight, gptq_quantize
+from tlq.quant.gptq import CrossAccumulator, HessianAccumulator, gptq_quantize
 from tlq.quant.quantizer import QuantizedWeight
 from tlq.quant.rtn import rtn_quantize
 
@@ -59,12 +59,12 @@ class GPTQCalibrator:
 
     needs_inputs = True
 
-    def __init__(self, in_features: int, scheme: QuantScheme, cfg: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> None:
+    def __init__(self, weight: Tensor, scheme: QuantScheme, cfg: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> None:
         self.scheme = scheme
         self.cfg = cfg
         self.scale_dtype = scale_dtype
-        self.hessian: HessianAccumulator | None = HessianAccumulator(in_features, device=device)
-        self.cross = CrossAccumulator(in_features, device=device) if cfg.target == "fp" else None
+        self.hessian: HessianAccumulator | None = HessianAccumulator(weight.shape[1], device=device)
+        self.cross = CrossAccumulator(weight, device=device) if cfg.target == "fp" else None
 
     @property
     def needs_fp_inputs(self) -> bool:
@@ -79,12 +79,11 @@ class GPTQCalibrator:
 
     def reduce(self, ctx: Any) -> None:
         if ctx.enabled:
-            from tlq.engine.distributed import all_reduce_sum_, reduce_hessian_
+            from tlq.engine.distributed import reduce_cross_, reduce_hessian_
 
             reduce_hessian_(self.hessian)
             if self.cross is not None:
-                all_reduce_sum_(self.cross.raw_sum)
-                all_reduce_sum_(self.cross.total_weight)
+                reduce_cross_(self.cross)
 
     def solve(self, weight: Tensor) -> QuantizedWeight:
         """Solve once: the accumulator is released first and its Hessian handed over to the solver, so
@@ -92,16 +91,18 @@ class GPTQCalibrator:
         if self.hessian is None:
             raise RuntimeError("this calibrator was solved already")
         acc, self.hessian = self.hessian, None
-        if self.cross is not None:
-            cross, self.cross = self.cross, None
-            weight = fp_target_weight(weight, cross, acc, self.cfg.damp_percent)
+        cross, self.cross = self.cross, None
+        shift = None if cross is None else cross.take_shift()  # [out, in] float32; the float64 sum is freed
+        del cross
         # take_hessian() passed straight in: no local keeps it alive while the solver frees it.
-        return gptq_quantize(weight, acc.take_hessian(), self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype, consume_hessian=True)
+        return gptq_quantize(weight, acc.take_hessian(), self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype,
+                             consume_hessian=True, target_shift=shift)
 
 
-def make_calibrator(method: str, in_features: int, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:
+def make_calibrator(method: str, weight: Tensor, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:
+    """The calibrator of ``method`` for the linear whose ``weight`` (``[out, in]``) it will solve."""
     if method == "rtn":
         return RTNCalibrator(scheme, scale_dtype)
     if method == "gptq":
-        return GPTQCalibrator(in_features, scheme, gptq, scale_dtype, device)
+        return GPTQCalibrator(weight, scheme, gptq, scale_dtype, device)
     raise ValueError(f"no calibrator for method {method!r}")
