@@ -137,7 +137,8 @@ class CrossAccumulator:
     ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) + const`` for ``W* = W + W D H^-1``,
     so GPTQ run on ``W*`` solves it (``gptq_quantize(..., target_shift=)`` forms ``W*`` from its own
     factor of ``H``). Only ``W D`` is ever needed, so that is what is accumulated, batch by batch: an
-    ``out x in`` matrix instead of the ``in x in`` ``D`` (a third of it for a wide ``down_proj``), and it
+    ``out x in`` matrix instead of the ``in x in`` ``D``. That is larger for a widening linear (``up_proj``)
+    but a third for the narrowing ``down_proj``, whose ``in x in`` buffers are a layer's largest, and it
     spares the solve a second factor of ``H``. ``W`` must therefore stay as it is until the solve, which
     holds in the engine: a linear's statistics are all observed before any of its group is solved. The
     difference is accumulated directly, so ``S = 0`` exactly where the streams agree. Same precision and
