@@ -425,12 +425,12 @@ def test_target_shift_gives_the_least_squares_fit_of_the_fp_output(data):
     best = _fp_target_error(w, exact, x_fp, x_q)
     assert _fp_target_error(w, w_star, x_fp, x_q) <= 1.01 * best
     assert best < 0.2 * _fp_target_error(w, w, x_fp, x_q)  # and the fit removes most of the distortion
-    # GPTQ's default damping (1% of the mean diagonal) shrinks W* towards W, still far better than W
+    # GPTQ's default damping (1% of the mean diagonal) shrinks W* towards W: only that separates it from the fit
     u_damped = _inverse_hessian_cholesky_(h.hessian.clone(), GPTQConfig())
     cross = CrossAccumulator(w)
     cross.add(x_fp, x_q)
     damped = _fp_target_error(w, apply_target_shift_(w.clone(), cross.take_shift(), u_damped), x_fp, x_q)
-    assert best < damped < 0.3 * _fp_target_error(w, w, x_fp, x_q)
+    assert best < damped <= 1.1 * best  # measured 1.06x
 
 
 def test_cross_accumulator_weights_tokens_like_the_hessian(data):

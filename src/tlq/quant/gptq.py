@@ -86,9 +86,9 @@ class HessianAccumulator:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=self.compute_dtype)
-        keep, w, total = _positive_tokens(weights, x.shape[:-1], rows.shape[0], self.device, self.total_weight.dtype)
+        keep, w, total = _positive_tokens(weights, x.shape[:-1], rows.shape[0], self.device, self.compute_dtype, self.total_weight.dtype)
         if keep is not None:
-            rows = rows[keep] * w.to(self.compute_dtype).sqrt().unsqueeze(1)
+            rows = rows[keep] * w.sqrt().unsqueeze(1)
         if rows.shape[0] == 0:
             return
         _add_product_(self.raw_sum, rows, rows)
@@ -162,7 +162,7 @@ class CrossAccumulator:
         device = self.raw_sum.device
         q = x_q.detach().reshape(-1, self.in_features).to(device, torch.float32)
         delta = x_fp.detach().reshape(-1, self.in_features).to(device, torch.float32) - q
-        keep, w, total = _positive_tokens(weights, x_q.shape[:-1], q.shape[0], device, self.total_weight.dtype)
+        keep, w, total = _positive_tokens(weights, x_q.shape[:-1], q.shape[0], device, torch.float32, self.total_weight.dtype)
         if keep is not None:
             q, delta = q[keep], delta[keep] * w.unsqueeze(1)
         if q.shape[0] == 0:
@@ -192,15 +192,19 @@ def apply_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor) -> Te
     temporaries at ``_BLOCK_ROWS x in``.
     """
     u = hinv_upper.to(weight.dtype)
-    for start in range(0, weight.shape[0], _BLOCK_ROWS):
-        rows = shift[start : start + _BLOCK_ROWS].to(weight.dtype)
-        weight[start : start + _BLOCK_ROWS] += (rows @ u.T) @ u
+    for rows in _row_blocks(weight.shape[0]):
+        weight[rows] += (shift[rows].to(weight.dtype) @ u.T) @ u
     return weight
 
 
 # Rows per step of the blocked helpers below: their temporaries are this many rows of an in x in matrix
 # (a few MB) instead of the whole matrix. Memory only: results do not depend on it.
 _BLOCK_ROWS = 256
+
+
+def _row_blocks(n: int) -> Iterator[slice]:
+    """Slices of ``_BLOCK_ROWS`` consecutive rows covering ``range(n)``."""
+    return (slice(start, start + _BLOCK_ROWS) for start in range(0, n, _BLOCK_ROWS))
 
 
 def _add_widened_(total: Tensor, part: Tensor) -> None:
@@ -210,8 +214,8 @@ def _add_widened_(total: Tensor, part: Tensor) -> None:
     buffer (254 MB for a 5632-input ``down_proj``), the peak of a streamed GPTQ run. Element by
     element the result is the same.
     """
-    for start in range(0, total.shape[0], _BLOCK_ROWS):
-        total[start : start + _BLOCK_ROWS] += part[start : start + _BLOCK_ROWS]
+    for rows in _row_blocks(total.shape[0]):
+        total[rows] += part[rows]
 
 
 def _add_product_(total: Tensor, a: Tensor, b: Tensor) -> None:
@@ -219,19 +223,19 @@ def _add_product_(total: Tensor, a: Tensor, b: Tensor) -> None:
     rows at a time: the float32 product never exists whole (127 MB for a 5632-input ``down_proj``'s
     Hessian batch, on top of the running sum). Each block is the same dot products as the whole
     product's rows; the sum is widened to ``total``'s dtype block by block."""
-    for start in range(0, total.shape[0], _BLOCK_ROWS):
-        total[start : start + _BLOCK_ROWS] += a[:, start : start + _BLOCK_ROWS].T @ b
+    for rows in _row_blocks(total.shape[0]):
+        total[rows] += a[:, rows].T @ b
 
 
 def _all_finite(t: Tensor) -> bool:
     """``torch.isfinite(t).all()`` in row blocks: the one-shot form allocates an ``abs`` copy of ``t``
     and two boolean masks, over 1.3x the size of a float64 Hessian."""
-    return all(bool(torch.isfinite(t[start : start + _BLOCK_ROWS]).all()) for start in range(0, t.shape[0], _BLOCK_ROWS))
+    return all(bool(torch.isfinite(t[rows]).all()) for rows in _row_blocks(t.shape[0]))
 
 
 def _positive_tokens(weights: Tensor | None, token_shape: torch.Size, num_rows: int, device: torch.device | str,
-                     total_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | float]:
-    """The token rows a weighted statistic keeps: ``(mask, their weights, total weight)``.
+                     dtype: torch.dtype, total_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | float]:
+    """The token rows a weighted statistic keeps: ``(mask, their weights in dtype, total weight in total_dtype)``.
 
     Zero-weight tokens (most of them under token selection) are dropped before any product, so they
     cost nothing and leave a sum bit-identical to never having seen them. Unweighted: no mask, and the
@@ -239,7 +243,7 @@ def _positive_tokens(weights: Tensor | None, token_shape: torch.Size, num_rows: 
     """
     if weights is None:
         return None, None, float(num_rows)
-    w = _check_token_weights(weights, token_shape).reshape(-1).to(device, torch.float32)
+    w = _check_token_weights(weights, token_shape).reshape(-1).to(device, dtype)
     keep = w > 0
     w = w[keep]
     return keep, w, w.to(total_dtype).sum()
