@@ -27,6 +27,7 @@ import torch
 
 from tlq.api import build_config, calibrate, load_model
 from tlq.builtin import builtin_dir
+from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
 from tlq.data.calibration import choose, read_jsonl
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
@@ -68,7 +69,20 @@ VARIANTS.update({
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),
     "TLQ FP target 75% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.75}),
     "GPTQ FP target": ("gptq", {"gptq_target": "fp"}),
+    "TLQ block scope": ("tlq", {"search_scope": "block"}),
+    "TLQ layer scope": ("tlq", {"search_scope": "layer"}),
+    "AWQ block scope": ("awq", {"search_scope": "block"}),
+    "AWQ layer scope": ("awq", {"search_scope": "layer"}),
+    "MBQ block scope": ("mbq", {"search_scope": "block"}),
+    "MBQ layer scope": ("mbq", {"search_scope": "layer"}),
 })
+# Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
+# the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs
+# with the presets of the library scheme named beside it (same search kind, same defaults).
+STRESS_SCHEMES: dict[str, tuple[QuantScheme, str]] = {
+    "w2a16": (QuantScheme("w2a16", WeightQuantSpec(bits=2, group_size=128, symmetric=False)), "w3a16"),
+    "w4a4": (QuantScheme("w4a4", WeightQuantSpec(bits=4, group_size=None, symmetric=True), ActQuantSpec(4)), "w4a8"),
+}
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
 BASELINES = ("RTN", "SmoothQuant", "AWQ", "GPTQ", "MBQ")  # what TLQ is compared with in the summary
 
@@ -76,7 +90,7 @@ BASELINES = ("RTN", "SmoothQuant", "AWQ", "GPTQ", "MBQ")  # what TLQ is compared
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
-    p.add_argument("--schemes", default="w3a16,w4a16,w4a8")
+    p.add_argument("--schemes", default="w3a16,w4a16,w4a8", help="library schemes, or the stress schemes " + ", ".join(STRESS_SCHEMES))
     p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--data", choices=("test", "val"), default="test",
                    help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
@@ -125,6 +139,16 @@ def val_records(model_dir: Path, n: int) -> list[Any]:
     return read_jsonl(digits.write_jsonl(digits.generate_samples("val", n, cfg), out, "val"))
 
 
+def answer_margins(logps: list[torch.Tensor]) -> dict[str, float]:
+    """How far each FP16 answer is from flipping: top-1 minus top-2 log-probability (nats) at the first
+    answer token, as median and as the share of samples under 1 nat. A quantized model changes a greedy
+    answer only where its perturbation of the logits exceeds this margin, so it bounds how much accuracy
+    can tell methods apart on a test set."""
+    top2 = torch.stack([lp[0].topk(2).values for lp in logps])
+    margins = top2[:, 0] - top2[:, 1]
+    return {"median": float(margins.median()), "share_below_1": float((margins < 1.0).float().mean())}
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
@@ -138,7 +162,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
     del fp_model
     print(f"[{model}] FP16 accuracy {fp_scores.accuracy:.4f} nll {fp_scores.nll:.4f}", flush=True)
-    rows: dict[str, Any] = {"fp16": fp_scores.to_dict(), "cells": {}}
+    rows: dict[str, Any] = {"fp16": {**fp_scores.to_dict(), "margin": answer_margins(ref_logps)}, "cells": {}}
     for scheme in schemes:
         for name in variants:
             method, overrides = VARIANTS[name]
@@ -147,7 +171,10 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
             runs = []
             for seed in seeds[:1] if name in DETERMINISTIC else seeds:
                 t0 = time.perf_counter()
-                cfg = build_config(scheme, method, num_samples=args.num_calib, seed=seed, device="cpu", **overrides)
+                stress, preset_scheme = STRESS_SCHEMES.get(scheme, (None, scheme))
+                cfg = build_config(preset_scheme, method, num_samples=args.num_calib, seed=seed, device="cpu", **overrides)
+                if stress is not None:
+                    cfg.scheme = stress
                 cfg.importance = dc_replace(cfg.importance, **importance)
                 run = calibrate(ref, mdir / "calib.jsonl", cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
@@ -251,6 +278,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     for model, rows in result["models"].items():
         fp = rows["fp16"]
         lines += [f"## {model} (FP16 accuracy {100 * fp['accuracy']:.2f}%)", ""]
+        if "margin" in fp:
+            m = fp["margin"]
+            lines += [f"FP16 answer margin (top-1 minus top-2 log-probability at the first answer token): median "
+                      f"{m['median']:.2f} nats; {100 * m['share_below_1']:.1f}% of the test samples are under 1 nat.", ""]
         lines += ["| scheme | method | accuracy (%) | % of FP16 | KL(FP16‖q) |", "|---|---|---|---|---|"]
         for cell in rows["cells"].values():
             a, r, k = cell["accuracy"], cell["retained_pct"], cell["kl"]

@@ -93,6 +93,15 @@ def write_deep_checkpoint(out: Path, *, layers: int, hidden: int, intermediate: 
     return total
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic checkpoint's decoder shape (a 2B-class width by default) and the calibration size."""
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=32)
+
+
 def peak_rss_mib(stderr: str) -> float:
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     if m is None:
@@ -147,11 +156,7 @@ def to_markdown(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--num-samples", type=int, default=32)
+    add_checkpoint_args(p)
     # 64:memory:rtn would need about 22 GiB (4.4x the checkpoint, measured at 16 layers): not on a 24 GiB machine.
     p.add_argument("--runs", default="64:stream:gptq,64:stream:rtn,8:stream:tlq,16:stream:rtn,16:memory:rtn",
                    help="comma list of LAYERS:MODE:METHOD[:GRID], MODE in stream|memory, GRID the scale search's --search-grid")

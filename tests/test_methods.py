@@ -47,6 +47,13 @@ def test_mbq_weights_are_per_modality(tiny_vlm_dir, tiny_calib_jsonl):
     run = _run(tiny_vlm_dir, tiny_calib_jsonl, "w4a16", "mbq")
     assert run.token_set["importance"]["kind"] == "modality"
     assert run.config.search.kind == "awq" and not run.config.quantized_inputs
+    assert run.config.search.scope == "block"  # AWQ's block-output loss, which MBQ builds on
+
+
+def test_awq_judges_candidates_by_block_output_and_keeps_it_when_the_kind_changes():
+    assert build_config("w4a16", "awq").search.scope == "block"
+    assert build_config("w4a8", "awq", scale_search="smoothquant").search.scope == "block"
+    assert build_config("w4a16", "awq", search_scope="layer").search.scope == "layer"
 
 
 def test_unknown_parts_are_config_errors():

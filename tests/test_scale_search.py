@@ -14,6 +14,7 @@ from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import (
     ChannelStatsAccumulator,
     alpha_grid,
+    candidate_applied,
     can_fold,
     candidate_scales,
     fold_scales,
@@ -108,3 +109,87 @@ def test_engine_scale_search_runs_and_keeps_fp_function(tiny_vlm_dir, tiny_calib
         assert set(layer.search_alphas) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}  # GQA: no v->o
     if method == "smoothquant":
         assert all(a == 0.5 for layer in result.layers for a in layer.search_alphas.values())
+
+
+def test_candidate_applied_matches_folding_and_restores_weights():
+    """Evaluating a candidate at the linears' inputs computes what folding it into the producer does,
+    and leaves every weight bit-identical afterwards."""
+    torch.manual_seed(0)
+    norm, lins = _Norm(128), [nn.Linear(128, 32), nn.Linear(128, 16)]
+    x = torch.randn(10, 128)
+    s = torch.rand(128) * 4 + 0.1
+    before = [lin.weight.detach().clone() for lin in lins]
+    with candidate_applied(lins, s):
+        applied = [lin(norm(x)) for lin in lins]
+    assert all(torch.equal(lin.weight, w) for lin, w in zip(lins, before))
+    fold_scales(norm, lins, s)
+    for lin, out in zip(lins, applied):
+        torch.testing.assert_close(lin(norm(x)), out, rtol=1e-5, atol=1e-5)
+
+
+def _record_searches(monkeypatch) -> list:
+    import tlq.engine.layerwise as lw
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        result = search_scales(*args, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(lw, "search_scales", recording)
+    return seen
+
+
+def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """The MLP's output is added unchanged to the layer output, so measuring MLP mappings on the MLP
+    alone (what the layer scope does) must give the whole layer's losses and the same exponents."""
+    import tlq.engine.layerwise as lw
+
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+    cfg = build_config("w3a16", "awq", weighting="uniform", search_grid=6, solver="rtn", search_scope="layer")
+    runs = {}
+    for how in ("block", "whole layer"):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        seen = _record_searches(monkeypatch)
+        if how == "whole layer":  # the reference: every candidate run through the whole decoder layer
+            monkeypatch.setattr(lw.LayerwiseEngine, "_loss_module", lambda self, mapping: "")
+        result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        runs[how] = (seen, result)
+        monkeypatch.undo()
+    (fast, fast_res), (ref, ref_res) = runs["block"], runs["whole layer"]
+    assert len(fast) == len(ref) == 3 * len(fast_res.layers)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]  # NaN = unscaled
+    for name, qw in ref_res.quantized.items():
+        assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+
+
+def test_block_scope_judges_attention_mappings_without_the_mlp(tiny_vlm_dir, tiny_calib_jsonl):
+    """AWQ's own loss stops at the attention output: the q/k/v candidates never run the MLP, so the
+    search does less work than with the layer scope (counted as MLP calls)."""
+    adapter, _m, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    calls = {}
+    for scope in ("layer", "block"):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+        count = [0]
+        for layer in adapter.decoder_layers(model):
+            layer.mlp.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        cfg = build_config("w3a16", "awq", weighting="uniform", search_grid=6, solver="rtn", search_scope=scope)
+        result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        assert all(len(layer.search_alphas) == 3 for layer in result.layers)
+        calls[scope] = count[0]
+    n_layers = len(result.layers)
+    # with "layer", per layer and sample, the q/k/v mapping's 7 losses (baseline + 6 exponents) and the
+    # FP layer targets they are compared with ran the MLP; "block" needs neither
+    assert calls["layer"] - calls["block"] == n_layers * (7 + 1) * 3
+
+
+def test_unknown_search_scope_is_refused():
+    from tlq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="scope"):
+        build_config("w4a16", "awq", search_scope="model")

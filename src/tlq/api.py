@@ -84,7 +84,7 @@ def load_streamed(model: str | Path, device: str = "auto", dtype: str = "auto", 
     return adapter, streamed, processor, model_dir, dev, dt
 
 
-def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, gptq_target: str | None = None, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, gptq_target: str | None = None, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, search_scope: str | None = None, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
     """Validate user-facing options into a ``QuantizeConfig``.
 
     ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
@@ -98,8 +98,8 @@ def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any
     if scale_search == "auto":  # AWQ for weight-only schemes, SmoothQuant when activations are quantized
         scale_search = "smoothquant" if qscheme.quantizes_activations else "awq"
     if scale_search is not None and scale_search != search.kind:
-        search = ScaleSearchConfig(kind=scale_search)
-    search = dc_replace(search, grid=search_grid, max_samples=search_samples)
+        search = ScaleSearchConfig(kind=scale_search, scope=search.scope)
+    search = dc_replace(search, grid=search_grid, max_samples=search_samples, **({} if search_scope is None else {"scope": search_scope}))
     overrides = {"solver": solver, "weighting": weighting, "token_select": token_select, "quantized_inputs": quantized_inputs}
     parts = {**preset, **{k: v for k, v in overrides.items() if v is not None}, "search": search}
     cfg = QuantizeConfig(

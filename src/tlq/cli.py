@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
+from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SEARCH_SCOPES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
 
 
 def _group_size(text: str) -> int:
@@ -44,6 +44,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                           "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)")
     abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant", "auto"), default=None, help="per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)")
     abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
+    abl.add_argument("--search-scope", choices=SEARCH_SCOPES, default=None,
+                     help="what a scale candidate is judged by: the decoder layer's output error (layer, the presets') or "
+                          "its block's, attention or MLP (block: AWQ's own loss, cheaper)")
     abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
     abl.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="token weights: uniform | modality (MBQ) | token (TLQ)")
     sel = abl.add_mutually_exclusive_group()
@@ -102,6 +105,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             scale_search=args.scale_search,
             search_grid=args.search_grid,
             search_samples=args.search_samples,
+            search_scope=args.search_scope,
             weighting=args.weighting,
             token_select=args.token_select,
             quantized_inputs=args.quantized_inputs,

@@ -142,6 +142,9 @@ class CalibConfig:
     seed: int = 0
 
 
+SEARCH_SCOPES = ("layer", "block")
+
+
 @dataclass
 class ScaleSearchConfig:
     """Per-channel scale migration before the weights are solved (AWQ / SmoothQuant style)."""
@@ -150,10 +153,17 @@ class ScaleSearchConfig:
     grid: int = 20  # exponents tried: i / grid for i in range(grid) (AWQ's grid)
     fixed_alpha: float | None = None  # skip the search and use this exponent (plain SmoothQuant: 0.5)
     max_samples: int = 64  # calibration samples the search loss runs on (cost grows with grid x samples)
+    # What a candidate's loss compares: "layer" = the decoder layer's output (an attention error is seen
+    # through the MLP after it; MLP mappings are measured on the MLP alone, which is the same number),
+    # "block" = the output of the block holding the mapping's linears (AWQ's own loss: cheaper, blind to
+    # what the rest of the layer does with the error). See docs/methods.md.
+    scope: str = "layer"
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "awq", "smoothquant"):
             raise ConfigError(f"unknown scale search {self.kind!r}; choose none, awq or smoothquant")
+        if self.scope not in SEARCH_SCOPES:
+            raise ConfigError(f"unknown scale search scope {self.scope!r}; choose one of {', '.join(SEARCH_SCOPES)}")
         if self.grid < 1 or self.max_samples < 1:
             raise ConfigError("scale search grid and max_samples must be positive")
 
@@ -224,10 +234,12 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
 
     * rtn: round-to-nearest, no data.
     * gptq: GPTQ, each layer on the quantized outputs of the previous ones (GPTQ's own sequential mode).
-    * awq: AWQ scale search on FP inputs, then RTN.
+    * awq: AWQ scale search on FP inputs, then RTN; each candidate judged by its block's output error
+      (attention / MLP / the linear, ``scope="block"``), as AWQ's own search does.
     * smoothquant: SmoothQuant migration with the paper's alpha = 0.5, then RTN.
     * mbq: MBQ — AWQ search (weight-only) or SmoothQuant search (W-A) weighted by per-modality
-      gradient weights, FP inputs per layer, then RTN.
+      gradient weights, FP inputs per layer, block-output losses as in AWQ (MBQ builds on its search),
+      then RTN.
     * tlq: token-level gradient importance + token-level calibration set + quantization-exposed
       layer-wise calibration; each layer gets a token-weighted scale search (AWQ-style for weight-only,
       SmoothQuant-style for W-A schemes), then token-weighted GPTQ. Both solvers in turn were chosen by
@@ -241,14 +253,14 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
     presets: dict[str, dict[str, Any]] = {
         "rtn": {"solver": "rtn", "search": ScaleSearchConfig(), "weighting": "uniform", "quantized_inputs": True},
         "gptq": {"solver": "gptq", "search": ScaleSearchConfig(), "weighting": "uniform", "quantized_inputs": True},
-        "awq": {"solver": "rtn", "search": ScaleSearchConfig(kind="awq"), "weighting": "uniform", "quantized_inputs": False},
+        "awq": {"solver": "rtn", "search": ScaleSearchConfig(kind="awq", scope="block"), "weighting": "uniform", "quantized_inputs": False},
         "smoothquant": {
             "solver": "rtn",
             "search": ScaleSearchConfig(kind="smoothquant", fixed_alpha=0.5),
             "weighting": "uniform",
             "quantized_inputs": False,
         },
-        "mbq": {"solver": "rtn", "search": ScaleSearchConfig(kind=search_kind), "weighting": "modality", "quantized_inputs": False},
+        "mbq": {"solver": "rtn", "search": ScaleSearchConfig(kind=search_kind, scope="block"), "weighting": "modality", "quantized_inputs": False},
         "tlq": {
             "solver": "gptq",
             "search": ScaleSearchConfig(kind=search_kind),

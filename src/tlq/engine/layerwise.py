@@ -32,7 +32,7 @@ from tlq.engine.activations import ActivationStore, MemoryBudget, activation_lis
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
-from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
+from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, run_layer, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
@@ -302,9 +302,12 @@ class LayerwiseEngine:
     def _search_scales(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, float]:
         """Migrate per-channel scales for each producer->linears mapping of the adapter, in order.
 
-        The loss of a candidate is the token-weighted error of the *layer output* with the mapping's
-        linears fake-quantized (weights and, for W-A schemes, activations), against the FP layer on the
-        same inputs: it isolates this layer's own quantization error.
+        The loss of a candidate is the token-weighted error, with the mapping's linears fake-quantized
+        (weights and, for W-A schemes, activations), against the FP layer on the same inputs: of the
+        layer output (scope "layer"; it isolates this layer's own quantization error) or of the
+        mapping's block (scope "block", AWQ's loss). A block whose output is added unchanged to the
+        layer output has the layer's error, so the layer scope measures such mappings on the block
+        alone (:meth:`_loss_module`): the same number for a fraction of the work.
         """
         search = self.config.search
         if search.kind == "none":
@@ -313,7 +316,7 @@ class LayerwiseEngine:
         n = sum(1 for sid in self.sample_ids if sid < search.max_samples)
         xs, kwargs = _Prefix(xs, n), kwargs[:n]
         weights = [self._weights(index, s) for s in range(n)]
-        targets = self._run(layer, xs, kwargs)
+        layer_targets = None  # the FP layer's outputs, computed once if a mapping needs them
         alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
         chosen: dict[str, float] = {}
         for mapping in self.adapter.spec.smooth_mappings:
@@ -321,18 +324,30 @@ class LayerwiseEngine:
             linears = [layer.get_submodule(name) for name in mapping.linears]
             if not can_fold(prev, linears):
                 continue
-            stats = self._channel_stats(layer, linears[0], xs, kwargs, weights)
+            block = self._loss_module(mapping)
+            stats, calls = self._record_mapping(layer, linears[0], block, xs, kwargs, weights)
+            if calls is None and layer_targets is None:
+                layer_targets = self._run(layer, xs, kwargs)
+            if calls is None:
+                calls = _BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
 
-            def loss_fn(linears: list[nn.Linear] = linears) -> float:
-                return self._quantized_loss(layer, linears, xs, kwargs, targets, weights)
+            def loss_fn(linears: list[nn.Linear] = linears, calls: _BlockCalls = calls) -> float:
+                return self._quantized_loss(linears, calls, weights)
 
             if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
                 fold_scales(prev, linears, candidate_scales(search.kind, search.fixed_alpha, stats, linears))
                 chosen[mapping.prev] = search.fixed_alpha
             else:
                 chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn).alpha
-        _release(targets)
+            calls.release()
+        _release(layer_targets)
         return chosen
+
+    def _loss_module(self, mapping: SmoothMapping) -> str:
+        """The module (name within the layer; "" = the layer) whose output error a candidate is judged by."""
+        if self.config.search.scope == "block" or mapping.block_ends_layer:
+            return mapping.block
+        return ""
 
     def _weights(self, index: int, sample: int, linear: str | None = None) -> Tensor | None:
         """Token weights of this rank's ``sample``-th sample (the weight function takes global ids), for
@@ -343,21 +358,44 @@ class LayerwiseEngine:
         return self.token_weights(index, gid) if linear is None else self.token_weights(index, gid, linear)
 
     @torch.no_grad()
-    def _channel_stats(self, layer: nn.Module, first: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> ChannelStats:
+    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> tuple[ChannelStats, _BlockCalls | None]:
+        """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
+        other than the whole layer, the block's inputs and outputs (``None`` for the layer itself)."""
         acc = ChannelStatsAccumulator(first.in_features)
         current: dict[str, Tensor | None] = {"w": None}
-        handle = first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))
+        mains: list[Tensor] = []
+        rests: list[tuple[tuple, dict[str, Any]]] = []
+        outputs: list[Tensor] = []
+        keyword: list[str | None] = [None]
+
+        def record(_m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
+            if args:
+                main, rest = args[0], (args[1:], kw)
+            else:  # called by keyword, as transformers calls its attention modules
+                keyword[0] = "hidden_states"
+                rest_kw = dict(kw)
+                main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
+            mains.append(main.detach().to("cpu"))
+            rests.append(tree_to(rest, "cpu"))
+            outputs.append(_first(out).detach().to("cpu"))
+
+        handles = [first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))]
+        if block:
+            handles.append(layer.get_submodule(block).register_forward_hook(record, with_kwargs=True))
         try:
             for x, kw, w in zip(xs, kwargs, weights):
                 current["w"] = w
                 run_layer(layer, self._dev(x), self._dev(kw))
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         D.reduce_channel_stats_(acc)
-        return acc.result()
+        if not block:
+            return acc.result(), None
+        return acc.result(), _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs))
 
     @torch.no_grad()
-    def _quantized_loss(self, layer: nn.Module, linears: list[nn.Linear], xs: list[Tensor], kwargs: list[dict[str, Any]], targets: list[Tensor], weights: list[Tensor | None]) -> float:
+    def _quantized_loss(self, linears: list[nn.Linear], calls: _BlockCalls, weights: list[Tensor | None]) -> float:
         scheme = self.config.scheme
         saved = [lin.weight.detach().clone() for lin in linears]
         hooks = []
@@ -368,8 +406,8 @@ class LayerwiseEngine:
                 if scheme.activations is not None:
                     hooks.append(add_input_quantizer(lin, scheme.activations))
             total = 0.0
-            for x, kw, t, w in zip(xs, kwargs, targets, weights):
-                err = (run_layer(layer, self._dev(x), self._dev(kw)).float().cpu() - t.float()).pow(2).sum(-1)[0]
+            for i, w in enumerate(weights):
+                err = (calls.run(i, self._dev).float().cpu() - calls.targets[i].float()).pow(2).sum(-1)[0]
                 total += float((err * w.cpu()).sum() if w is not None else err.sum())
             return D.all_reduce_scalar_sum(total)
         finally:
@@ -415,6 +453,41 @@ def _fault_injection(index: int) -> None:
     """
     if os.environ.get(FAULT_ENV) == str(index):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first(out: Any) -> Tensor:
+    """A module's main output (attention modules return ``(output, weights)``)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _BlockCalls:
+    """Recorded FP calls of one module, per sample: replaying them under changed weights gives the
+    module's output on the same inputs, which is what a scale candidate is compared on.
+
+    The main input (the activation, which can be large) lives in an activation store like the
+    engine's own, so ``--max-cpu-memory`` bounds it; the other arguments (position embeddings, masks)
+    are kept as they came. ``keyword`` names the main input when the module was called with it by name.
+    """
+
+    def __init__(self, module: nn.Module, mains: Any, rests: list[tuple[tuple, dict[str, Any]]], keyword: str | None, targets: Any, owned: bool = True) -> None:
+        self.module, self.mains, self.rests, self.keyword, self.targets = module, mains, rests, keyword, targets
+        self.owned = owned  # whether the stores are this object's to release
+
+    @classmethod
+    def of_layer(cls, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]], targets: Any) -> "_BlockCalls":
+        """The decoder layer itself, on the engine's stored inputs and FP outputs (nothing copied)."""
+        return cls(layer, xs, [((), kw) for kw in kwargs], None, targets, owned=False)
+
+    def run(self, i: int, to_device: Callable[[Any], Any]) -> Tensor:
+        main = to_device(self.mains[i])
+        args, kw = to_device(self.rests[i])
+        out = self.module(*args, **{**kw, self.keyword: main}) if self.keyword else self.module(main, *args, **kw)
+        return _first(out)
+
+    def release(self) -> None:
+        if self.owned:
+            _release(self.mains)
+            _release(self.targets)
 
 
 class _Prefix:

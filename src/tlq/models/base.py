@@ -24,10 +24,18 @@ class SmoothMapping:
 
     Scale migration (AWQ, SmoothQuant) folds ``1/s`` into ``prev`` and ``s`` into ``linears``; which
     modules pair up is architecture knowledge, so it lives here as data.
+
+    ``block`` is the smallest module whose output holds everything ``linears`` change (AWQ compares
+    this output: attention for q/k/v, the MLP for gate/up, the linear itself when it is its block's last
+    op). ``block_ends_layer`` says that the block's output is added unchanged to the decoder layer's
+    output (the MLP of a pre-norm layer), so its error *is* the layer-output error and the search may
+    measure the layer objective on the block alone, which is cheaper and gives the same number.
     """
 
     prev: str
     linears: tuple[str, ...]
+    block: str = ""  # "" = the whole decoder layer
+    block_ends_layer: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ _QWEN_IGNORE = ("re:.*visual.*", "lm_head")
 
 # The Qwen2 decoder layer (also LLaVA-OneVision's language model). v_proj -> o_proj only folds without
 # grouped-query attention (equal widths); the engine skips mappings whose shapes do not fold.
+# Blocks: o_proj is the attention's last op and down_proj the MLP's, so each is its block's output; the
+# MLP's output is added straight to the layer output (out = h + mlp(post_attention_layernorm(h))).
 QWEN2_DECODER_SMOOTHING = (
-    SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-    SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
+    SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), block="self_attn"),
+    SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), block="self_attn.o_proj"),
+    SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), block="mlp", block_ends_layer=True),
+    SmoothMapping("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", block_ends_layer=True),
 )
 
 QWEN2_VL = ModelSpec(

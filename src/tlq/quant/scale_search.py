@@ -15,8 +15,9 @@ AWQ's). This module knows nothing about models: it sees a producer module, linea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -95,13 +96,34 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
         lin.weight.mul_(s.to(lin.weight)[None, :])
 
 
-def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+@contextmanager
+def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
+    """Evaluate scales ``s`` without folding them: ``W -> W diag(s)`` and ``x -> x / s`` at the linears' inputs.
+
+    In real arithmetic this is what :func:`fold_scales` does (the producer's output reaches only these
+    linears), but the producer and everything upstream stay untouched, so a caller may record the
+    inputs of the linears' block once and replay only the block for every candidate.
+    """
+    saved = [lin.weight.detach().clone() for lin in linears]
+    handles = []
+    try:
+        for lin in linears:
+            sv = s.to(lin.weight)
+            lin.weight.data.mul_(sv[None, :])
+            handles.append(lin.register_forward_pre_hook(_divide_input(sv), prepend=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for lin, w in zip(linears, saved):
+            lin.weight.data.copy_(w)
 
 
-def _restore(modules: list[nn.Module], saved: list[dict[str, Tensor]]) -> None:
-    for m, sd in zip(modules, saved):
-        m.load_state_dict(sd)
+def _divide_input(s: Tensor) -> Callable:
+    def hook(_m: nn.Module, args: tuple) -> tuple:
+        return (args[0] / s.to(args[0].dtype), *args[1:])
+
+    return hook
 
 
 @dataclass
@@ -114,20 +136,17 @@ class SearchResult:
 
 @torch.no_grad()
 def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: ChannelStats, alphas: list[float], loss_fn: Callable[[], float]) -> SearchResult:
-    """Try each exponent: fold, let ``loss_fn`` quantize-and-measure, restore; keep the best folded.
+    """Try each exponent (applied by :func:`candidate_applied`), let ``loss_fn`` quantize-and-measure; fold the best.
 
     ``loss_fn`` must leave the weights as it found them (it may fake-quantize temporarily). The
     unscaled configuration is always a candidate, so the search never makes the loss worse.
     """
-    modules: list[nn.Module] = [prev, *linears]
-    saved = _snapshot(modules)
     baseline = loss_fn()
     best_alpha, best_loss, losses = None, baseline, []
     for alpha in alphas:
-        fold_scales(prev, linears, candidate_scales(kind, alpha, stats, linears))
-        loss = loss_fn()
+        with candidate_applied(linears, candidate_scales(kind, alpha, stats, linears)):
+            loss = loss_fn()
         losses.append(loss)
-        _restore(modules, saved)
         if loss < best_loss:
             best_alpha, best_loss = alpha, loss
     if best_alpha is not None:
