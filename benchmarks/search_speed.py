@@ -21,6 +21,7 @@ different loss).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -68,6 +69,7 @@ def to_markdown(result: dict) -> list[str]:
              f"{result['intermediate']}, {result['layers']} layer(s); `{result['method']}` at {result['scheme']}, "
              f"{result['num_samples']} calibration samples ({rows[0]['num_tokens'] if rows else 0} tokens), search grid "
              f"{result['search_grid']}, float32 on CPU. All rows in one process, one after the other.", "",
+             *([f"Note: {result['note']}", ""] if result.get("note") else []),
              "| loss runs on | seconds per layer | speed-up vs whole layer | codes differing from whole layer | max layer rel. error |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -86,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-grid", type=int, default=20)
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ", ".join(SETTINGS))
     p.add_argument("--out", default="docs/search_speed")
+    p.add_argument("--render", metavar="JSON", default=None, help="only rewrite JSON's Markdown next to it (e.g. after adding a note)")
     args = p.parse_args(argv)
+    if args.render:
+        report = Path(args.render)
+        write_report(report.with_suffix(""), json.loads(report.read_text()), to_markdown(json.loads(report.read_text())))
+        return 0
     settings = [s.strip() for s in args.settings.split(",")]
     if any(s not in SETTINGS for s in settings):
         p.error(f"--settings takes {', '.join(SETTINGS)}")

@@ -45,8 +45,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant", "auto"), default=None, help="per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)")
     abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
     abl.add_argument("--search-scope", choices=SEARCH_SCOPES, default=None,
-                     help="what a scale candidate is judged by: the decoder layer's output error (layer, the presets') or "
-                          "its block's, attention or MLP (block: AWQ's own loss, cheaper)")
+                     help="what a scale candidate is judged by: the decoder layer's output error (layer: tlq's preset) or "
+                          "its block's, attention or MLP (block: AWQ's own loss, cheaper; the awq and mbq presets')")
     abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
     abl.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="token weights: uniform | modality (MBQ) | token (TLQ)")
     sel = abl.add_mutually_exclusive_group()
