@@ -69,11 +69,11 @@ VARIANTS.update({
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),
     "TLQ FP target 75% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.75}),
     "GPTQ FP target": ("gptq", {"gptq_target": "fp"}),
+    # the scope decision (docs/accuracy-scope.md); "layer scope" is TLQ's preset, named for that run's command
     "TLQ block scope": ("tlq", {"search_scope": "block"}),
     "TLQ layer scope": ("tlq", {"search_scope": "layer"}),
-    "AWQ block scope": ("awq", {"search_scope": "block"}),
+    # AWQ and MBQ as they were before their presets took their papers' block-output loss
     "AWQ layer scope": ("awq", {"search_scope": "layer"}),
-    "MBQ block scope": ("mbq", {"search_scope": "block"}),
     "MBQ layer scope": ("mbq", {"search_scope": "layer"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on

@@ -170,10 +170,9 @@ def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_
 def test_block_scope_judges_attention_mappings_without_the_mlp(tiny_vlm_dir, tiny_calib_jsonl):
     """AWQ's own loss stops at the attention output: the q/k/v candidates never run the MLP, so the
     search does less work than with the layer scope (counted as MLP calls)."""
-    adapter, _m, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
     calls = {}
     for scope in ("layer", "block"):
-        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
         samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
         count = [0]
         for layer in adapter.decoder_layers(model):

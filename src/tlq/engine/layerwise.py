@@ -32,7 +32,7 @@ from tlq.engine.activations import ActivationStore, MemoryBudget, activation_lis
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
-from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, run_layer, tree_to
+from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
@@ -377,7 +377,7 @@ class LayerwiseEngine:
                 main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
             mains.append(main.detach().to("cpu"))
             rests.append(tree_to(rest, "cpu"))
-            outputs.append(_first(out).detach().to("cpu"))
+            outputs.append(main_output(out).detach().to("cpu"))
 
         handles = [first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))]
         if block:
@@ -455,11 +455,6 @@ def _fault_injection(index: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _first(out: Any) -> Tensor:
-    """A module's main output (attention modules return ``(output, weights)``)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class _BlockCalls:
     """Recorded FP calls of one module, per sample: replaying them under changed weights gives the
     module's output on the same inputs, which is what a scale candidate is compared on.
@@ -482,7 +477,7 @@ class _BlockCalls:
         main = to_device(self.mains[i])
         args, kw = to_device(self.rests[i])
         out = self.module(*args, **{**kw, self.keyword: main}) if self.keyword else self.module(main, *args, **kw)
-        return _first(out)
+        return main_output(out)
 
     def release(self) -> None:
         if self.owned:

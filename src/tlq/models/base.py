@@ -195,5 +195,10 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 
     transformers 5 layers return a tensor; older ones return a tuple whose first item is the output.
     """
-    out = layer(hidden, **kwargs)
+    return main_output(layer(hidden, **kwargs))
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """A module's hidden-state output: the first item of a tuple (transformers' attention modules
+    return ``(output, weights)``, older decoder layers ``(output, ...)``), else the output itself."""
     return out[0] if isinstance(out, (tuple, list)) else out
