@@ -28,7 +28,7 @@ import torch
 from tlq.api import build_config, calibrate, load_model
 from tlq.builtin import builtin_dir
 from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
-from tlq.data.calibration import choose, read_jsonl
+from tlq.data.records import choose, read_jsonl
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tlq.config import ConfigError
-from tlq.engine.activations import ActivationStore, MemoryBudget, parse_memory_size, sweep_stale_spill_dirs
+from tlq.config import parse_memory_size
+from tlq.engine.activations import ActivationStore, MemoryBudget, sweep_stale_spill_dirs
 
 
 @pytest.mark.parametrize(

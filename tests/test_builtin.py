@@ -9,7 +9,7 @@ import pytest
 from tlq.api import load_model
 from tlq.builtin import available, default_dataset, resolve_model_dir
 from tlq.config import ConfigError
-from tlq.data.calibration import read_jsonl
+from tlq.data.records import read_jsonl
 
 
 @pytest.mark.parametrize("name", ["digits-qwen2vl", "digits-llavaov"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tlq.api import load_model
 from tlq.config import ConfigError
-from tlq.data.calibration import build_sample, choose, load_calibration, read_jsonl
+from tlq.data.calibration import build_sample, load_calibration
+from tlq.data.records import choose, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,30 @@ def test_missing_and_empty_files(tmp_path):
         read_jsonl(tmp_path / "absent.jsonl")
     with pytest.raises(ConfigError, match="no samples"):
         read_jsonl(_write(tmp_path, [""]))
+
+
+def test_default_cap_is_the_models_context_length(qwen, tiny_calib_jsonl, monkeypatch):
+    """No --max-seq-len: text is cut at the decoder's context window, and the sample keeps its full length."""
+    adapter, model, processor = qwen
+    full = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=None, seed=0)[0]
+    assert full.full_len == full.seq_len  # the tiny model's 4,096-token window holds it whole
+    cut = full.visual_mask.nonzero().max().item() + 2
+    monkeypatch.setattr(model.config.get_text_config(), "max_position_embeddings", cut)
+    short = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=1, max_seq_len=None, seed=0)[0]
+    assert short.seq_len == cut and short.full_len == full.seq_len
+
+
+def test_llava_onevision_real_resolution_calibrates_with_default_options(tiny_vlm_dir, tmp_path):
+    """SigLIP-384 geometry (27 x 27 patches per tile, anyres up to 2 x 2 tiles): one 448 x 460 image is
+    ~3,700 tokens, which the old 2,048 default refused; the default now fits it and the report says so."""
+    from tlq.api import quantize
+
+    model_dir = tiny_vlm_dir("llava_onevision", image_size=378, grid_pinpoints=[[378, 378], [378, 756], [756, 378], [756, 756]])
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 255, (460, 448, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text(json.dumps({"image": "photo.png", "question": "What is shown?", "answer": "noise"}) + "\n")
+    report = quantize(model_dir, calib, tmp_path / "out", scheme="w4a16", method="gptq", num_samples=1, progress=False, resume=False)
+    seq = report.sequences
+    assert seq["max_seq_len"] == 4096 and seq["truncated_samples"] == 0
+    assert 3000 < seq["longest_sample_tokens"] == report.num_tokens

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from tlq.config import ConfigError
 from tlq.engine import distributed as D
+from tlq.utils.io import raise_on_sigterm
 from tlq.quant.gptq import HessianAccumulator
 from tlq.quant.scale_search import ChannelStatsAccumulator
 
@@ -332,7 +333,7 @@ def test_single_process_collective_step_and_sigterm():
         D.collective_step(lambda: {}["k"], "x")
     old = signal.getsignal(signal.SIGTERM)
     try:
-        D.raise_on_sigterm()
+        raise_on_sigterm()
         with pytest.raises(SystemExit) as exc:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)

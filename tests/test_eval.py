@@ -49,7 +49,7 @@ def test_eval_of_an_unquantized_copy_has_zero_kl(exports, tiny_calib_jsonl, tmp_
     model, _ = exports
     report = tmp_path / "self.json"
     assert main(["eval", "--model", str(model), "--quantized", str(model), "--data", str(tiny_calib_jsonl),
-                 "--report", str(report), "--quiet"]) == 0
+                 "--report", str(report), "--quiet", "--allow-unquantized"]) == 0  # on purpose (refused without)
     res = json.loads(report.read_text())
     assert res["kl"] == pytest.approx(0.0, abs=1e-6)
     assert res["quantized"]["nll"] == pytest.approx(res["fp16"]["nll"], rel=1e-6)

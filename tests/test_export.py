@@ -26,6 +26,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, CompressedTensorsConfig
 
 from tlq.config import SCHEMES, ConfigError
+from tlq.utils.finite import NonFiniteError
+from tlq.utils.outputs import MARKER, OutputError
 from tlq.export.compressed_tensors import (
     DEFAULT_IGNORE,
     ExportExistsError,
@@ -251,10 +253,20 @@ def test_existing_out_dir_needs_overwrite(tmp_path, tiny_vlm_dir):
     (out / "keep.txt").write_text("old")
     with pytest.raises(ExportExistsError, match="--overwrite"):
         export_compressed_tensors(model, quantized, scheme, out, source_dir=src)
+    with pytest.raises(OutputError, match=r"holds files tlq did not write \(keep.txt\)"):  # not ours: never replaced
+        export_compressed_tensors(model, quantized, scheme, out, source_dir=src, overwrite=True)
     assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
+    (out / "keep.txt").unlink()  # an empty directory may be filled
     export_compressed_tensors(model, quantized, scheme, out, source_dir=src, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / MARKER).is_file() and (out / "config.json").is_file()
+    (out / "notes.txt").write_bytes(b"x")  # added to a tlq output by its user: theirs, so refused
+    with pytest.raises(OutputError, match=r"holds files tlq did not write \(notes.txt\)"):
+        export_compressed_tensors(model, quantized, scheme, out, source_dir=src, overwrite=True)
+    (out / "notes.txt").unlink()
+    (out / "config.json").write_text("{}")  # a file tlq wrote, changed since: still tlq's to replace
+    export_compressed_tensors(model, quantized, scheme, out, source_dir=src, overwrite=True)
+    assert json.loads((out / "config.json").read_text()) and (out / MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # old copy and temp dir removed
 
     with pytest.raises(ConfigError, match="source checkpoint"):
@@ -283,6 +295,15 @@ def test_export_refuses_inconsistent_input_and_cleans_up(tmp_path, tiny_vlm_dir)
         export_compressed_tensors(model, quantized, scheme, out)
     with torch.no_grad():
         model.get_submodule(dropped).weight.copy_(quantized[dropped].dequantize())
+
+    vision_weight = model.get_submodule(vision).weight  # a dense (16-bit) tensor: checked before writing too
+    kept = vision_weight.detach().clone()
+    with torch.no_grad():
+        vision_weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=rf"tensor '{re.escape(vision)}.weight'.*nothing was written"):
+        export_compressed_tensors(model, quantized, scheme, out)
+    with torch.no_grad():
+        vision_weight.copy_(kept)
 
     class BrokenProcessor:
         def save_pretrained(self, path):

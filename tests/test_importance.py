@@ -265,7 +265,7 @@ def test_run_importance_writes_report(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
 
     out = tmp_path / "imp"
     summary = run_importance(tiny_vlm_dir("llava_onevision"), tiny_calib_jsonl, out, num_samples=3, max_seq_len=4096, cfg=ImportanceConfig(), device="cpu", selection=SelectionConfig())
-    assert sorted(p.name for p in out.iterdir()) == ["importance.json", "importance.safetensors", "sample_000.png", "sample_001.png", "sample_002.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".tlq-output.json", "importance.json", "importance.safetensors", "sample_000.png", "sample_001.png", "sample_002.png"]
     on_disk = json.loads((out / "importance.json").read_text())
     assert on_disk["num_samples"] == 3 and len(on_disk["samples"]) == 3 and on_disk == json.loads(json.dumps(summary))
     per_layer = on_disk["per_layer"]
@@ -284,7 +284,7 @@ def test_run_importance_writes_report(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         run_importance("/nonexistent/model", tiny_calib_jsonl, out, num_samples=1, max_seq_len=4096, cfg=ImportanceConfig())
     run_importance(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, out, num_samples=1, max_seq_len=4096, cfg=ImportanceConfig(kind="modality"), device="cpu", overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["importance.json", "importance.safetensors", "sample_000.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".tlq-output.json", "importance.json", "importance.safetensors", "sample_000.png"]
     assert json.loads((out / "importance.json").read_text())["config"]["kind"] == "modality"
 
 

@@ -300,7 +300,7 @@ def test_gptq_rejects_bad_inputs(data) -> None:
     _, w, h = data
     with pytest.raises(ConfigError, match="does not divide"):
         gptq_quantize(w[:, :200], h[:200, :200], W4_G128, GPTQConfig())
-    with pytest.raises(ConfigError, match="block size"):
+    with pytest.raises(ConfigError, match="--block-size must be a positive"):
         gptq_quantize(w, h, W4_G128, GPTQConfig(block_size=0))
     with pytest.raises(ValueError, match="does not match"):
         gptq_quantize(w, h[:128, :128], W4_G128, GPTQConfig())

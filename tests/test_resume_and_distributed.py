@@ -51,6 +51,7 @@ def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_pat
 
     resumed = _tlq(*_quantize_args(deep_model, tiny_calib_jsonl, out))
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "2 decoder layer(s) already calibrated" in resumed.stderr
     assert _files(out) == _files(tmp_path / "ref")
     assert not resume_dir.exists()  # cleaned up once the output is complete
 

@@ -10,7 +10,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SEARCH_SCOPES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig
+from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SEARCH_SCOPES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig, parse_memory_size
+from tlq.utils.io import say
 
 
 def _group_size(text: str) -> int:
@@ -28,7 +29,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default: w4a16)")
     p.add_argument("--method", default="gptq", help=f"one of {', '.join(METHODS)} (default: gptq); see docs/methods.md")
     p.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="calibration samples (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len, help="truncate longer samples (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len,
+                   help="cut the text of longer samples, never visual tokens (default: the model's context length; the report says how many were cut)")
     p.add_argument("--seed", type=int, default=CalibConfig.seed, help="calibration subsampling seed (default: %(default)s)")
     p.add_argument("--group-size", type=_group_size, default=None, help="weight group size, -1 = per channel (default: the scheme's)")
     sym = p.add_mutually_exclusive_group()
@@ -61,7 +63,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--report", default=None, help="write the run's report (per-layer errors, times, memory) as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report (and discard a resume state)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier tlq output in --out (never other files) and an existing --report; discard a resume state")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     run = p.add_argument_group("execution (does not change the result)")
     run.add_argument("--nproc", type=int, default=1, help="shard calibration over N processes via torchrun (one GPU each on CUDA)")
@@ -72,12 +74,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from tlq.api import quantize
-    from tlq.engine.activations import parse_memory_size
-    from tlq.engine.distributed import current_context, launch_torchrun, raise_on_sigterm, shutdown
-    from tlq.report import render_summary
+    from tlq.api import quantize  # cheap: torch loads only once the checks that need no model passed
+    from tlq.utils.io import raise_on_sigterm
 
     if args.nproc > 1:
+        from tlq.engine.distributed import launch_torchrun
+
         return launch_torchrun(args.nproc, args.argv)
     raise_on_sigterm()  # torchrun stops workers with SIGTERM: let cleanup (temp dirs) run
     max_cpu = parse_memory_size(args.max_cpu_memory) if args.max_cpu_memory is not None else None
@@ -117,12 +119,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             resume=args.resume,
             stream=args.stream,
         )
-        show_summary = not args.quiet and current_context().is_main
     finally:
-        shutdown()  # every rank leaves the process group before exiting (see distributed.shutdown)
-    if show_summary:
+        _leave_process_group()
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        from tlq.report import render_summary
+
         render_summary(report)
     return 0
+
+
+def _leave_process_group() -> None:
+    """Every rank leaves the process group before exiting (see ``distributed.shutdown``). The module is
+    loaded only once a run got past the checks; a run refused before that has no group to leave, and
+    importing it (and torch) just to say so would slow every refusal down."""
+    dist = sys.modules.get("tlq.engine.distributed")
+    if dist is not None:
+        dist.shutdown()
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +147,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
     p.add_argument("--report", default=None, help="write the scores as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --report")
+    p.add_argument("--allow-unquantized", action="store_true", help="accept a --quantized checkpoint without a quantization_config (e.g. to compare two FP checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     lm = p.add_argument_group("lmms-eval bridge (pip install 'tlq[lmms]'; replaces the built-in VQA scoring)")
     lm.add_argument("--lmms-tasks", default=None, metavar="TASKS", help="comma-separated lmms-eval tasks, e.g. textvqa_val,mmmu_val; --num-samples becomes lmms-eval's --limit")
@@ -167,6 +180,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=not args.quiet,
+        allow_unquantized=args.allow_unquantized,
     )
     render_eval_table(result)
     return 0
@@ -178,12 +192,12 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration JSONL; built-in models default to their own")
     p.add_argument("--out", required=True, help="output directory (importance.safetensors, importance.json, sample_XXX.png)")
     p.add_argument("--num-samples", type=int, default=8, help="samples to analyse (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len)
+    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len, help="as for quantize (default: the model's context length)")
     p.add_argument("--kind", choices=("grad2", "grad", "modality", "uniform"), default="grad2", help="importance from ||g||^2, ||g||, per-modality mean (MBQ) or uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-png", action="store_true", help="skip the per-sample PNGs")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `tlq importance` output in --out (never other files)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_importance)
 
@@ -211,10 +225,13 @@ def _cmd_importance(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlq", description="Token-level importance-aware layer-wise quantization of VLMs")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected system error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
     _add_importance(sub)
+    for p in sub.choices.values():  # also accepted after the command (SUPPRESS: do not hide the global one)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an unexpected system error")
     return parser
 
 
@@ -223,6 +240,12 @@ def _silence_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def _interrupted_hint(args: argparse.Namespace) -> str:
+    if args.command == "quantize" and getattr(args, "resume", False):
+        return "; rerun the same command to resume from the last finished decoder layer"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,12 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-            print(f"tlq: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("tlq: interrupted", file=sys.stderr)
+        say(f"interrupted{_interrupted_hint(args)}")
         return 130
+    except OSError as exc:  # disk full, permissions, a vanished file: the system's words, one line
+        if args.debug:
+            raise
+        say(f"error: {exc.strerror or exc}{f': {exc.filename!r}' if exc.filename else ''} (rerun with --debug for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ codes are *signed* integers in ``[qmin, qmax] = [-2**(b-1), 2**(b-1) - 1]`` and
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -98,7 +100,7 @@ _UNSET: Any = object()
 def resolve_scheme(name: str, *, group_size: Any = _UNSET, symmetric: bool | None = None) -> QuantScheme:
     """Look up a scheme by name and apply the user's overrides.
 
-    ``group_size`` may be an int, ``None``/0/-1 (per channel) or left unset (scheme default).
+    ``group_size`` may be a positive int, ``None``/-1 (per channel) or left unset (scheme default).
     """
     key = name.lower()
     if key not in SCHEMES:
@@ -106,7 +108,9 @@ def resolve_scheme(name: str, *, group_size: Any = _UNSET, symmetric: bool | Non
     scheme = SCHEMES[key]
     w = scheme.weights
     if group_size is not _UNSET:
-        gs = None if group_size in (None, 0, -1) else int(group_size)
+        if group_size is not None and int(group_size) != -1 and int(group_size) <= 0:
+            raise ConfigError(f"--group-size must be a positive group size, or -1 for one scale per output channel; got {group_size}")
+        gs = None if group_size in (None, -1) else int(group_size)
         w = replace(w, group_size=gs)
     if symmetric is not None:
         w = replace(w, symmetric=symmetric)
@@ -126,6 +130,10 @@ class GPTQConfig:
     target: str = "quantized"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.damp_percent < 1.0:
+            raise ConfigError(f"--damp must be in [0, 1) (a fraction of the mean Hessian diagonal, default 0.01), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ConfigError(f"--block-size must be a positive number of columns (default 128), got {self.block_size}")
         if self.target not in GPTQ_TARGETS:
             raise ConfigError(f"unknown GPTQ target {self.target!r}; choose one of: {', '.join(GPTQ_TARGETS)}")
 
@@ -138,8 +146,51 @@ class CalibConfig:
     """How many calibration samples, and how long each may be."""
 
     num_samples: int = 128  # the papers' default (128 COCO/ShareGPT4V samples)
-    max_seq_len: int = 2048  # longer samples are truncated (visual tokens are never cut)
+    # Longer samples lose their trailing text (visual tokens are never cut: an error says so). None = the
+    # model's context length, so the processor's output for ordinary images fits whatever its size
+    # (LLaVA-OneVision's anyres: ~3,700 tokens for one 448 px image); the report says what was cut.
+    max_seq_len: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"--num-samples must be positive, got {self.num_samples}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ConfigError(f"--max-seq-len must be positive, got {self.max_seq_len}")
+
+
+# Memory sizes on the command line (--max-cpu-memory): decimal and binary units.
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    # single letters are binary, as in Docker and Slurm
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory_size(text: str | int | float, option: str = "--max-cpu-memory") -> int:
+    """Bytes from ``"4GB"`` (10^9), ``"512MiB"`` (2^20), ``"8G"`` (2^30), ``"1e9"`` or a number.
+
+    Units (case-insensitive): B; KB MB GB TB (decimal); KiB MiB GiB TiB and K M G T (binary).
+    """
+    if isinstance(text, bool):
+        raise ConfigError(f"invalid memory size {text!r} for {option}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"invalid memory size {text!r} for {option}: give bytes or a number with a unit, "
+                f"e.g. 4GB, 512MiB, 8G or 1e9 (units: B, KB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB or K/M/G/T = powers of 1024)"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size < 0:
+        raise ConfigError(f"invalid memory size {text!r} for {option}: must be a finite, non-negative amount")
+    return int(size)
 
 
 SEARCH_SCOPES = ("layer", "block")
@@ -165,19 +216,7 @@ class ScaleSearchConfig:
         if self.scope not in SEARCH_SCOPES:
             raise ConfigError(f"unknown scale search scope {self.scope!r}; choose one of {', '.join(SEARCH_SCOPES)}")
         if self.grid < 1 or self.max_samples < 1:
-            raise ConfigError("scale search grid and max_samples must be positive")
-
-
-def _default_importance() -> Any:
-    from tlq.importance.weights import ImportanceConfig  # imported late: that module imports this one
-
-    return ImportanceConfig()
-
-
-def _default_selection() -> Any:
-    from tlq.importance.calibset import SelectionConfig
-
-    return SelectionConfig()
+            raise ConfigError(f"--search-grid and --search-samples must be positive, got {self.grid} and {self.max_samples}")
 
 
 SOLVERS = ("rtn", "gptq")
@@ -185,6 +224,66 @@ WEIGHTINGS = ("uniform", "modality", "token")
 # Where the importance pass takes token gradients (tlq.importance.gradients): each decoder layer's output,
 # its input, or its output plus each linear's own output ("linear": per-linear token weights).
 GRAD_AT = ("output", "input", "linear")
+IMPORTANCE_KINDS = ("grad2", "grad", "modality", "uniform")
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """How raw token gradients become token weights (see the module docstring for the order of steps)."""
+
+    kind: str = "grad2"  # grad2 (||g||^2) | grad (||g||) | modality (per-modality mean of grad2 = MBQ) | uniform
+    per_layer: bool = True  # False: one weight per token, the mean over layers of the normalised rows
+    floor: float = 0.1  # minimum weight relative to the row's mean weight, in [0, 1) (0 = no floor)
+    clip_quantile: float | None = 0.99  # clip each row at this quantile of its tokens (None or 1.0 = off)
+    modality_mix: float = 0.3  # lam in  w = lam * modality_mean + (1 - lam) * w  (0 = pure token weights)
+    normalize_per_sample: bool = True  # mean weight 1 over each sample's tokens, per layer
+    # gradient w.r.t. each decoder layer's "output" hidden state (DESIGN), its "input", or "linear": the
+    # layer's output plus each linear's own output (each linear's inputs weighted by their own importance)
+    grad_at: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.kind not in IMPORTANCE_KINDS:
+            raise ConfigError(f"unknown importance kind {self.kind!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
+        if not 0.0 <= self.floor < 1.0:
+            raise ConfigError(f"importance floor must be in [0, 1) (a fraction of the mean weight), got {self.floor}")
+        if self.clip_quantile is not None and not 0.0 < self.clip_quantile <= 1.0:
+            raise ConfigError(f"clip_quantile must be in (0, 1] or None, got {self.clip_quantile}")
+        if self.grad_at not in GRAD_AT:
+            raise ConfigError(f"grad_at must be one of {', '.join(GRAD_AT)}, got {self.grad_at!r}")
+        if not 0.0 <= self.modality_mix <= 1.0:
+            raise ConfigError(f"modality_mix must be in [0, 1], got {self.modality_mix}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.kind != "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Token budget of the calibration set (per sample, per layer row)."""
+
+    token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only)
+    token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
+    min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
+    seed: int = 0  # tie-breaking permutation
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.token_fraction <= 1.0:
+            raise ConfigError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.token_count is not None and self.token_count < 1:
+            raise ConfigError(f"token_count must be a positive number of tokens, got {self.token_count}")
+        if not 0.0 <= self.min_modality_share <= 0.5:
+            raise ConfigError(f"min_modality_share must be in [0, 0.5], got {self.min_modality_share}")
+
+    def budget(self, num_valid: int) -> int:
+        k = self.token_count if self.token_count is not None else round(self.token_fraction * num_valid)
+        return max(1, min(int(k), num_valid)) if num_valid else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -203,8 +302,8 @@ class QuantizeConfig:
     # one gradient-derived weight per modality), token (TLQ: per-token gradient importance).
     weighting: str = "uniform"
     token_select: bool = False  # TLQ's token-level calibration set (drop unimportant tokens)
-    importance: Any = field(default_factory=_default_importance)  # tlq.importance.ImportanceConfig
-    selection: Any = field(default_factory=_default_selection)  # tlq.importance.SelectionConfig
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)  # how gradients become token weights
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # the token-level calibration set's budget
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     # Feed each layer the outputs of the already-quantized layers (weights and activations).
@@ -265,7 +364,7 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
             "solver": "gptq",
             "search": ScaleSearchConfig(kind=search_kind),
             "weighting": "token",
-            "importance": replace(_default_importance(), grad_at="linear"),
+            "importance": ImportanceConfig(grad_at="linear"),
             "token_select": True,
             "quantized_inputs": True,
             "gptq_target": "fp",
@@ -274,3 +373,37 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
     if method not in presets:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     return presets[method]
+
+
+def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int | None = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, gptq_target: str | None = None, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, search_scope: str | None = None, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+    """Validate user-facing options into a ``QuantizeConfig``.
+
+    ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
+    other value overrides it (that is how ablations are expressed). ``group_size=None`` keeps the scheme's.
+    """
+    kw = {} if group_size is None else {"group_size": group_size}
+    qscheme = resolve_scheme(scheme, symmetric=symmetric, **kw)
+    preset = dict(method_preset(method, qscheme))
+    preset_target = preset.pop("gptq_target", GPTQConfig.target)
+    search: ScaleSearchConfig = preset["search"]
+    if scale_search == "auto":  # AWQ for weight-only schemes, SmoothQuant when activations are quantized
+        scale_search = "smoothquant" if qscheme.quantizes_activations else "awq"
+    if scale_search is not None and scale_search != search.kind:
+        search = ScaleSearchConfig(kind=scale_search, scope=search.scope)
+    search = replace(search, grid=search_grid, max_samples=search_samples, **({} if search_scope is None else {"scope": search_scope}))
+    overrides = {"solver": solver, "weighting": weighting, "token_select": token_select, "quantized_inputs": quantized_inputs}
+    parts = {**preset, **{k: v for k, v in overrides.items() if v is not None}, "search": search}
+    cfg = QuantizeConfig(
+        scheme=qscheme,
+        method=method,
+        calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
+        gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order, target=gptq_target or preset_target),
+        device=device,
+        dtype=dtype,
+        **parts,
+    )
+    if grad_at is not None:
+        cfg.importance = replace(cfg.importance, grad_at=grad_at)
+    if token_fraction is not None:
+        cfg.selection = replace(cfg.selection, token_fraction=token_fraction)
+    return cfg

@@ -32,6 +32,7 @@ class QuantizeReport:
     peak_rss_mb_per_rank: list[float] = field(default_factory=list)  # each process's peak RSS (OS figure)
     token_set: dict[str, Any] | None = None  # token-level calibration set summary (TLQ / MBQ)
     streamed: bool = False  # decoder layers were loaded from disk one at a time (--stream)
+    sequences: dict[str, int] | None = None  # max_seq_len (the cap used), longest_sample_tokens, truncated_samples
 
     @property
     def mean_rel_error(self) -> float:
@@ -63,7 +64,14 @@ def render_summary(report: QuantizeReport, console: Console | None = None) -> No
     console.print(table)
     console.print(
         f"[bold]done[/bold]: {len(report.layers)} layers, {report.num_samples} samples "
-        f"({report.num_tokens} tokens), mean rel. error {report.mean_rel_error:.3e}, "
+        f"({report.num_tokens} tokens{_cut_note(report.sequences)}), mean rel. error {report.mean_rel_error:.3e}, "
         f"calibration {report.calibration_seconds:.1f}s, export {report.export_seconds:.1f}s, "
         f"peak RSS {report.peak_rss_mb:.0f} MiB{' (streamed)' if report.streamed else ''} -> {report.output}"
     )
+
+
+def _cut_note(seq: dict[str, int] | None) -> str:
+    """What the length cap did, for the closing line (nothing when it cut nothing)."""
+    if not seq or not seq.get("truncated_samples"):
+        return ""
+    return f"; {seq['truncated_samples']} cut to --max-seq-len {seq['max_seq_len']}"

@@ -20,8 +20,6 @@ leftovers of dead processes of this host at the next start.
 
 from __future__ import annotations
 
-import math
-import re
 import shutil
 import tempfile
 import threading
@@ -33,42 +31,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tlq.config import ConfigError
 from tlq.utils.io import process_tag, sweep_dead_owner_dirs
 
 SPILL_PREFIX = "tlq-act-"
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    # single letters are binary, as in Docker and Slurm
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_memory_size(text: str | int | float, option: str = "--max-cpu-memory") -> int:
-    """Bytes from ``"4GB"`` (10^9), ``"512MiB"`` (2^20), ``"8G"`` (2^30), ``"1e9"`` or a number.
-
-    Units (case-insensitive): B; KB MB GB TB (decimal); KiB MiB GiB TiB and K M G T (binary).
-    """
-    if isinstance(text, bool):
-        raise ConfigError(f"invalid memory size {text!r} for {option}")
-    if isinstance(text, (int, float)):
-        value, unit = float(text), ""
-    else:
-        m = _SIZE_RE.match(str(text))
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"invalid memory size {text!r} for {option}: give bytes or a number with a unit, "
-                f"e.g. 4GB, 512MiB, 8G or 1e9 (units: B, KB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB or K/M/G/T = powers of 1024)"
-            )
-        value, unit = float(m.group(1)), m.group(2).lower()
-    size = value * _UNITS[unit]
-    if not math.isfinite(size) or size < 0:
-        raise ConfigError(f"invalid memory size {text!r} for {option}: must be a finite, non-negative amount")
-    return int(size)
 
 
 class MemoryBudget:
@@ -259,4 +227,4 @@ def sweep_stale_spill_dirs(spill_dir: str | Path | None = None) -> list[Path]:
     return sweep_dead_owner_dirs(spill_dir if spill_dir is not None else tempfile.gettempdir(), SPILL_PREFIX)
 
 
-__all__ = ["ActivationStore", "MemoryBudget", "activation_list", "parse_memory_size", "sweep_stale_spill_dirs"]
+__all__ = ["ActivationStore", "MemoryBudget", "activation_list", "sweep_stale_spill_dirs"]

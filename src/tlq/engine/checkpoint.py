@@ -267,6 +267,7 @@ class ResumeState:
         self.ctx = ctx or D.current_context()
         self.chunk_bytes = chunk_bytes
         self._completed: int | None = None
+        self.created = False  # this run made the directory (so a refused run can take it back)
         self._lock_fd: int | None = None
         self._lock_finalizer: weakref.finalize | None = None
 
@@ -313,6 +314,7 @@ class ResumeState:
         if d.exists() and not d.is_dir():
             raise ConfigError(f"resume directory {str(d)!r} exists and is not a directory")
         ours = d.is_dir() and (d / STATE_FILE).is_file()
+        self.created = not d.exists()
         if d.is_dir() and not ours and any(c.name != LOCK_FILE and not c.name.endswith(".tmp") for c in d.iterdir()):
             raise ConfigError(f"{str(d)!r} is not a TLQ resume directory (no {STATE_FILE}) and is not empty; choose another path")
         d.mkdir(parents=True, exist_ok=True)
@@ -532,6 +534,13 @@ class ResumeState:
             f.unlink(missing_ok=True)
 
     # --- end ----------------------------------------------------------------------------------------
+    def discard_if_unused(self) -> None:
+        """After a failed run: remove the directory if this run created it and finished no layer, so a
+        refused run leaves nothing behind (a run that got further keeps its layers for the resume)."""
+        self.close()
+        if self.created and not self._completed and self.ctx.is_main:  # not collective: ranks may fail apart
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def cleanup(self) -> None:
         """Remove the whole resume directory (after a successful export). Collective."""
         D.barrier()
@@ -541,3 +550,20 @@ class ResumeState:
         self._completed = None
         D.barrier()
 
+
+
+def discard_stale_resume_dir(path: Path) -> bool:
+    """Remove an earlier run's resume directory at ``path`` (one with a state file and no live owner:
+    its lock is free). A successful run calls this for its own ``--out``'s resume directory, which a
+    ``--no-resume`` run or a run of another command would otherwise leave behind forever."""
+    if not (path / STATE_FILE).is_file():
+        return False
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a running tlq owns it
+    finally:
+        os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
+    return True

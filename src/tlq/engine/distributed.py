@@ -45,7 +45,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -208,19 +207,6 @@ def shutdown() -> None:
     ctx, _CONTEXT = _CONTEXT, None
     if ctx is not None and ctx.initialized_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into ``SystemExit(143)`` so ``with``/``finally`` blocks (spill-dir cleanup) still run.
-
-    torchrun stops the surviving workers with SIGTERM when one fails; Python's default action would
-    kill them without unwinding. Call once from the main thread of the CLI.
-    """
-
-    def _handler(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _handler)
 
 
 # --------------------------------------------------------------------------------------------------

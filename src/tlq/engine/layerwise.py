@@ -15,6 +15,7 @@ later group sees the error of the earlier ones ("true sequential").
 from __future__ import annotations
 
 import copy
+import math
 import os
 import resource
 import signal
@@ -32,6 +33,7 @@ from tlq.engine.activations import ActivationStore, MemoryBudget, activation_lis
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
+from tlq.utils.finite import NonFiniteError, dtype_hint
 from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
@@ -160,7 +162,7 @@ class LayerwiseEngine:
         try:
             for i in bar:
                 layer = self.layers.load(i)
-                fp_out, q_out, quantized, report = self._layer(i, layer, x_fp, x_q, kwargs)
+                fp_out, q_out, quantized, report = self._checked_layer(i, layer, x_fp, x_q, kwargs)
                 result.layers.append(report)
                 if resume is not None:
                     resume.save_layer(i, layer.state_dict(), quantized, {"x_fp": fp_out, "x_q": q_out}, asdict(report))
@@ -200,6 +202,18 @@ class LayerwiseEngine:
             search_alphas=alphas,
         )
         return fp_out, q_out, quantized, report
+
+    def _checked_layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
+        """:meth:`_layer`, with a NaN/Inf anywhere in it (Hessian, scales, outputs) named by its layer: it
+        is then never checkpointed nor exported. Every rank sees the same reduced error, so all stop."""
+        try:
+            out = self._layer(i, layer, x_fp, x_q, kwargs)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"decoder layer {i}: {exc}") from None
+        if not math.isfinite(out[3].rel_error):
+            dtype = next(layer.parameters()).dtype
+            raise NonFiniteError(f"decoder layer {i}: its output is not finite (relative error {out[3].rel_error}); {dtype_hint(dtype)}")
+        return out
 
     def _finish_layer(self, i: int, layer: nn.Module, quantized: dict[str, QuantizedWeight], result: EngineResult) -> None:
         """Hand a finished layer to the sink, keep its codes (unless streaming), give it back to the source."""

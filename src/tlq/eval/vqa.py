@@ -17,14 +17,15 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tlq.data.calibration import CalibRecord, build_sample
+from tlq.data.calibration import build_sample
+from tlq.data.records import CalibRecord, reference_answer
 from tlq.models.base import ModelAdapter, tree_to
 
 
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 8  # answers in short-answer VQA are a few tokens
-    max_seq_len: int = 4096
+    max_seq_len: int | None = None  # None: the model's context length (visual tokens are never cut)
 
 
 @dataclass
@@ -64,14 +65,6 @@ def _prompt_inputs(processor: Any, record: CalibRecord) -> dict[str, Tensor]:
     return dict(processor(text=[text], images=[image] if image is not None else None, return_tensors="pt"))
 
 
-def reference_answer(record: CalibRecord) -> str:
-    msg = next(m for m in record.messages if m["role"] == "assistant")
-    content = msg["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
 @torch.no_grad()
 def greedy_answer(model: nn.Module, processor: Any, record: CalibRecord, device: torch.device, max_new_tokens: int) -> str:
     inputs = tree_to(_prompt_inputs(processor, record), device)
@@ -81,7 +74,7 @@ def greedy_answer(model: nn.Module, processor: Any, record: CalibRecord, device:
 
 
 @torch.no_grad()
-def answer_logprobs(model: nn.Module, processor: Any, adapter: ModelAdapter, record: CalibRecord, device: torch.device, max_seq_len: int) -> tuple[Tensor, Tensor]:
+def answer_logprobs(model: nn.Module, processor: Any, adapter: ModelAdapter, record: CalibRecord, device: torch.device, max_seq_len: int | None) -> tuple[Tensor, Tensor]:
     """Log-probabilities predicting each answer token ([n_answer, vocab], float32 CPU) and their targets."""
     sample = build_sample(record, processor, adapter, model, max_seq_len)
     logits = model(**tree_to(sample.inputs, device), use_cache=False).logits[0].float().cpu()

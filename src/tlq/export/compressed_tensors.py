@@ -66,9 +66,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -78,6 +76,8 @@ from torch import Tensor, nn
 
 from tlq.config import ConfigError, QuantScheme
 from tlq.quant.quantizer import QuantizedWeight
+from tlq.utils.finite import EXPORT_HINT, check_tensors_finite
+from tlq.utils.outputs import check_output_dir, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -422,18 +422,11 @@ def export_compressed_tensors(
     out_dir = Path(out_dir)
     ignore = list(DEFAULT_IGNORE if ignore is None else ignore)
     _check_ignore(ignore)
+    protected = [("source checkpoint", Path(source_dir))] if source_dir is not None else []
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
-            raise ExportExistsError(
-                f"output directory {out_dir} already exists; pass --overwrite (overwrite=True) to replace it, "
-                "or choose another output directory"
-            )
-        if not out_dir.is_dir():
-            raise ConfigError(f"output path {out_dir} exists and is not a directory; remove it or choose another")
-    if source_dir is not None:
-        source_dir = Path(source_dir)
-        if out_dir.resolve() == source_dir.resolve():
-            raise ConfigError(f"output directory {out_dir} is the source checkpoint; choose another output directory")
+            raise ExportExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it, or choose another output directory")
+    check_output_dir(out_dir, overwrite, "output directory", protected)
     if not quantized:
         raise ConfigError("nothing to export: no quantized modules")
 
@@ -478,10 +471,8 @@ def export_compressed_tensors(
         for local_name, t in local.items():
             state_dict[f"{name}.{local_name}"] = t
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    check_tensors_finite(state_dict.items(), "the checkpoint to export,", EXPORT_HINT)
+    with staged_output(out_dir, "quantized checkpoint") as tmp:
         model.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size=max_shard_size)
         del state_dict
         write_quantization_config(tmp, qcfg, save_dtype)
@@ -497,11 +488,6 @@ def export_compressed_tensors(
 
         # --- read the saved files back: the stored codes and scales must be ours ----------------
         _verify_saved(tmp, model, quantized, dtype)
-
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%s, %d quantized linears)", out_dir, qcfg.format, len(quantized))
     return out_dir
 
@@ -533,21 +519,3 @@ def verify_stored(stored: Iterable[tuple[str, StoredWeight]], names: Mapping[str
     missing = [n for n in quantized if n not in seen]
     if missing:
         raise RuntimeError(f"{len(missing)} quantized modules are missing from the saved checkpoint: {missing[:3]}")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``, replacing an existing directory (rename-based, same filesystem)."""
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(old, out_dir)
-            raise
-        if old.is_symlink() or not old.is_dir():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -33,7 +32,6 @@ from tlq.export.compressed_tensors import (
     _check_weights_match,
     _compress_one,
     _copy_processor_files,
-    _replace_dir,
     _targeted_modules,
     build_ct_config,
     build_ct_scheme,
@@ -42,7 +40,8 @@ from tlq.export.compressed_tensors import (
     write_quantization_config,
 )
 from tlq.quant.quantizer import QuantizedWeight
-from tlq.utils.io import process_tag, sweep_dead_owner_dirs
+from tlq.utils.finite import EXPORT_HINT, check_tensors_finite
+from tlq.utils.outputs import check_output_dir, publish, staging_dir, sweep_leftovers
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -57,7 +56,9 @@ class StreamedExport:
     def __init__(self, model: nn.Module, scheme: QuantScheme, out_dir: str | Path, *, num_layers: int, layer_prefix: Callable[[int], str], source_dir: str | Path | None = None, ignore: Iterable[str] | None = None, save_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, ct_format: str | None = None) -> None:
         self.model, self.scheme, self.out_dir = model, scheme, Path(out_dir)
         if (self.out_dir.exists() or self.out_dir.is_symlink()) and not overwrite:
-            raise ExportExistsError(f"output directory {self.out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+            raise ExportExistsError(f"output directory {self.out_dir} already exists; pass --overwrite to replace it")
+        protected = [("source checkpoint", Path(source_dir))] if source_dir is not None else []
+        check_output_dir(self.out_dir, overwrite, "output directory", protected)
         self.num_layers, self.layer_prefix = num_layers, layer_prefix
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.ignore = list(DEFAULT_IGNORE if ignore is None else ignore)
@@ -67,11 +68,8 @@ class StreamedExport:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         # Named after its owner: a partial export of a killed run (SIGKILL, OOM) is swept by the next one.
-        prefix = f".{self.out_dir.name}.partial-"
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        sweep_dead_owner_dirs(self.out_dir.parent, prefix)
-        self.tmp = self.out_dir.parent / f"{prefix}{process_tag()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        sweep_leftovers(self.out_dir)
+        self.tmp = staging_dir(self.out_dir)
 
     def _shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.num_layers + 1:05d}.safetensors"
@@ -94,6 +92,7 @@ class StreamedExport:
                 raise ConfigError(f"{name}: codes {tuple(qw.codes.shape)} do not match weight {tuple(weight.shape)}")
             _check_weights_match(name, weight, qw)
             state.update({f"{name}.{local}": t for local, t in _compress_one(qw, self.ct_scheme, self.save_dtype, name).items()})
+        check_tensors_finite(state.items(), f"decoder layer {index} to export,", EXPORT_HINT)
         names = self._save(index, state)
         path = self.tmp / self._shard_name(index)
         verify_stored(iter_stored_in_files([path], self.ct_scheme), {n: names[f"{n}.weight_scale"].removesuffix(".weight_scale") for n in quantized}, quantized, self.save_dtype)
@@ -116,7 +115,9 @@ class StreamedExport:
     # --- the end -----------------------------------------------------------------------------------
     def finish(self, resident_state: Mapping[str, Tensor]) -> Path:
         """Write the resident tensors, the index, the config and the processor files; move into place."""
-        self._save(self.num_layers, {k: _cast(t, self.save_dtype) for k, t in resident_state.items()})
+        resident = {k: _cast(t, self.save_dtype) for k, t in resident_state.items()}
+        check_tensors_finite(resident.items(), "the checkpoint to export,", EXPORT_HINT)
+        self._save(self.num_layers, resident)
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         config = self.model.config
@@ -125,7 +126,7 @@ class StreamedExport:
         write_quantization_config(self.tmp, build_ct_config(self.scheme, self.ignore, ct_format=self.ct_format), self.save_dtype)
         if self.source_dir is not None:
             _copy_processor_files(self.source_dir, self.tmp)
-        _replace_dir(self.tmp, self.out_dir)
+        publish(self.tmp, self.out_dir, "quantized checkpoint")
         return self.out_dir
 
     def abort(self) -> None:

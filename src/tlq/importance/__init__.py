@@ -18,7 +18,9 @@ from tlq.importance.calibset import (
 )
 from tlq.importance.gradients import TokenGradients, layerwise_token_gradients, token_gradients
 from tlq.importance.visualize import render_sample, run_importance
-from tlq.importance.weights import KINDS, ImportanceConfig, integrate, modality_mean
+from tlq.config import IMPORTANCE_KINDS as KINDS
+from tlq.config import ImportanceConfig
+from tlq.importance.weights import integrate, modality_mean
 
 __all__ = [
     "KINDS",

@@ -19,42 +19,16 @@ drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` ca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tlq.config import ConfigError
+from tlq.config import SelectionConfig
 from tlq.data.calibration import CalibSample
 from tlq.importance.gradients import TokenGradients, token_gradients
 from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
 from tlq.models.base import ModelAdapter
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """Token budget of the calibration set (per sample, per layer row)."""
-
-    token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only)
-    token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
-    min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
-    seed: int = 0  # tie-breaking permutation
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.token_fraction <= 1.0:
-            raise ConfigError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
-        if self.token_count is not None and self.token_count < 1:
-            raise ConfigError(f"token_count must be a positive number of tokens, got {self.token_count}")
-        if not 0.0 <= self.min_modality_share <= 0.5:
-            raise ConfigError(f"min_modality_share must be in [0, 0.5], got {self.min_modality_share}")
-
-    def budget(self, num_valid: int) -> int:
-        k = self.token_count if self.token_count is not None else round(self.token_fraction * num_valid)
-        return max(1, min(int(k), num_valid)) if num_valid else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | None = None, valid_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:

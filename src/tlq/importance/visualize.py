@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +28,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from tlq.builtin import default_dataset
-from tlq.config import CalibConfig, ConfigError
+from tlq.builtin import default_dataset, resolve_model_dir
+from tlq.config import CalibConfig
 from tlq.importance.calibset import SelectionConfig, TokenCalibrationSet, sample_valid_mask
 from tlq.importance.gradients import token_gradients
 from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
-from tlq.utils.io import atomic_write_json, check_writable_output
+from tlq.utils.io import atomic_write_json
+from tlq.utils.outputs import check_output_dir, staged_output
 
 # YlOrRd-like ramp: pale yellow (low) -> orange -> red -> dark red (high).
 _RAMP = ((255, 255, 217), (254, 217, 118), (253, 141, 60), (227, 26, 28), (128, 0, 38))
-_PNG_NAME = re.compile(r"sample_\d{3,}\.png")
 
 
 # --- colours and fonts -------------------------------------------------------------------------
@@ -216,7 +215,7 @@ def _modality_means(x: Tensor, visual: Tensor) -> tuple[list[float | None], list
     return mean(visual), mean(~visual)
 
 
-def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: str | Path, *, num_samples: int = 8, max_seq_len: int = CalibConfig.max_seq_len, cfg: ImportanceConfig | None = None, selection: SelectionConfig | None = None, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False, draw: bool = True, progress: bool = False) -> dict[str, Any]:
+def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: str | Path, *, num_samples: int = 8, max_seq_len: int | None = CalibConfig.max_seq_len, cfg: ImportanceConfig | None = None, selection: SelectionConfig | None = None, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False, draw: bool = True, progress: bool = False) -> dict[str, Any]:
     """Run the importance pass on calibration samples and write the report files (see module doc).
 
     ``model`` is a local checkpoint or ``builtin:NAME``; ``calib_jsonl=None`` uses a built-in model's
@@ -225,15 +224,16 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     summary written to ``importance.json``.
     """
     from tlq.api import load_model
-    from tlq.data.calibration import build_sample, choose, read_jsonl
+    from tlq.data.calibration import build_sample
+    from tlq.data.records import choose
+    from tlq.preflight import check_calibration, check_model_dir
 
     t0 = time.perf_counter()
     cfg = cfg or ImportanceConfig()
-    out = check_writable_output(out_dir, overwrite, "output directory")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output directory {str(out)!r} is a file; choose a directory path")
     calib = default_dataset(model, "calib", calib_jsonl)
-    records = choose(read_jsonl(calib), num_samples, seed)
+    out = check_output_dir(out_dir, overwrite, "--out", [("model directory", resolve_model_dir(model)), ("calibration file", calib)])
+    check_model_dir(model)
+    records = choose(check_calibration(calib, num_samples), num_samples, seed)
     adapter, hf_model, processor, _model_dir, dev, dt = load_model(model, device, dtype)
     samples = [build_sample(r, processor, adapter, hf_model, max_seq_len, str(calib)) for r in records]
     grads = token_gradients(adapter, hf_model, samples, device=dev, progress=progress, at=cfg.grad_at)
@@ -242,84 +242,80 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     # Saved in full below; drawn and summarised per decoder layer (per-linear rows: the layer's own row).
     weights = [layer_rows(w) for w in full]
     raws = [layer_rows(g.grad) for g in grads]
+
     num_layers = int(weights[0].shape[0])
+    with staged_output(out, "importance") as staging:  # built aside, moved into place once complete
+        tensors: dict[str, Tensor] = {}
+        per_sample: list[dict[str, Any]] = []
+        tokenizer = getattr(processor, "tokenizer", processor)
+        for i, (rec, s, g, w, raw) in enumerate(zip(records, samples, grads, weights, raws)):
+            p = f"sample_{i:03d}"
+            tensors[f"{p}.raw"] = g.grad.contiguous()
+            tensors[f"{p}.weights"] = full[i].contiguous()
+            tensors[f"{p}.visual_mask"] = s.visual_mask.contiguous()
+            tensors[f"{p}.answer_mask"] = s.answer_mask.contiguous()
+            tensors[f"{p}.input_ids"] = s.inputs["input_ids"][0].contiguous()
+            vis_w, txt_w = _modality_means(w, s.visual_mask)
+            vis_r, txt_r = _modality_means(raw, s.visual_mask)
+            grid = adapter.visual_token_grid(hf_model, s.inputs)
+            entry: dict[str, Any] = {
+                "index": i,
+                "line": rec.line,
+                "image": str(rec.image) if rec.image is not None else None,
+                "seq_len": s.seq_len,
+                "num_visual": int(s.visual_mask.sum()),
+                "num_text": int((~s.visual_mask).sum()),
+                "num_answer": g.num_answer_tokens,
+                "loss": _finite(g.loss),
+                "visual_token_grid": list(grid) if grid else None,
+                "mean_weight_visual_per_layer": vis_w,
+                "mean_weight_text_per_layer": txt_w,
+                "mean_grad2_visual_per_layer": vis_r,
+                "mean_grad2_text_per_layer": txt_r,
+                "png": None,
+            }
+            if draw:
+                image = Image.open(rec.image).convert("RGB") if rec.image is not None else None
+                ids = s.inputs["input_ids"][0].tolist()
+                toks = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+                lines = [
+                    "mean weight per layer, visual / text: "
+                    + "  ".join(f"L{k} {_fmt(a)}/{_fmt(b)}" for k, (a, b) in enumerate(zip(vis_w, txt_w)))[:150],
+                ]
+                title = (
+                    f"sample {i} (line {rec.line})  {adapter.spec.family}  kind={cfg.kind}  loss={g.loss:.3f}  "
+                    f"{entry['num_visual']} visual / {entry['num_text']} text tokens  (colour: mean over {num_layers} layers)"
+                )
+                png = render_sample(image=image, grid=grid, tokens=toks, weights=w.mean(0), visual_mask=s.visual_mask, answer_mask=s.answer_mask, title=title, notes=lines)
+                name = f"{p}.png"
+                _atomic_save(staging / name, lambda t, im=png: im.save(t, format="PNG"))
+                entry["png"] = name
+            per_sample.append(entry)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
-    per_sample: list[dict[str, Any]] = []
-    tokenizer = getattr(processor, "tokenizer", processor)
-    for i, (rec, s, g, w, raw) in enumerate(zip(records, samples, grads, weights, raws)):
-        p = f"sample_{i:03d}"
-        tensors[f"{p}.raw"] = g.grad.contiguous()
-        tensors[f"{p}.weights"] = full[i].contiguous()
-        tensors[f"{p}.visual_mask"] = s.visual_mask.contiguous()
-        tensors[f"{p}.answer_mask"] = s.answer_mask.contiguous()
-        tensors[f"{p}.input_ids"] = s.inputs["input_ids"][0].contiguous()
-        vis_w, txt_w = _modality_means(w, s.visual_mask)
-        vis_r, txt_r = _modality_means(raw, s.visual_mask)
-        grid = adapter.visual_token_grid(hf_model, s.inputs)
-        entry: dict[str, Any] = {
-            "index": i,
-            "line": rec.line,
-            "image": str(rec.image) if rec.image is not None else None,
-            "seq_len": s.seq_len,
-            "num_visual": int(s.visual_mask.sum()),
-            "num_text": int((~s.visual_mask).sum()),
-            "num_answer": g.num_answer_tokens,
-            "loss": _finite(g.loss),
-            "visual_token_grid": list(grid) if grid else None,
-            "mean_weight_visual_per_layer": vis_w,
-            "mean_weight_text_per_layer": txt_w,
-            "mean_grad2_visual_per_layer": vis_r,
-            "mean_grad2_text_per_layer": txt_r,
-            "png": None,
+        from safetensors.torch import save_file
+
+        meta = {"model": str(model), "calib": str(calib), "num_samples": str(len(samples)), "config": json.dumps(cfg.to_dict())}
+        _atomic_save(staging / "importance.safetensors", lambda t: save_file(tensors, t, metadata=meta))
+
+        summary: dict[str, Any] = {
+            "model": str(model),
+            "model_type": adapter.spec.family,
+            "calib": str(calib),
+            "device": str(dev),
+            "dtype": str(dt).replace("torch.", ""),
+            "num_samples": len(samples),
+            "num_layers": num_layers,
+            "config": cfg.to_dict(),
+            "mean_loss": _finite(sum(losses) / len(losses)) if (losses := [g.loss for g in grads if g.loss == g.loss]) else None,
+            "per_layer": _aggregate(weights, raws, [s.visual_mask for s in samples]),
+            "samples": per_sample,
+            "files": {"tensors": "importance.safetensors", "pngs": [e["png"] for e in per_sample if e["png"]]},
         }
-        if draw:
-            image = Image.open(rec.image).convert("RGB") if rec.image is not None else None
-            ids = s.inputs["input_ids"][0].tolist()
-            toks = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-            lines = [
-                "mean weight per layer, visual / text: "
-                + "  ".join(f"L{k} {_fmt(a)}/{_fmt(b)}" for k, (a, b) in enumerate(zip(vis_w, txt_w)))[:150],
-            ]
-            title = (
-                f"sample {i} (line {rec.line})  {adapter.spec.family}  kind={cfg.kind}  loss={g.loss:.3f}  "
-                f"{entry['num_visual']} visual / {entry['num_text']} text tokens  (colour: mean over {num_layers} layers)"
-            )
-            png = render_sample(image=image, grid=grid, tokens=toks, weights=w.mean(0), visual_mask=s.visual_mask, answer_mask=s.answer_mask, title=title, notes=lines)
-            name = f"{p}.png"
-            _atomic_save(out / name, lambda t, im=png: im.save(t, format="PNG"))
-            entry["png"] = name
-        per_sample.append(entry)
-    if overwrite:  # PNGs of an earlier, larger run would be mistaken for this run's
-        for stale in out.iterdir():
-            if _PNG_NAME.fullmatch(stale.name) and int(stale.name[7:-4]) >= len(samples):
-                stale.unlink()
-
-    from safetensors.torch import save_file
-
-    meta = {"model": str(model), "calib": str(calib), "num_samples": str(len(samples)), "config": json.dumps(cfg.to_dict())}
-    _atomic_save(out / "importance.safetensors", lambda t: save_file(tensors, t, metadata=meta))
-
-    summary: dict[str, Any] = {
-        "model": str(model),
-        "model_type": adapter.spec.family,
-        "calib": str(calib),
-        "device": str(dev),
-        "dtype": str(dt).replace("torch.", ""),
-        "num_samples": len(samples),
-        "num_layers": num_layers,
-        "config": cfg.to_dict(),
-        "mean_loss": _finite(sum(losses) / len(losses)) if (losses := [g.loss for g in grads if g.loss == g.loss]) else None,
-        "per_layer": _aggregate(weights, raws, [s.visual_mask for s in samples]),
-        "samples": per_sample,
-        "files": {"tensors": "importance.safetensors", "pngs": [e["png"] for e in per_sample if e["png"]]},
-    }
-    if selection is not None:
-        tcs = TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, cfg)
-        summary["calibration_set"] = tcs.summary()
-    summary["seconds"] = time.perf_counter() - t0
-    atomic_write_json(out / "importance.json", summary)
+        if selection is not None:
+            tcs = TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, cfg)
+            summary["calibration_set"] = tcs.summary()
+        summary["seconds"] = time.perf_counter() - t0
+        atomic_write_json(staging / "importance.json", summary)
     return summary
 
 

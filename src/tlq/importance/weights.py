@@ -27,57 +27,20 @@ measurement: they are configuration only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import math
 
 import torch
 from torch import Tensor
 
-from tlq.config import GRAD_AT, ConfigError
+from tlq.config import ImportanceConfig
 
-KINDS = ("grad2", "grad", "modality", "uniform")
 
 
 def layer_rows(t: Tensor) -> Tensor:
     """The decoder-layer rows ``[L, seq]`` of per-token values that may also have per-linear rows
     (``[L, 1 + K, seq]``, ``grad_at="linear"``, the layer's own row first)."""
     return t if t.dim() == 2 else t[:, 0]
-
-
-@dataclass(frozen=True)
-class ImportanceConfig:
-    """How raw token gradients become token weights (see the module docstring for the order of steps)."""
-
-    kind: str = "grad2"  # grad2 (||g||^2) | grad (||g||) | modality (per-modality mean of grad2 = MBQ) | uniform
-    per_layer: bool = True  # False: one weight per token, the mean over layers of the normalised rows
-    floor: float = 0.1  # minimum weight relative to the row's mean weight, in [0, 1) (0 = no floor)
-    clip_quantile: float | None = 0.99  # clip each row at this quantile of its tokens (None or 1.0 = off)
-    modality_mix: float = 0.3  # lam in  w = lam * modality_mean + (1 - lam) * w  (0 = pure token weights)
-    normalize_per_sample: bool = True  # mean weight 1 over each sample's tokens, per layer
-    # gradient w.r.t. each decoder layer's "output" hidden state (DESIGN), its "input", or "linear": the
-    # layer's output plus each linear's own output (each linear's inputs weighted by their own importance)
-    grad_at: str = "output"
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"unknown importance kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if not 0.0 <= self.floor < 1.0:
-            raise ConfigError(f"importance floor must be in [0, 1) (a fraction of the mean weight), got {self.floor}")
-        if self.clip_quantile is not None and not 0.0 < self.clip_quantile <= 1.0:
-            raise ConfigError(f"clip_quantile must be in (0, 1] or None, got {self.clip_quantile}")
-        if self.grad_at not in GRAD_AT:
-            raise ConfigError(f"grad_at must be one of {', '.join(GRAD_AT)}, got {self.grad_at!r}")
-        if not 0.0 <= self.modality_mix <= 1.0:
-            raise ConfigError(f"modality_mix must be in [0, 1], got {self.modality_mix}")
-
-    @property
-    def needs_gradients(self) -> bool:
-        return self.kind != "uniform"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _row_mean(w: Tensor, valid: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 
 from tlq.config import ConfigError
 from tlq.models.base import ModelAdapter
+from tlq.utils.finite import check_weights
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -118,6 +119,7 @@ class CheckpointIndex:
                 for name in file_names:
                     t = f.get_tensor(self.location[name][1])
                     out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        check_weights(out.items(), str(self.model_dir), dtype)
         return out
 
 

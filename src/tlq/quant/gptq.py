@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from tlq.config import ConfigError, GPTQConfig, WeightQuantSpec
+from tlq.config import GPTQConfig, WeightQuantSpec
+from tlq.utils.finite import NonFiniteError, dtype_hint
 from tlq.quant.quantizer import (
     QuantizedWeight,
     compute_qparams,
@@ -362,11 +363,7 @@ def _check_gptq_inputs(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> None
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match {in_f} input features")
     if not _all_finite(hessian):
-        raise ValueError("the Hessian contains NaN/inf: the calibration activations reaching this layer overflowed")
-    if cfg.block_size <= 0:
-        raise ConfigError(f"GPTQ block size must be positive, got {cfg.block_size}")
-    if cfg.damp_percent < 0:
-        raise ConfigError(f"GPTQ damp_percent must be >= 0, got {cfg.damp_percent}")
+        raise NonFiniteError(f"non-finite values (NaN/Inf) in a GPTQ Hessian of a {tuple(weight.shape)} weight: the calibration activations reaching it overflowed; {dtype_hint(weight.dtype)}")
 
 
 def _mask_dead_columns(w: Tensor, h: Tensor) -> None:

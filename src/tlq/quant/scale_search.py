@@ -15,12 +15,15 @@ AWQ's). This module knows nothing about models: it sees a producer module, linea
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from tlq.utils.finite import NonFiniteError, check_finite, dtype_hint
 
 SCALE_KINDS = ("awq", "smoothquant")
 
@@ -142,6 +145,9 @@ def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: C
     unscaled configuration is always a candidate, so the search never makes the loss worse.
     """
     baseline = loss_fn()
+    if not math.isfinite(baseline):  # a candidate's NaN merely loses; the unscaled model's means bad inputs
+        raise NonFiniteError(f"non-finite scale-search loss without scaling ({baseline}): the activations reaching {len(linears)} linear(s) "
+                             f"overflowed; {dtype_hint(linears[0].weight.dtype)}")
     best_alpha, best_loss, losses = None, baseline, []
     for alpha in alphas:
         with candidate_applied(linears, candidate_scales(kind, alpha, stats, linears)):
@@ -150,7 +156,9 @@ def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: C
         if loss < best_loss:
             best_alpha, best_loss = alpha, loss
     if best_alpha is not None:
-        fold_scales(prev, linears, candidate_scales(kind, best_alpha, stats, linears))
+        scales = candidate_scales(kind, best_alpha, stats, linears)
+        check_finite(scales, "the chosen smoothing scales", "the channel statistics hold NaN/Inf or zeros; " + dtype_hint(scales.dtype))
+        fold_scales(prev, linears, scales)
     return SearchResult(alpha=float("nan") if best_alpha is None else best_alpha, loss=best_loss, baseline_loss=baseline, losses=losses)
 
 

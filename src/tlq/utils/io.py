@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,27 @@ def sweep_dead_owner_dirs(base: str | Path, prefix: str) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def say(text: str) -> None:
+    """One line for the user on stderr (``tlq: ...``), said once under torchrun (rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"tlq: {text}", file=sys.stderr, flush=True)
+
+
+def notice(text: str) -> None:
+    """A warning line: ``tlq: warning: ...``."""
+    say(f"warning: {text}")
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` so ``with``/``finally`` blocks (spill-dir cleanup) still run.
+
+    torchrun stops the surviving workers with SIGTERM when one fails; Python's default action would
+    kill them without unwinding. Call once from the main thread of the CLI.
+    """
+
+    def _handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _handler)

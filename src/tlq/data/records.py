@@ -1,0 +1,120 @@
+"""Calibration and evaluation records: JSONL lines parsed and checked, images decoded, subsets chosen.
+
+One sample per line, exactly ``{"image": "...", "question": "...", "answer": "..."}`` (image path
+relative to the JSONL file, or absolute), or ``{"image": "...", "messages": [...]}`` in the usual chat
+format; other keys are ignored (a generator may keep ground truth there). Nothing here needs torch or a
+model, so every line and every image is checked in seconds, before a model loads
+(:mod:`tlq.preflight`); :mod:`tlq.data.calibration` turns records into model inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tlq.config import ConfigError
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class CalibRecord:
+    """One parsed JSONL line: an image path and a chat conversation."""
+
+    image: Path | None
+    messages: list[dict[str, Any]]
+    line: int
+
+
+def _qa_messages(question: str, answer: str | None) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return msgs
+
+
+def _parse_line(obj: Any, base: Path, lineno: int, where: str) -> CalibRecord:
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}:{lineno}: expected a JSON object per line")
+    image = obj.get("image")
+    img_path: Path | None = None
+    if image is not None:
+        img_path = Path(image) if Path(image).is_absolute() else base / image
+        if not img_path.is_file():
+            raise ConfigError(f"{where}:{lineno}: image {str(img_path)!r} does not exist")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in _ROLES for m in msgs):
+            raise ConfigError(f"{where}:{lineno}: 'messages' must be a list of {{'role', 'content'}} objects")
+        return CalibRecord(img_path, msgs, lineno)
+    missing = [k for k in ("question", "answer") if k not in obj]
+    if missing:
+        raise ConfigError(
+            f"{where}:{lineno}: missing key(s) {missing}; each line needs "
+            '{"image": ..., "question": ..., "answer": ...} or {"image": ..., "messages": [...]}'
+        )
+    return CalibRecord(img_path, _qa_messages(str(obj["question"]), str(obj["answer"])), lineno)
+
+
+def read_jsonl(path: str | Path) -> list[CalibRecord]:
+    """Parse and validate a calibration/evaluation JSONL file (errors name the line and the fix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration file {str(path)!r} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            records.append(_parse_line(obj, path.parent, lineno, str(path)))
+    if not records:
+        raise ConfigError(f"{path} holds no samples")
+    return records
+
+
+def open_image(record: CalibRecord, where: str) -> Image.Image | None:
+    """Decode a record's image as RGB, or say which line's image is unreadable and why."""
+    if record.image is None:
+        return None
+    try:
+        with Image.open(record.image) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = "empty file" if record.image.stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{where}:{record.line}: image {str(record.image)!r} cannot be decoded ({reason}); replace or remove that line") from None
+
+
+def verify_images(records: list[CalibRecord], where: str) -> None:
+    """Decode every image before any model loads, so a bad one fails in seconds with its line number."""
+    for record in records:
+        open_image(record, where)
+
+
+def choose(records: list[CalibRecord], num_samples: int, seed: int) -> list[CalibRecord]:
+    """A seeded random subset of ``num_samples`` records (file order kept), or all if fewer."""
+    if num_samples <= 0:
+        raise ConfigError(f"--num-samples must be positive, got {num_samples}")
+    if len(records) <= num_samples:
+        return list(records)
+    idx = sorted(random.Random(seed).sample(range(len(records)), num_samples))
+    return [records[i] for i in idx]
+
+
+def reference_answer(record: CalibRecord) -> str:
+    """The first assistant turn's text: what an evaluation's exact-match accuracy compares against."""
+    msg = next(m for m in record.messages if m["role"] == "assistant")
+    content = msg["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
