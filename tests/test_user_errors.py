@@ -241,6 +241,10 @@ def test_success_replaces_only_its_own_output_and_sweeps_leftovers(project, tmp_
     mine = tmp_path / ".o.partial-someone-else"  # not tlq's naming: never touched
     mine.mkdir()
 
+    r = tlq(*quantize_args(project, out, "--no-resume"))  # the flag's name, not the API's keyword
+    line = assert_one_line_error(r, "already exists", "pass --overwrite")
+    assert "overwrite=True" not in line
+
     again = tlq(*quantize_args(project, out, "--overwrite", "--no-resume", "--report", str(report)))
     assert again.returncode == 0, again.stderr
     assert "Traceback" not in again.stderr and "replaced the earlier tlq output" in again.stderr

@@ -10,15 +10,23 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tlq.config import GPTQ_TARGETS, GRAD_AT, METHODS, SCHEMES, SEARCH_SCOPES, SOLVERS, WEIGHTINGS, CalibConfig, ConfigError, GPTQConfig, ScaleSearchConfig, parse_memory_size
+from tlq.config import METHODS, OPTIONS, SCHEMES, ConfigError, parse_memory_size
 from tlq.utils.io import say
 
 
-def _group_size(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be an integer (-1 = per channel), got {text!r}") from None
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """Every :data:`tlq.config.OPTIONS` knob as a flag (``dest`` = its keyword, default None = keep the
+    preset's or the field's default), grouped as the schema says."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in OPTIONS:
+        g = groups.setdefault(opt.group, p.add_argument_group(opt.group))
+        if opt.type is bool:
+            both = g.add_mutually_exclusive_group() if opt.negative else g
+            both.add_argument(opt.cli_flag, dest=opt.name, action="store_true", default=None, help=opt.help_text())
+            if opt.negative:
+                both.add_argument(opt.negative, dest=opt.name, action="store_false", help=f"the opposite of {opt.cli_flag}")
+        else:
+            g.add_argument(opt.cli_flag, dest=opt.name, type=opt.type, choices=opt.choices, default=None, help=opt.help_text())
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -28,40 +36,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--scheme", default="w4a16", help=f"one of {', '.join(SCHEMES)} (default: w4a16)")
     p.add_argument("--method", default="gptq", help=f"one of {', '.join(METHODS)} (default: gptq); see docs/methods.md")
-    p.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="calibration samples (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len,
-                   help="cut the text of longer samples, never visual tokens (default: the model's context length; the report says how many were cut)")
-    p.add_argument("--seed", type=int, default=CalibConfig.seed, help="calibration subsampling seed (default: %(default)s)")
-    p.add_argument("--group-size", type=_group_size, default=None, help="weight group size, -1 = per channel (default: the scheme's)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="symmetric weights")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric weights (zero points)")
-    p.add_argument("--damp", type=float, default=GPTQConfig.damp_percent, help="GPTQ dampening (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=GPTQConfig.block_size, help="GPTQ lazy-batch block (default: %(default)s)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    abl = p.add_argument_group("method parts (each overrides the --method preset; used for ablations)")
-    abl.add_argument("--solver", choices=SOLVERS, default=None, help="per-linear solver")
-    abl.add_argument("--gptq-target", choices=GPTQ_TARGETS, default=None,
-                     help="GPTQ matches each linear's output to W X_q (quantized: plain GPTQ) or to the FP model's W X_fp "
-                          "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)")
-    abl.add_argument("--scale-search", choices=("none", "awq", "smoothquant", "auto"), default=None, help="per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)")
-    abl.add_argument("--search-grid", type=int, default=ScaleSearchConfig.grid, help="exponents tried by the scale search (default: %(default)s)")
-    abl.add_argument("--search-scope", choices=SEARCH_SCOPES, default=None,
-                     help="what a scale candidate is judged by: the decoder layer's output error (layer: tlq's preset) or "
-                          "its block's, attention or MLP (block: AWQ's own loss, cheaper; the awq and mbq presets')")
-    abl.add_argument("--search-samples", type=int, default=ScaleSearchConfig.max_samples, help="samples the scale-search loss runs on (default: %(default)s)")
-    abl.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="token weights: uniform | modality (MBQ) | token (TLQ)")
-    sel = abl.add_mutually_exclusive_group()
-    sel.add_argument("--token-select", dest="token_select", action="store_true", default=None, help="use the token-level calibration set")
-    sel.add_argument("--no-token-select", dest="token_select", action="store_false", help="keep every token (weighted)")
-    abl.add_argument("--grad-at", choices=GRAD_AT, default=None,
-                     help="token importance from the gradient at each decoder layer's output, its input, or (linear) at each linear's own output")
-    abl.add_argument("--token-fraction", type=float, default=None, help="share of each sample's tokens kept by the token-level set (default 0.5)")
-    inp = abl.add_mutually_exclusive_group()
-    inp.add_argument("--fp-inputs", dest="quantized_inputs", action="store_false", default=None, help="calibrate each layer on FP inputs")
-    inp.add_argument("--quantized-inputs", dest="quantized_inputs", action="store_true", help="calibrate each layer on the quantized path")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | bfloat16 | float16")
+    _add_options(p)
     p.add_argument("--report", default=None, help="write the run's report (per-layer errors, times, memory) as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier tlq output in --out (never other files) and an existing --report; discard a resume state")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
@@ -94,30 +69,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             report_path=args.report,
             progress=not args.quiet,
-            group_size=args.group_size,
-            symmetric=args.symmetric,
-            num_samples=args.num_samples,
-            max_seq_len=args.max_seq_len,
-            seed=args.seed,
-            damp_percent=args.damp,
-            block_size=args.block_size,
-            act_order=args.act_order,
-            gptq_target=args.gptq_target,
-            solver=args.solver,
-            scale_search=args.scale_search,
-            search_grid=args.search_grid,
-            search_samples=args.search_samples,
-            search_scope=args.search_scope,
-            weighting=args.weighting,
-            token_select=args.token_select,
-            quantized_inputs=args.quantized_inputs,
-            grad_at=args.grad_at,
-            token_fraction=args.token_fraction,
-            device=args.device,
-            dtype=args.dtype,
             max_cpu_memory=max_cpu,
             resume=args.resume,
             stream=args.stream,
+            **{opt.name: getattr(args, opt.name) for opt in OPTIONS},
         )
     finally:
         _leave_process_group()
@@ -192,7 +147,7 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, help="calibration JSONL; built-in models default to their own")
     p.add_argument("--out", required=True, help="output directory (importance.safetensors, importance.json, sample_XXX.png)")
     p.add_argument("--num-samples", type=int, default=8, help="samples to analyse (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=CalibConfig.max_seq_len, help="as for quantize (default: the model's context length)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="as for quantize (default: the model's context length)")
     p.add_argument("--kind", choices=("grad2", "grad", "modality", "uniform"), default="grad2", help="importance from ||g||^2, ||g||, per-modality mean (MBQ) or uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

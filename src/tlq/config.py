@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 Granularity = Literal["group", "channel"]
 
@@ -94,27 +94,12 @@ SCHEMES: dict[str, QuantScheme] = {
     "w8a8": QuantScheme("w8a8", WeightQuantSpec(bits=8, group_size=None, symmetric=True), ActQuantSpec(8)),
 }
 
-_UNSET: Any = object()
-
-
-def resolve_scheme(name: str, *, group_size: Any = _UNSET, symmetric: bool | None = None) -> QuantScheme:
-    """Look up a scheme by name and apply the user's overrides.
-
-    ``group_size`` may be a positive int, ``None``/-1 (per channel) or left unset (scheme default).
-    """
+def resolve_scheme(name: str) -> QuantScheme:
+    """Look up a scheme by name (``--group-size`` and ``--symmetric`` are options: see :data:`OPTIONS`)."""
     key = name.lower()
     if key not in SCHEMES:
         raise ConfigError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}")
-    scheme = SCHEMES[key]
-    w = scheme.weights
-    if group_size is not _UNSET:
-        if group_size is not None and int(group_size) != -1 and int(group_size) <= 0:
-            raise ConfigError(f"--group-size must be a positive group size, or -1 for one scale per output channel; got {group_size}")
-        gs = None if group_size in (None, -1) else int(group_size)
-        w = replace(w, group_size=gs)
-    if symmetric is not None:
-        w = replace(w, symmetric=symmetric)
-    return replace(scheme, weights=w)
+    return SCHEMES[key]
 
 
 @dataclass
@@ -375,35 +360,129 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
     return presets[method]
 
 
-def build_config(scheme: str = "w4a16", method: str = "gptq", *, group_size: Any = None, symmetric: bool | None = None, num_samples: int = CalibConfig.num_samples, max_seq_len: int | None = CalibConfig.max_seq_len, seed: int = CalibConfig.seed, damp_percent: float = GPTQConfig.damp_percent, block_size: int = GPTQConfig.block_size, act_order: bool = GPTQConfig.act_order, gptq_target: str | None = None, solver: str | None = None, scale_search: str | None = None, search_grid: int = ScaleSearchConfig.grid, search_samples: int = ScaleSearchConfig.max_samples, search_scope: str | None = None, weighting: str | None = None, token_select: bool | None = None, quantized_inputs: bool | None = None, grad_at: str | None = None, token_fraction: float | None = None, device: str = "auto", dtype: str = "auto") -> QuantizeConfig:
+# --------------------------------------------------------------------------------------------------
+# User-facing options: one schema, from which build_config's keywords and the CLI's flags are made
+# --------------------------------------------------------------------------------------------------
+def _group_size_value(value: Any) -> int | None:
+    """``-1`` (or None) = one scale per output channel; any other value must be a positive group size."""
+    if value is None or int(value) == -1:
+        return None
+    if int(value) <= 0:
+        raise ConfigError(f"--group-size must be a positive group size, or -1 for one scale per output channel; got {value}")
+    return int(value)
+
+
+def _set_path(obj: Any, path: str, value: Any) -> Any:
+    """``obj`` with the dotted field ``path`` set to ``value`` (dataclasses replaced, so each validates)."""
+    head, _, rest = path.partition(".")
+    return replace(obj, **{head: _set_path(getattr(obj, head), rest, value) if rest else value})
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_scale_search(cfg: QuantizeConfig, kind: str) -> QuantizeConfig:
+    """A different search kind starts from that kind's defaults (plain SmoothQuant's fixed 0.5 does not
+    carry over) but keeps the scope, grid and sample count; ``auto`` = AWQ weight-only, SmoothQuant W-A."""
+    if kind == "auto":
+        kind = "smoothquant" if cfg.scheme.quantizes_activations else "awq"
+    if kind == cfg.search.kind:
+        return cfg
+    s = cfg.search
+    return replace(cfg, search=ScaleSearchConfig(kind=kind, scope=s.scope, grid=s.grid, max_samples=s.max_samples))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One knob: its keyword (``build_config``, ``tlq.quantize``, the CLI's ``dest``), the field of
+    :class:`QuantizeConfig` it sets, and its help. Defaults are the dataclasses' (or the method preset's),
+    so adding a knob is one field plus one line in :data:`OPTIONS`."""
+
+    name: str
+    path: str  # dotted field of QuantizeConfig
+    help: str
+    group: str = "calibration"
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    flag: str = ""  # CLI flag; default: --name-with-dashes
+    negative: str | None = None  # booleans: the flag that sets False (None: a plain switch)
+    convert: Callable[[Any], Any] | None = None  # user value -> field value
+    apply: Callable[[QuantizeConfig, Any], QuantizeConfig] | None = None  # instead of setting ``path``
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def set(self, cfg: QuantizeConfig, value: Any) -> QuantizeConfig:
+        if self.apply is not None:
+            return self.apply(cfg, value)
+        return _set_path(cfg, self.path, self.convert(value) if self.convert else value)
+
+    def help_text(self) -> str:
+        """The help with its default: the field's own, the preset's or the scheme's (unless it says)."""
+        if "(default" in self.help:
+            return self.help
+        if any(self.path == p or self.path.startswith(p + ".") for p in _PRESET_PATHS):
+            default = "the --method preset's"
+        elif self.path.startswith("scheme."):
+            default = "the --scheme's"
+        else:
+            default = str(_get_path(QuantizeConfig(), self.path))
+        return f"{self.help} (default: {default})"
+
+
+# What a method preset sets (method_preset): these options default to "keep the preset's".
+_PRESET_PATHS = ("solver", "search.kind", "search.scope", "weighting", "token_select", "importance", "quantized_inputs", "gptq.target")
+_PARTS = "method parts (each overrides the --method preset; used for ablations)"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("num_samples", "calib.num_samples", "calibration samples", type=int),
+    Option("max_seq_len", "calib.max_seq_len", "cut the text of longer samples, never visual tokens (default: the model's context length; the report says how many were cut)", type=int),
+    Option("seed", "calib.seed", "calibration subsampling seed", type=int),
+    Option("group_size", "scheme.weights.group_size", "weight group size, -1 = per channel", group="scheme", type=int, convert=_group_size_value),
+    Option("symmetric", "scheme.weights.symmetric", "symmetric weights (--asymmetric: with zero points)", group="scheme", type=bool, negative="--asymmetric"),
+    Option("damp_percent", "gptq.damp_percent", "GPTQ dampening, a fraction of the mean Hessian diagonal", group="GPTQ", type=float, flag="--damp"),
+    Option("block_size", "gptq.block_size", "GPTQ lazy-batch block (columns)", group="GPTQ", type=int),
+    Option("act_order", "gptq.act_order", "GPTQ: quantize columns by decreasing Hessian diagonal", group="GPTQ", type=bool),
+    Option("solver", "solver", "per-linear solver", group=_PARTS, choices=SOLVERS),
+    Option("gptq_target", "gptq.target", "GPTQ matches each linear's output to W X_q (quantized: plain GPTQ) or to the FP model's W X_fp "
+           "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)", group=_PARTS, choices=GPTQ_TARGETS),
+    Option("scale_search", "search.kind", "per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)",
+           group=_PARTS, choices=("none", "awq", "smoothquant", "auto"), apply=_set_scale_search),
+    Option("search_grid", "search.grid", "exponents tried by the scale search", group=_PARTS, type=int),
+    Option("search_scope", "search.scope", "what a scale candidate is judged by: the decoder layer's output error (layer: tlq's preset) or "
+           "its block's, attention or MLP (block: AWQ's own loss, cheaper; the awq and mbq presets')", group=_PARTS, choices=SEARCH_SCOPES),
+    Option("search_samples", "search.max_samples", "samples the scale-search loss runs on", group=_PARTS, type=int),
+    Option("weighting", "weighting", "token weights: uniform | modality (MBQ) | token (TLQ)", group=_PARTS, choices=WEIGHTINGS),
+    Option("token_select", "token_select", "use the token-level calibration set (--no-token-select: keep every token, weighted)", group=_PARTS, type=bool, negative="--no-token-select"),
+    Option("grad_at", "importance.grad_at", "token importance from the gradient at each decoder layer's output, its input, or (linear) at each linear's own output",
+           group=_PARTS, choices=GRAD_AT),
+    Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
+    Option("quantized_inputs", "quantized_inputs", "calibrate each layer on the quantized path (--fp-inputs: on FP inputs, as AWQ/MBQ do)", group=_PARTS, type=bool, negative="--fp-inputs"),
+    Option("device", "device", "auto | cpu | cuda | cuda:N", group="compute"),
+    Option("dtype", "dtype", "compute dtype: auto (float32 on CPU, the checkpoint's on a GPU) | float32 | bfloat16 | float16", group="compute"),
+)
+OPTION_NAMES = frozenset(o.name for o in OPTIONS)
+
+
+def build_config(scheme: str = "w4a16", method: str = "gptq", **options: Any) -> QuantizeConfig:
     """Validate user-facing options into a ``QuantizeConfig``.
 
-    ``method`` picks a preset (``method_preset``); every ``None`` option keeps the preset's value, any
-    other value overrides it (that is how ablations are expressed). ``group_size=None`` keeps the scheme's.
+    ``method`` picks a preset (``method_preset``); ``options`` are :data:`OPTIONS` by name, each ``None``
+    keeping the preset's (or the default) value, any other value overriding it: that is how ablations
+    are expressed (``build_config("w3a16", "tlq", token_select=False)``).
     """
-    kw = {} if group_size is None else {"group_size": group_size}
-    qscheme = resolve_scheme(scheme, symmetric=symmetric, **kw)
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known: {', '.join(sorted(OPTION_NAMES))}")
+    qscheme = resolve_scheme(scheme)
     preset = dict(method_preset(method, qscheme))
-    preset_target = preset.pop("gptq_target", GPTQConfig.target)
-    search: ScaleSearchConfig = preset["search"]
-    if scale_search == "auto":  # AWQ for weight-only schemes, SmoothQuant when activations are quantized
-        scale_search = "smoothquant" if qscheme.quantizes_activations else "awq"
-    if scale_search is not None and scale_search != search.kind:
-        search = ScaleSearchConfig(kind=scale_search, scope=search.scope)
-    search = replace(search, grid=search_grid, max_samples=search_samples, **({} if search_scope is None else {"scope": search_scope}))
-    overrides = {"solver": solver, "weighting": weighting, "token_select": token_select, "quantized_inputs": quantized_inputs}
-    parts = {**preset, **{k: v for k, v in overrides.items() if v is not None}, "search": search}
-    cfg = QuantizeConfig(
-        scheme=qscheme,
-        method=method,
-        calib=CalibConfig(num_samples=num_samples, max_seq_len=max_seq_len, seed=seed),
-        gptq=GPTQConfig(damp_percent=damp_percent, block_size=block_size, act_order=act_order, target=gptq_target or preset_target),
-        device=device,
-        dtype=dtype,
-        **parts,
-    )
-    if grad_at is not None:
-        cfg.importance = replace(cfg.importance, grad_at=grad_at)
-    if token_fraction is not None:
-        cfg.selection = replace(cfg.selection, token_fraction=token_fraction)
+    target = preset.pop("gptq_target", GPTQConfig.target)
+    cfg = QuantizeConfig(scheme=qscheme, method=method, gptq=GPTQConfig(target=target), **preset)
+    for opt in OPTIONS:
+        if options.get(opt.name) is not None:
+            cfg = opt.set(cfg, options[opt.name])
     return cfg

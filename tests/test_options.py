@@ -1,0 +1,64 @@
+"""One schema (tlq.config.OPTIONS) makes build_config's keywords and the CLI's flags: each flag must reach
+its field, and each default must be what the help says."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlq.cli import build_parser
+from tlq.config import OPTIONS, ConfigError, QuantizeConfig, _get_path, build_config
+
+# A value different from the gptq preset's for each option (as typed on the command line), and the field value it gives.
+NON_DEFAULT = {
+    "num_samples": ("7", 7), "max_seq_len": ("100", 100), "seed": ("3", 3), "group_size": ("-1", None),
+    "symmetric": (None, True), "damp_percent": ("0.05", 0.05), "block_size": ("64", 64), "act_order": (None, True),
+    "solver": ("rtn", "rtn"), "gptq_target": ("fp", "fp"), "scale_search": ("awq", "awq"), "search_grid": ("5", 5),
+    "search_scope": ("block", "block"), "search_samples": ("9", 9), "weighting": ("token", "token"),
+    "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25),
+    "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"),
+}
+
+METHOD_FOR = {"quantized_inputs": "awq"}  # gptq already calibrates on the quantized path
+
+
+def test_the_table_covers_every_option():
+    assert set(NON_DEFAULT) == {o.name for o in OPTIONS}
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=[o.name for o in OPTIONS])
+def test_each_flag_reaches_its_field(opt):
+    text, expected = NON_DEFAULT[opt.name]
+    method = METHOD_FOR.get(opt.name, "gptq")
+    argv = ["quantize", "--model", "m", "--out", "o", "--scheme", "w3a16", "--method", method, opt.cli_flag] + ([] if text is None else [text])
+    args = build_parser().parse_args(argv)
+    cfg = build_config(args.scheme, args.method, **{o.name: getattr(args, o.name) for o in OPTIONS})
+    baseline = build_config("w3a16", method)
+    assert _get_path(cfg, opt.path) == expected != _get_path(baseline, opt.path)
+    if opt.negative:  # the opposite flag sets False
+        args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", opt.negative])
+        assert _get_path(build_config("w3a16", "gptq", **{opt.name: getattr(args, opt.name)}), opt.path) is False
+
+
+def test_unset_options_keep_the_preset_and_the_field_defaults():
+    args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "tlq"])
+    cfg = build_config("w4a8", "tlq", **{o.name: getattr(args, o.name) for o in OPTIONS})
+    assert cfg == build_config("w4a8", "tlq")
+    assert cfg.gptq.target == "fp" and cfg.search.kind == "smoothquant" and cfg.calib == QuantizeConfig().calib
+    for opt in OPTIONS:  # the help's default is the field's own where no preset or scheme decides
+        if "(default: the" not in opt.help_text() and "(default" not in opt.help:
+            assert opt.help_text().endswith(f"(default: {_get_path(QuantizeConfig(), opt.path)})")
+
+
+def test_scale_search_kind_change_starts_from_that_kind():
+    """Plain SmoothQuant's fixed 0.5 does not follow a switch to AWQ; auto picks by the scheme."""
+    assert build_config("w8a8", "smoothquant").search.fixed_alpha == 0.5
+    assert build_config("w8a8", "smoothquant", scale_search="awq").search.fixed_alpha is None
+    assert build_config("w8a8", "gptq", scale_search="auto").search.kind == "smoothquant"
+    assert build_config("w4a16", "gptq", scale_search="auto").search.kind == "awq"
+
+
+def test_unknown_or_bad_options_are_one_line_errors():
+    with pytest.raises(ConfigError, match="unknown option"):
+        build_config("w4a16", "gptq", damp=0.1)
+    with pytest.raises(ConfigError, match="--group-size must be a positive"):
+        build_config("w4a16", "gptq", group_size=0)
