@@ -140,3 +140,6 @@ def test_llava_onevision_real_resolution_calibrates_with_default_options(tiny_vl
     seq = report.sequences
     assert seq["max_seq_len"] == 4096 and seq["truncated_samples"] == 0
     assert 3000 < seq["longest_sample_tokens"] == report.num_tokens
+    phases = report.phases  # the run's time by phase, each inside the whole
+    assert {"load", "calibration data", "vision tower + layer-0 capture", "scale search", "statistics + solve (GPTQ/RTN, FP target)", "export"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= report.total_seconds

@@ -78,7 +78,8 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         run = calibrate(model, calib_path, cfg, options=run_opts, ctx=ctx, sink_factory=streamed_export if stream else None, opened=resumes.append)
         t_export = time.perf_counter()
         if ctx.is_main:
-            write_output(run, exports[0] if exports else None, out_dir, overwrite)
+            with run.clock("export"):
+                write_output(run, exports[0] if exports else None, out_dir, overwrite)
     except BaseException:
         for export in exports:
             export.abort()
@@ -113,6 +114,7 @@ def quantize(model: str | Path, calib: str | Path | None, out: str | Path, *, sc
         token_set=run.token_set,
         streamed=stream,
         sequences=run.sequences,
+        phases=dict(run.clock.seconds),
     )
     if report_path is not None and ctx.is_main:
         atomic_write_json(report_path, report.to_dict())

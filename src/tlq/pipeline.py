@@ -27,6 +27,7 @@ from tlq.preflight import check_model_dir
 from tlq.quant.quantizer import group_size_of
 from tlq.utils.finite import check_weights
 from tlq.utils.io import notice
+from tlq.utils.timing import PhaseClock
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -104,6 +105,7 @@ class CalibratedModel:
     seconds: float
     token_set: dict[str, Any] | None = None  # summary of the token-level calibration set (this rank's), if any
     sequences: dict[str, int] | None = None  # the --max-seq-len cap and what it cut (sequence_summary)
+    clock: PhaseClock | None = None  # seconds per phase so far (the export adds its own)
     resume: Any = None  # the ResumeState, to clean up once the output is written
     streamed: Any = None  # the StreamedModel of a streamed run (decoder layers not in memory)
 
@@ -193,12 +195,14 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     options = options or RunOptions(progress=progress)
     ctx = ctx or DistContext()
     t0 = time.perf_counter()
+    clock = PhaseClock()
     streamed = layers = None
-    if options.stream:
-        adapter, streamed, processor, model_dir, dev, dt = load_streamed(model, config.device, config.dtype, ctx=ctx)
-        hf_model, layers = streamed.model, StreamedLayers(streamed)
-    else:
-        adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
+    with clock("load"):
+        if options.stream:
+            adapter, streamed, processor, model_dir, dev, dt = load_streamed(model, config.device, config.dtype, ctx=ctx)
+            hf_model, layers = streamed.model, StreamedLayers(streamed)
+        else:
+            adapter, hf_model, processor, model_dir, dev, dt = load_model(model, config.device, config.dtype, ctx=ctx)
     check_scheme_fits(adapter, hf_model, config)
     ids: list[int] = []
 
@@ -207,20 +211,22 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
         return ids
 
     cap = config.calib.max_seq_len or context_length(hf_model)
-    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=cap, seed=config.calib.seed, shard=shard)
+    with clock("calibration data"):
+        samples = load_calibration(calib, processor, adapter, hf_model, num_samples=config.calib.num_samples, max_seq_len=cap, seed=config.calib.seed, shard=shard)
     lengths = sequence_summary(samples, cap, str(calib))
     cut, total = all_reduce_scalars_sum([answers_cut(samples), len(samples)])  # every rank decides alike
     check_answers_kept(int(cut), int(total), cap, str(calib))
     show = options.progress and ctx.is_main
     budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
     store = functools.partial(activation_list, budget=budget, spill_dir=options.spill_dir)  # streamed importance inputs
-    token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store)
+    with clock("importance pass"):
+        token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store)
     weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None
     resume = _open_resume(options, config, model_dir, Path(calib), ctx)
     if resume is not None and opened is not None:
         opened(resume)
     sink = sink_factory(adapter, hf_model, model_dir) if sink_factory is not None else None
-    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir, layers=layers, sink=sink, keep_codes=not options.stream)
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir, layers=layers, sink=sink, keep_codes=not options.stream, clock=clock)
     result = engine.calibrate(samples, sample_ids=ids, resume=resume)
     num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)])  # no-op in one process
     return CalibratedModel(
@@ -237,6 +243,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
         seconds=time.perf_counter() - t0,
         token_set=token_set.summary() if token_set is not None else None,
         sequences=lengths,
+        clock=clock,
         resume=resume,
         streamed=streamed,
     )

@@ -33,6 +33,7 @@ class QuantizeReport:
     token_set: dict[str, Any] | None = None  # token-level calibration set summary (TLQ / MBQ)
     streamed: bool = False  # decoder layers were loaded from disk one at a time (--stream)
     sequences: dict[str, int] | None = None  # max_seq_len (the cap used), longest_sample_tokens, truncated_samples
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (rank 0's), tlq.utils.timing
 
     @property
     def mean_rel_error(self) -> float:
@@ -68,6 +69,8 @@ def render_summary(report: QuantizeReport, console: Console | None = None) -> No
         f"calibration {report.calibration_seconds:.1f}s, export {report.export_seconds:.1f}s, "
         f"peak RSS {report.peak_rss_mb:.0f} MiB{' (streamed)' if report.streamed else ''} -> {report.output}"
     )
+    if report.phases:
+        console.print("time by phase: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in sorted(report.phases.items(), key=lambda kv: -kv[1])))
 
 
 def _cut_note(seq: dict[str, int] | None) -> str:

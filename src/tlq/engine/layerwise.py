@@ -34,6 +34,7 @@ from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.utils.finite import NonFiniteError, dtype_hint
+from tlq.utils.timing import PhaseClock
 from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
@@ -120,7 +121,7 @@ class LayerwiseEngine:
     are not kept in the result (the sink has written them), so nothing grows with depth.
     """
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None, layers: LayerSource | None = None, sink: LayerSink | None = None, keep_codes: bool = True) -> None:
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, config: QuantizeConfig, device: torch.device, scale_dtype: torch.dtype | None = None, token_weights: TokenWeightFn | None = None, progress: bool = True, ctx: DistContext | None = None, budget: MemoryBudget | None = None, spill_dir: str | None = None, layers: LayerSource | None = None, sink: LayerSink | None = None, keep_codes: bool = True, clock: PhaseClock | None = None) -> None:
         self.adapter = adapter
         self.model = model
         self.config = config
@@ -134,6 +135,7 @@ class LayerwiseEngine:
         self.layers = layers if layers is not None else ResidentLayers(adapter, model)
         self.sink = sink
         self.keep_codes = keep_codes
+        self.clock = clock or PhaseClock()  # the run's phase times (QuantizeReport.phases)
         self.sample_ids: list[int] = []
         self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -144,7 +146,8 @@ class LayerwiseEngine:
     def calibrate(self, samples: list[CalibSample], sample_ids: list[int] | None = None, resume: ResumeState | None = None) -> EngineResult:
         """Calibrate every decoder layer; ``samples`` is this rank's shard (all of them in one process)."""
         self.sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
-        inputs = self.capture_inputs(samples)
+        with self.clock("vision tower + layer-0 capture"):
+            inputs = self.capture_inputs(samples)
         kwargs = [li.kwargs for li in inputs]
         x_fp = self._store([li.hidden_states for li in inputs])
         x_q = x_fp
@@ -181,14 +184,18 @@ class LayerwiseEngine:
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        fp_out = self._run(layer, x_fp, kwargs)
+        with self.clock("FP stream"):
+            fp_out = self._run(layer, x_fp, kwargs)
         stats_in = x_q if self.config.quantized_inputs else x_fp
-        alphas = self._search_scales(i, layer, stats_in, kwargs)
+        with self.clock("scale search"):
+            alphas = self._search_scales(i, layer, stats_in, kwargs)
         # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
         # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's;
         # passed without a local name here, so that _calibrate_layer can free it as soon as it is done
-        quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None)
-        q_out = self._run(layer, x_q, kwargs)
+        with self.clock("statistics + solve (GPTQ/RTN, FP target)"):
+            quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None)
+        with self.clock("quantized stream"):
+            q_out = self._run(layer, x_q, kwargs)
         num, den = squared_error_sums(q_out, fp_out)
         num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
         peak = torch.tensor([peak_memory_mb(self.device)], dtype=torch.float64)

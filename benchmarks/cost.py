@@ -1,0 +1,188 @@
+"""Calibration cost at released shapes: wall time per phase and peak RSS of `tlq quantize`, per method,
+in one run on one machine, plus the ratios the method is judged by (TLQ / GPTQ, importance pass / one FP
+forward+backward).
+
+The checkpoints have random weights and the released widths (text and vision towers, vocabulary, image
+processor pixel bounds); depth is cut by ``--layers`` (the per-layer phases scale with it; load, vision
+tower and export do not). Calibration images are random RGB at the resolution given (448 px: 256 visual
+tokens for Qwen2-VL), with a short question and answer each. Every method runs as its own process
+(``/usr/bin/time -v`` gives the peak RSS, the report the phases), one after the other.
+
+    python benchmarks/cost.py --shape qwen2-vl-2b --layers 2 --num-samples 4 --image-px 448 --methods gptq,tlq --out docs/cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from _report import write_report
+from streaming_memory import peak_rss_mib
+
+# Released widths (config.json of each Hugging Face release): text hidden / intermediate / layers / heads /
+# KV heads / vocab / tied embeddings; vision depth / width / heads; the Instruct image processors' pixel
+# bounds. Only families whose vision tower tlq.models.tiny builds at its exact released width are listed.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-vl-2b": {"family": "qwen2_vl", "hidden_size": 1536, "intermediate_size": 8960, "layers": 28, "num_heads": 12, "num_kv_heads": 2,
+                    "vocab_size": 151936, "tie_word_embeddings": True, "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16,
+                    "min_pixels": 3136, "max_pixels": 12845056, "max_position_embeddings": 32768},
+    "qwen2-vl-7b": {"family": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "layers": 28, "num_heads": 28, "num_kv_heads": 4,
+                    "vocab_size": 152064, "tie_word_embeddings": False, "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16,
+                    "min_pixels": 3136, "max_pixels": 12845056, "max_position_embeddings": 32768},
+}
+
+
+def build_checkpoint(shape: str, layers: int, vision_depth: int | None, out: Path) -> Path:
+    """A random-weight bf16 checkpoint of ``shape`` cut to ``layers`` decoder layers."""
+    import torch
+
+    from tlq.models.tiny import build_tokenizer, make_tiny_vlm
+
+    s = dict(SHAPES[shape])
+    family = s.pop("family")
+    s.pop("layers")
+    if vision_depth is not None:
+        s["vision_depth"] = vision_depth
+    return make_tiny_vlm(family, out, num_layers=layers, dtype=torch.bfloat16, tokenizer=build_tokenizer(None, family), **s)
+
+
+def write_calibration(out: Path, n: int, px: int, seed: int = 0) -> Path:
+    """``n`` random ``px`` x ``px`` images with a question and a one-word answer each."""
+    rng = np.random.RandomState(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 256, (px, px, 3), dtype=np.uint8)).save(out / f"{i:03d}.png")
+        lines.append(json.dumps({"image": f"{i:03d}.png", "question": "What is in the picture? Answer in one word.", "answer": "noise"}))
+    (out / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    return out / "calib.jsonl"
+
+
+def _timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc, seconds, peak_rss_mib(proc.stderr)
+
+
+def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path) -> dict[str, Any]:
+    report = work / f"{method}.json"
+    cmd = [sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--calib", str(calib), "--out", str(work / f"out-{method}"),
+           "--scheme", scheme, "--method", method, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report)]
+    _proc, seconds, rss = _timed(cmd)
+    rep = json.loads(report.read_text())
+    return {"method": method, "wall_seconds": seconds, "peak_rss_mib": rss, "phases": rep["phases"], "num_tokens": rep["num_tokens"],
+            "num_layers": len(rep["layers"]), "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"])}
+
+
+def fp_forward_backward(model: str, calib: str, n: int) -> float:
+    """Seconds of one plain FP forward + backward (answer-token cross-entropy) over the samples: what a
+    full-model gradient costs, the yardstick of the layer-wise importance pass."""
+    import torch
+
+    from tlq.data.calibration import load_calibration
+    from tlq.pipeline import load_model
+
+    adapter, hf_model, processor, *_ = load_model(model, "cpu", "auto")
+    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=n, max_seq_len=None, seed=0)
+    hf_model.requires_grad_(False)
+
+    def leaf_input(_m: Any, args: tuple, kwargs: dict) -> tuple:
+        """Differentiate w.r.t. layer 0's input, as the importance pass does: no weight gradients."""
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+    handle = adapter.decoder_layers(hf_model)[0].register_forward_pre_hook(leaf_input, with_kwargs=True)
+    total = 0.0
+    for s in samples:
+        labels = torch.where(s.answer_mask[None], s.inputs["input_ids"], torch.full_like(s.inputs["input_ids"], -100))
+        t0 = time.perf_counter()
+        loss = hf_model(**s.inputs, labels=labels, use_cache=False).loss
+        loss.backward()
+        total += time.perf_counter() - t0
+    handle.remove()
+    return total
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(rows: list[dict[str, Any]], fwd_bwd: float) -> dict[str, Any]:
+    by = {r["method"]: r for r in rows}
+    tlq, gptq = by.get("tlq"), by.get("gptq")
+    imp = tlq["phases"].get("importance pass") if tlq else None
+    return {"tlq_over_gptq_wall": _ratio(tlq and tlq["wall_seconds"], gptq and gptq["wall_seconds"]),
+            "importance_over_fwd_bwd": _ratio(imp, fwd_bwd), "fp_forward_backward_seconds": fwd_bwd}
+
+
+def to_markdown(result: dict[str, Any]) -> list[str]:
+    phases = sorted({p for r in result["rows"] for p in r["phases"]}, key=lambda p: -max(r["phases"].get(p, 0) for r in result["rows"]))
+    s = result["summary"]
+    lines = [f"# Calibration cost: {result['shape']} widths, {result['layers']} decoder layer(s)", "",
+             f"Command: `{result['command']}`", "",
+             f"Machine: {result['machine']}. Random bf16 weights at the released widths, compute in float32 on CPU, "
+             f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}. "
+             "Each method in its own process, one after the other; peak RSS from `/usr/bin/time -v`.", "",
+             "| phase (s) | " + " | ".join(r["method"] for r in result["rows"]) + " |", "|---|" + "---:|" * len(result["rows"])]
+    for p in phases:
+        lines.append(f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.1f}" for r in result["rows"]) + " |")
+    lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" for r in result["rows"]) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" for r in result["rows"]) + " |")
+    lines += ["", f"- TLQ / GPTQ whole run: {s['tlq_over_gptq_wall']:.2f}x" if s["tlq_over_gptq_wall"] else "- TLQ / GPTQ: not run",
+              f"- importance pass / one FP forward+backward ({s['fp_forward_backward_seconds']:.1f} s): {s['importance_over_fwd_bwd']:.2f}x"
+              if s["importance_over_fwd_bwd"] else "- importance pass: not run"]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-vl-2b")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers kept (released depth: see SHAPES)")
+    p.add_argument("--vision-depth", type=int, default=None, help="cut the vision tower too (default: released depth)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--image-px", type=int, default=448)
+    p.add_argument("--scheme", default="w4a16")
+    p.add_argument("--methods", default="gptq,tlq")
+    p.add_argument("--work", default="/tmp/tlq-cost")
+    p.add_argument("--out", default="docs/cost")
+    p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args(argv)
+    if args.fwd_bwd:
+        print(json.dumps({"seconds": fp_forward_backward(args.fwd_bwd[0], args.fwd_bwd[1], args.num_samples)}))
+        return 0
+    work = Path(args.work)
+    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}")
+    calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
+    rows = []
+    for method in args.methods.split(","):
+        rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work))
+        print(json.dumps(rows[-1]), flush=True)
+    proc, _s, _rss = _timed([sys.executable, __file__, "--fwd-bwd", str(model), str(calib), "--num-samples", str(args.num_samples)])
+    fwd_bwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    import platform
+
+    import torch
+
+    result = {"command": "python benchmarks/cost.py " + " ".join(argv if argv is not None else sys.argv[1:]), "shape": args.shape,
+              "layers": args.layers, "num_samples": args.num_samples, "image_px": args.image_px, "scheme": args.scheme,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}",
+              "rows": rows, "summary": summarize(rows, fwd_bwd)}
+    write_report(args.out, result, to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
