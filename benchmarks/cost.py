@@ -116,6 +116,29 @@ def fp_forward_backward(model: str, calib: str, n: int) -> float:
     return total
 
 
+def export_inputs(model: str, calib: str, out: str, n: int) -> None:
+    """The processor inputs tlq calibrates on, saved for the peer tool (same tokens, same pixels)."""
+    import torch
+
+    from tlq.data.calibration import load_calibration
+    from tlq.pipeline import load_model
+
+    adapter, hf_model, processor, *_ = load_model(model, "cpu", "auto")
+    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=n, max_seq_len=None, seed=0)
+    torch.save([dict(s.inputs) for s in samples], out)
+
+
+def run_llmcompressor(venv: Path, model: Path, calib: Path, n: int, work: Path) -> dict[str, Any]:
+    """llm-compressor's GPTQ (its own venv) on the same checkpoint and inputs; wall time and peak RSS."""
+    inputs = work / "inputs.pt"
+    _timed([sys.executable, __file__, "--export-inputs", str(model), str(calib), str(inputs), "--num-samples", str(n)])
+    runner = Path(__file__).with_name("llmcompressor_run.py")
+    proc, seconds, rss = _timed([str(venv / "bin" / "python"), str(runner), str(model), str(inputs), str(work / "out-llmcompressor")])
+    phases = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"method": "llm-compressor gptq", "wall_seconds": seconds, "peak_rss_mib": rss, "phases": phases, "num_tokens": None,
+            "num_layers": None, "mean_rel_error": None}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -134,7 +157,8 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
     lines = [f"# Calibration cost: {result['shape']} widths, {result['layers']} decoder layer(s)", "",
              f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Random bf16 weights at the released widths, compute in float32 on CPU, "
-             f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}. "
+             f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}; "
+             "llm-compressor (if a row) ran its own Qwen2-VL GPTQ recipe on the same checkpoint and the same encoded inputs. "
              "Each method in its own process, one after the other; peak RSS from `/usr/bin/time -v`.", "",
              "| phase (s) | " + " | ".join(r["method"] for r in result["rows"]) + " |", "|---|" + "---:|" * len(result["rows"])]
     for p in phases:
@@ -158,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="gptq,tlq")
     p.add_argument("--work", default="/tmp/tlq-cost")
     p.add_argument("--out", default="docs/cost")
-    p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--llmcompressor", default=None, metavar="VENV", help="also run llm-compressor's GPTQ from this venv (benchmarks/setup_llmcompressor.sh)")
+    p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child modes
+    p.add_argument("--export-inputs", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.fwd_bwd:
         print(json.dumps({"seconds": fp_forward_backward(args.fwd_bwd[0], args.fwd_bwd[1], args.num_samples)}))
+        return 0
+    if args.export_inputs:
+        export_inputs(*args.export_inputs, n=args.num_samples)
         return 0
     work = Path(args.work)
     model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}")
@@ -169,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in args.methods.split(","):
         rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.llmcompressor:
+        rows.append(run_llmcompressor(Path(args.llmcompressor), model, calib, args.num_samples, work))
         print(json.dumps(rows[-1]), flush=True)
     proc, _s, _rss = _timed([sys.executable, __file__, "--fwd-bwd", str(model), str(calib), "--num-samples", str(args.num_samples)])
     fwd_bwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tlq.config import GPTQConfig, WeightQuantSpec
-from tlq.utils.finite import NonFiniteError, dtype_hint
+from tlq.utils.finite import NonFiniteError, dtype_hint, is_finite
 from tlq.quant.quantizer import (
     QuantizedWeight,
     compute_qparams,
@@ -228,11 +228,6 @@ def _add_product_(total: Tensor, a: Tensor, b: Tensor) -> None:
         total[rows] += a[:, rows].T @ b
 
 
-def _all_finite(t: Tensor) -> bool:
-    """``torch.isfinite(t).all()`` in row blocks: the one-shot form allocates an ``abs`` copy of ``t``
-    and two boolean masks, over 1.3x the size of a float64 Hessian."""
-    return all(bool(torch.isfinite(t[rows]).all()) for rows in _row_blocks(t.shape[0]))
-
 
 def _positive_tokens(weights: Tensor | None, token_shape: torch.Size, num_rows: int, device: torch.device | str,
                      dtype: torch.dtype, total_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | float]:
@@ -362,7 +357,7 @@ def _check_gptq_inputs(weight: Tensor, hessian: Tensor, cfg: GPTQConfig) -> None
     in_f = weight.shape[1]
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match {in_f} input features")
-    if not _all_finite(hessian):
+    if not is_finite(hessian):
         raise NonFiniteError(f"non-finite values (NaN/Inf) in a GPTQ Hessian of a {tuple(weight.shape)} weight: the calibration activations reaching it overflowed; {dtype_hint(weight.dtype)}")
 
 
@@ -438,7 +433,7 @@ def _try_inverse_cholesky_(h: Tensor) -> Tensor | None:
         return None
     torch.cholesky_inverse(h, out=h)
     torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-    if int(info) != 0 or not _all_finite(h):
+    if int(info) != 0 or not is_finite(h):
         return None
     return h
 

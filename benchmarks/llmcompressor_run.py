@@ -1,0 +1,52 @@
+"""Run llm-compressor's GPTQ on a checkpoint with pre-encoded calibration inputs; print its timings.
+
+Runs inside the llm-compressor venv (benchmarks/setup_llmcompressor.sh), never the project's: it pins
+its own torch and transformers. The inputs are the exact tensors tlq's processor made for the same
+calibration file (``torch.save``d by benchmarks/cost.py), so both tools see the same tokens. The recipe
+is llm-compressor's own Qwen2-VL example: GPTQ on every decoder Linear, W4A16 (int4, group 128,
+symmetric), vision tower and LM head ignored, one decoder layer per sequential step.
+
+    .venv-llmcompressor/bin/python benchmarks/llmcompressor_run.py MODEL INPUTS.pt OUT
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(model_dir: str, inputs_path: str, out: str) -> int:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    samples = torch.load(inputs_path)
+    ds = Dataset.from_list([{k: v.tolist() for k, v in s.items()} for s in samples])
+    t_load = time.perf_counter() - t0
+
+    def collate(batch: list[dict]) -> dict:
+        assert len(batch) == 1
+        return {k: torch.tensor(v) for k, v in batch[0].items()}
+
+    layer_class = type(model.model.language_model.layers[0]).__name__
+    recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*visual.*"])]
+    t1 = time.perf_counter()
+    # oneshot insists on a processor when given a dataset; the VLM processor needs torchvision, which this
+    # venv's torch 2.13 has no wheel of here, and the inputs are encoded already: the tokenizer serves.
+    oneshot(model=model, processor=AutoTokenizer.from_pretrained(model_dir), dataset=ds, recipe=recipe, num_calibration_samples=len(samples), max_seq_length=1 << 20,
+            data_collator=collate, sequential_targets=[layer_class])
+    t_oneshot = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True)
+    t_save = time.perf_counter() - t2
+    print(json.dumps({"load": t_load, "oneshot (vision tower, propagation, GPTQ)": t_oneshot, "export": t_save}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))
