@@ -208,7 +208,10 @@ def test_float16_overflow_names_the_layer_and_suggests_bfloat16(project, tmp_pat
     _model_with(project, tmp_path / "hot_model", "layers.0.input_layernorm", 60000.0)
     r = tlq(*quantize_args(project, tmp_path / "o", "--dtype", "float16", "--no-resume", model=tmp_path / "hot_model", method="awq"))
     assert_one_line_error(r, "non-finite", "layer 0", "bfloat16")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hot_model"]
+    # no scale search, no Hessian: the layer's output itself is where it shows
+    r = tlq(*quantize_args(project, tmp_path / "o", "--dtype", "float16", model=tmp_path / "hot_model", method="rtn"))
+    assert_one_line_error(r, "decoder layer 0: non-finite values in its output (FP stream)", "bfloat16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hot_model"]  # no output, no resume state
 
 
 def test_answers_cut_by_max_seq_len(project, tmp_path):

@@ -33,7 +33,7 @@ from tlq.engine.activations import ActivationStore, MemoryBudget, activation_lis
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
-from tlq.utils.finite import NonFiniteError, dtype_hint
+from tlq.utils.finite import NonFiniteError, dtype_hint, is_finite
 from tlq.utils.timing import PhaseClock
 from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
@@ -217,9 +217,10 @@ class LayerwiseEngine:
             out = self._layer(i, layer, x_fp, x_q, kwargs)
         except NonFiniteError as exc:
             raise NonFiniteError(f"decoder layer {i}: {exc}") from None
-        if not math.isfinite(out[3].rel_error):
+        if not math.isfinite(out[3].rel_error):  # reduced over ranks: every rank stops here together
+            stream = "FP" if not all(is_finite(t) for t in out[0]) else "quantized"  # failure path only: reads the stream
             dtype = next(layer.parameters()).dtype
-            raise NonFiniteError(f"decoder layer {i}: its output is not finite (relative error {out[3].rel_error}); {dtype_hint(dtype)}")
+            raise NonFiniteError(f"decoder layer {i}: non-finite values in its output ({stream} stream); {dtype_hint(dtype)}")
         return out
 
     def _finish_layer(self, i: int, layer: nn.Module, quantized: dict[str, QuantizedWeight], result: EngineResult) -> None:

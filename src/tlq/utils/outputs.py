@@ -32,7 +32,7 @@ from tlq.utils.io import process_tag, sweep_dead_owner_dirs
 MARKER = ".tlq-output.json"
 _STAGING = "partial-"
 _ASIDE = "old-"
-_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")  # unowned staging dirs of tlq <= 0.x
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")  # unowned staging dirs of earlier tlq builds
 
 
 class OutputError(ConfigError):
