@@ -29,6 +29,7 @@ from tlq.api import build_config, calibrate, load_model
 from tlq.builtin import builtin_dir
 from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
 from tlq.data.records import choose, read_jsonl
+from tlq.eval.paired import mcnemar
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
 
@@ -127,12 +128,15 @@ def run_parallel(args: argparse.Namespace, argv: list[str], models: list[str]) -
 
 
 def val_records(model_dir: Path, n: int) -> list[Any]:
-    """The first ``n`` samples of the digits ``val`` split (disjoint from calibration and test) with the
-    model's benchmark question types, as JSONL records (written once into a temporary directory)."""
+    """The first ``n`` samples of the model's held-out ``val`` split (disjoint from calibration and test):
+    its shipped ``val.jsonl`` if it has one, else the digits val split with the model's benchmark question
+    types, as JSONL records (written once into a temporary directory)."""
     import tempfile
 
     from tlq.data import digits
 
+    if (model_dir / "val.jsonl").is_file():
+        return read_jsonl(model_dir / "val.jsonl")[:n]
     info = json.loads((model_dir / "tlq_tiny.json").read_text())
     cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
     out = Path(tempfile.mkdtemp(prefix="tlq-val-"))
@@ -163,6 +167,8 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     del fp_model
     print(f"[{model}] FP16 accuracy {fp_scores.accuracy:.4f} nll {fp_scores.nll:.4f}", flush=True)
     rows: dict[str, Any] = {"fp16": {**fp_scores.to_dict(), "margin": answer_margins(ref_logps)}, "cells": {}}
+    rows["fp16"]["correct"] = "".join("1" if c else "0" for c in fp_scores.correct)
+    rows["relevant_token_share"] = relevant_share(records)
     for scheme in schemes:
         for name in variants:
             method, overrides = VARIANTS[name]
@@ -178,7 +184,8 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 cfg.importance = dc_replace(cfg.importance, **importance)
                 run = calibrate(ref, mdir / "calib.jsonl", cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
-                runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0})
+                runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
+                             "correct": "".join("1" if c else "0" for c in scores.correct)})
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s)", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
             rows["cells"][f"{scheme}/{name}"] = {
@@ -193,6 +200,64 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
             if checkpoint is not None:  # keep what is measured so far: a long run that dies still reports
                 checkpoint(rows)
     return rows
+
+
+def relevant_share(records: list[Any]) -> float | None:
+    """Mean share of the visual tokens that hold the answer, from the set's ground truth (None without)."""
+    shares = [len(r.extra["relevant_tokens"]) / (r.extra["token_grid"][0] * r.extra["token_grid"][1])
+              for r in records if r.extra.get("relevant_tokens") is not None and r.extra.get("token_grid")]
+    return statistics.fmean(shares) if shares else None
+
+
+def paired(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
+    """McNemar over the same test samples, runs paired by seed (a deterministic method's one run pairs with
+    every seed of the other) and pooled; None for runs recorded before per-sample results were kept."""
+    a_runs, b_runs = first["runs"], second["runs"]
+    if not all("correct" in r for r in a_runs + b_runs):
+        return None
+    if len(a_runs) == 1 or len(b_runs) == 1:
+        pairs = [(a, b) for a in a_runs for b in b_runs]
+    else:
+        by_seed = {r["seed"]: r for r in b_runs}
+        pairs = [(a, by_seed[a["seed"]]) for a in a_runs if a["seed"] in by_seed]
+    a_bits = "".join(a["correct"] for a, _ in pairs)
+    b_bits = "".join(b["correct"] for _, b in pairs)
+    return mcnemar([c == "1" for c in a_bits], [c == "1" for c in b_bits]).to_dict()
+
+
+# The needle benchmark's validity bars (docs/needle.md), fixed before any TLQ row is computed and judged
+# on FP16 and the baselines only: a benchmark where accuracy has headroom and token relevance varies.
+VALIDITY_FP_RANGE = (0.70, 0.97)
+VALIDITY_MIN_UNSURE = 0.15  # share of FP16 answers within 1 nat of the runner-up
+VALIDITY_MIN_DROP = 0.02  # the best baseline loses at least 2 points ...
+VALIDITY_SCHEMES = ("w3a16", "w4a8")  # ... in each of these schemes
+VALIDITY_MAX_RELEVANT = 0.20
+VALIDITY_MIN_TEST = 1000
+
+
+def validity(rows: dict[str, Any], num_test: int) -> list[tuple[str, str, bool | None]]:
+    """(bar, measured, passed) per validity bar; ``passed`` None where the run lacks the cells to judge it."""
+    fp = rows["fp16"]
+    lo, hi = VALIDITY_FP_RANGE
+    out = [
+        (f"FP16 accuracy in [{100 * lo:.0f}%, {100 * hi:.0f}%)", f"{100 * fp['accuracy']:.2f}%", lo <= fp["accuracy"] < hi),
+        (f"FP16 answers within 1 nat of the runner-up >= {100 * VALIDITY_MIN_UNSURE:.0f}%", f"{100 * fp['margin']['share_below_1']:.1f}%",
+         fp["margin"]["share_below_1"] >= VALIDITY_MIN_UNSURE),
+    ]
+    for scheme in VALIDITY_SCHEMES:
+        base = [c for c in rows["cells"].values() if c["scheme"] == scheme and c["variant"] in BASELINES]
+        if not base:
+            out.append((f"best baseline loses >= {100 * VALIDITY_MIN_DROP:.0f} points at {scheme}", "not run", None))
+            continue
+        best = max(base, key=lambda c: c["accuracy"]["mean"])
+        drop = fp["accuracy"] - best["accuracy"]["mean"]
+        out.append((f"best baseline loses >= {100 * VALIDITY_MIN_DROP:.0f} points at {scheme}", f"{best['variant']}: {100 * drop:.2f} points",
+                    drop >= VALIDITY_MIN_DROP))
+    share = rows.get("relevant_token_share")
+    out.append((f"relevant visual tokens <= {100 * VALIDITY_MAX_RELEVANT:.0f}%", "-" if share is None else f"{100 * share:.1f}%",
+                None if share is None else share <= VALIDITY_MAX_RELEVANT))
+    out.append((f"test samples >= {VALIDITY_MIN_TEST}", str(num_test), num_test >= VALIDITY_MIN_TEST))
+    return out
 
 
 def beyond_spread(better: dict[str, float], worse: dict[str, float], higher_is_better: bool) -> bool:
@@ -214,7 +279,10 @@ def summary_rows(rows: dict[str, Any], scheme: str) -> dict[str, Any] | None:
     tlq = cells["TLQ"]
     best_acc = max(base, key=lambda c: (c["accuracy"]["mean"], -c["kl"]["mean"]))
     best_kl = min(base, key=lambda c: c["kl"]["mean"])
+    tests = {b["variant"]: paired(tlq, b) for b in base}
     return {
+        "paired_vs_best": tests[best_acc["variant"]],
+        "paired_win": all(t is not None and t["p"] < 0.05 and t["wins"] > t["losses"] for t in tests.values()),
         "tlq": tlq,
         "best_acc": best_acc,
         "best_kl": best_kl,
@@ -234,8 +302,10 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
     and by KL, and whether each gap is beyond the seed spread. Written from the numbers, never by hand."""
     lines = ["## Summary (computed from the table below)", "",
              "A gap counts only when the mean ± std intervals over calibration seeds do not overlap.", "",
-             "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Paired test: McNemar (exact) on the same test samples, runs paired by seed and pooled; "
+             "wins/losses = samples only TLQ / only the baseline answers right.", "",
+             "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | paired vs best (wins/losses, p) | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     counts = {"acc_win": 0, "kl_win": 0, "cells": 0}
     for model, rows in result["models"].items():
         for scheme in dict.fromkeys(c["scheme"] for c in rows["cells"].values()):
@@ -248,8 +318,10 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
             acc_verdict = "TLQ ahead" if s["acc_win"] else ("TLQ behind" if s["acc_loss"] else "within spread")
             kl_verdict = "TLQ lower" if s["kl_win"] else "within spread or higher"
             ba, bk = s["best_acc"], s["best_kl"]
+            t = s["paired_vs_best"]
+            test = f"{t['wins']}/{t['losses']}, p={t['p']:.3g}" if t else "-"
             lines.append(
-                f"| {model} | {scheme} | {_pm(s['tlq']['accuracy'], 100)} | {ba['variant']} {_pm(ba['accuracy'], 100)} | {acc_verdict} | "
+                f"| {model} | {scheme} | {_pm(s['tlq']['accuracy'], 100)} | {ba['variant']} {_pm(ba['accuracy'], 100)} | {acc_verdict} | {test} | "
                 f"{_pm(s['tlq']['kl'], fmt='.1e')} | {bk['variant']} {_pm(bk['kl'], fmt='.1e')} | {s['kl_ratio']:.2f}x | {kl_verdict} |"
             )
     if counts["cells"] == 0:  # a run without TLQ and a baseline side by side (e.g. choosing a default)
@@ -282,6 +354,10 @@ def to_markdown(result: dict[str, Any]) -> str:
             m = fp["margin"]
             lines += [f"FP16 answer margin (top-1 minus top-2 log-probability at the first answer token): median "
                       f"{m['median']:.2f} nats; {100 * m['share_below_1']:.1f}% of the test samples are under 1 nat.", ""]
+        if rows.get("relevant_token_share") is not None:
+            lines += ["Validity bars (docs/needle.md; judged on FP16 and the baselines only):", "", "| bar | measured | passed |", "|---|---|---|"]
+            lines += [f"| {bar} | {val} | {'-' if ok is None else ('yes' if ok else '**no**')} |" for bar, val, ok in validity(rows, fp["num_samples"])]
+            lines.append("")
         lines += ["| scheme | method | accuracy (%) | % of FP16 | KL(FP16‖q) |", "|---|---|---|---|---|"]
         for cell in rows["cells"].values():
             a, r, k = cell["accuracy"], cell["retained_pct"], cell["kl"]

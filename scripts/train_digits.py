@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Train the built-in digits VLMs from scratch on CPU (``builtin:digits-qwen2vl``, ``builtin:digits-llavaov``).
+"""Train the built-in VLMs from scratch on CPU (``builtin:digits-*`` and ``builtin:needle-*``).
 
 Reproduce the shipped models (fixed seed, deterministic data; see docs/builtin-models.md)::
 
     OMP_NUM_THREADS=1 python scripts/train_digits.py --family qwen2_vl --out src/tlq/builtin/digits-qwen2vl
     OMP_NUM_THREADS=1 python scripts/train_digits.py --family llava_onevision --out src/tlq/builtin/digits-llavaov
+    OMP_NUM_THREADS=1 python scripts/train_digits.py --task needle --family qwen2_vl --out src/tlq/builtin/needle-qwen2vl
+
+``--task digits`` (default) is the 2x2 digits VQA of ``tlq.data.digits``; ``--task needle`` is the sparse-relevance
+needle VQA of ``tlq.data.needle`` (64 visual tokens, one of which holds the answer, behind a preamble).
 
 What it does, in order:
 
@@ -49,13 +53,68 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlq.data import digits
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlq.data import digits, needle
 from tlq.data.digits import DigitsVQAConfig
+from tlq.data.needle import NeedleVQAConfig
 
 # Question types of the built-in benchmark. "sum" (two-token answers 0..36, needs exact 4-term addition) and
 # "parity" are left out: a 4-layer, 128-wide decoder does not learn them within a CPU half hour, and they
 # would cap FP accuracy below the 90% the benchmark needs.
 BUILTIN_QUESTION_TYPES = ("digit", "compare", "count", "max", "min")
+
+
+@dataclass
+class Task:
+    """What the script needs to know about a dataset: its generator, configs, cell grid and aux targets.
+
+    ``marks`` is the auxiliary per-cell class a small head predicts from each visual token: the cell's
+    position for digits (so a token knows where it is), the frame colour for needle (so a token knows
+    whether, and how, it is marked).
+    """
+
+    name: str
+    data: Any  # the tlq.data module: generate_samples(split, n, cfg, start=), corpus(cfg)
+    cfg: Any  # training data config
+    bench_cfg: Any  # config of the shipped calib/val/test sets
+    image_size: int  # make_tiny_vlm's image_size (Qwen: max_pixels = (4 * image_size) ** 2)
+    num_marks: int
+    bench_sets: dict[str, tuple[str, int]] = field(default_factory=dict)  # file stem -> (split, size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.cfg.rows, self.cfg.cols)
+
+    @property
+    def num_cells(self) -> int:
+        return self.cfg.rows * self.cfg.cols
+
+    def generate(self, split: str, n: int, start: int = 0, bench: bool = False) -> list:
+        return self.data.generate_samples(split, n, self.bench_cfg if bench else self.cfg, start=start)
+
+    def digit_targets(self, samples) -> torch.Tensor:
+        """[B, cells] digit under each cell, -100 where there is none (ignored by the loss)."""
+        t = torch.tensor([s.labels for s in samples])
+        return t.masked_fill(t < 0, -100)
+
+    def mark_targets(self, samples) -> torch.Tensor:
+        if self.name == "digits":
+            return torch.arange(self.num_cells).repeat(len(samples), 1)
+        return torch.tensor([s.marks for s in samples])
+
+
+def make_task(args) -> Task:
+    if args.task == "needle":
+        cfg = NeedleVQAConfig(seed=args.seed)
+        sets = {"calib": ("calibration", args.calib_samples), "val": ("val", args.bench_val_samples), "test": ("test", args.test_samples or 1000)}
+        return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets)
+    cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
+    bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
+    bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
+    sets = {"calib": ("calibration", args.calib_samples), "test": ("test", args.test_samples or 500)}
+    return Task("digits", digits, cfg, bench_cfg, 56, cfg.num_digits, sets)
 
 ANSWER_PREFIX = "<|im_start|>assistant\n"
 
@@ -128,17 +187,18 @@ class VisionAux(nn.Module):
       carries where it is (Qwen's ViT and M-RoPE only give relative positions).
     """
 
-    def __init__(self, family: str, model, num_digits: int, grid: tuple[int, int], digit_ids: list[int]):
+    def __init__(self, family: str, model, task: Task, digit_ids: list[int]):
         super().__init__()
         self.family = family
-        self.num_digits = num_digits
-        self.rows, self.cols = grid
+        self.task = task
+        self.num_cells = task.num_cells
+        self.rows, self.cols = task.grid
         hidden = model.config.text_config.hidden_size
         self.register_buffer("digit_ids", torch.tensor(digit_ids), persistent=False)
         self.embed = model.model.language_model.embed_tokens  # shared with the model, not owned
         self.digit_bias = nn.Parameter(torch.zeros(10))
         self.digit_scale = nn.Parameter(torch.tensor(4.0))
-        self.pos_head = nn.Linear(hidden, num_digits)
+        self.pos_head = nn.Linear(hidden, task.num_marks)
 
     def parameters(self, recurse: bool = True):  # exclude the shared embedding
         return iter([self.digit_bias, self.digit_scale, *self.pos_head.parameters()])
@@ -147,32 +207,34 @@ class VisionAux(nn.Module):
         """[B, tokens, hidden] visual features of each image (base tile for LLaVA-OV)."""
         if self.family == "qwen2_vl":
             out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
-            # 56x56 -> 2x2 merged tokens per image, raster order = the digits' reading order
-            return out.reshape(-1, self.num_digits, out.shape[-1])
+            # one merged token per cell, raster order = the cells' reading order
+            return out.reshape(-1, self.num_cells, out.shape[-1])
         pv = enc["pixel_values"][:, 0]  # base tile: the whole image at the SigLIP resolution
         hs = model.model.vision_tower(pv, output_hidden_states=True, return_dict=True).hidden_states[-1]
         return model.model.multi_modal_projector(hs)  # [B, g*g, hidden]
 
     def token_cells(self, n_tokens: int) -> torch.Tensor:
         if self.family == "qwen2_vl":
-            return torch.arange(self.num_digits)
+            return torch.arange(self.num_cells)
         g = int(math.isqrt(n_tokens))  # g x g patches over the rows x cols grid of digits
         r = torch.arange(g)[:, None] * self.rows // g
         c = torch.arange(g)[None, :] * self.cols // g
         return (r * self.cols + c).reshape(-1)
 
-    def loss_acc(self, model, enc: dict, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def loss_acc(self, model, enc: dict, samples) -> tuple[torch.Tensor, float]:
         feats = self.features(model, enc)
         cells = self.token_cells(feats.shape[1])
-        target = labels[:, cells]  # [B, tokens]
+        target = self.task.digit_targets(samples)[:, cells]  # [B, tokens]
         emb = self.embed.weight[self.digit_ids]  # [10, hidden]
         f = F.normalize(feats, dim=-1)
         e = F.normalize(emb, dim=-1)
         logits = self.digit_scale.exp() * f @ e.T + self.digit_bias
-        loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1))
-        pos_logits = self.pos_head(feats)
-        loss = loss + F.cross_entropy(pos_logits.reshape(-1, self.num_digits), cells.repeat(feats.shape[0]))
-        acc = float((logits.argmax(-1) == target).float().mean())
+        loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1), ignore_index=-100)
+        mark_logits = self.pos_head(feats)
+        marks = self.task.mark_targets(samples)[:, cells]
+        loss = loss + F.cross_entropy(mark_logits.reshape(-1, self.task.num_marks), marks.reshape(-1))
+        has = target >= 0
+        acc = float((logits.argmax(-1) == target)[has].float().mean())
         return loss, acc
 
 
@@ -288,7 +350,7 @@ def vision_params(model, family: str):
     return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
 
 
-def train(args, model, processor, cfg: DigitsVQAConfig, aux: VisionAux, val_samples) -> dict:
+def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> dict:
     batcher = Batcher(processor, args.family)
     t_start = time.time()
     deadline = t_start + 60 * args.max_minutes
@@ -305,10 +367,9 @@ def train(args, model, processor, cfg: DigitsVQAConfig, aux: VisionAux, val_samp
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.vision_steps, 20, args.vision_lr, args.vision_lr * 0.1)
             n = 2 * args.batch_size
-            samples = digits.generate_samples("train", n, cfg, start=10_000_000 + step * n)
+            samples = task.generate("train", n, start=10_000_000 + step * n)
             enc = batcher.images(samples)
-            labels = torch.tensor([s.labels for s in samples])
-            loss, acc = aux.loss_acc(model, enc, labels)
+            loss, acc = aux.loss_acc(model, enc, samples)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -339,12 +400,12 @@ def train(args, model, processor, cfg: DigitsVQAConfig, aux: VisionAux, val_samp
         lr = lr_at(step, args.steps, args.warmup, args.lr, args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        samples = digits.generate_samples("train", args.batch_size, cfg, start=step * args.batch_size)
+        samples = task.generate("train", args.batch_size, start=step * args.batch_size)
         enc = batcher.train_batch(samples)
         out = model(**enc, use_cache=False)
         loss = out.loss
         if args.aux_weight > 0:
-            aux_loss, _ = aux.loss_acc(model, enc, torch.tensor([s.labels for s in samples]))
+            aux_loss, _ = aux.loss_acc(model, enc, samples)
             loss = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -368,6 +429,7 @@ def train(args, model, processor, cfg: DigitsVQAConfig, aux: VisionAux, val_samp
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=("digits", "needle"), default="digits", help="training data (tlq.data.<task>)")
     p.add_argument("--family", choices=("qwen2_vl", "llava_onevision"), required=True)
     p.add_argument("--out", required=True, help="model directory to write (e.g. src/tlq/builtin/digits-qwen2vl)")
     p.add_argument("--seed", type=int, default=0)
@@ -415,7 +477,8 @@ def parse_args(argv=None):
         "The default keeps the types a CPU-trained model answers >= 90%% (see docs/builtin-models.md)",
     )
     p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--test-samples", type=int, default=500)
+    p.add_argument("--test-samples", type=int, default=None, help="shipped test set size (default: digits 500, needle 1000)")
+    p.add_argument("--bench-val-samples", type=int, default=300, help="needle: shipped val set size (choose defaults on it)")
     p.add_argument("--no-measure", action="store_true", help="skip the FP / RTN test measurement")
     p.add_argument("--measure-only", action="store_true", help="only measure the model already in --out")
     p.add_argument(
@@ -440,20 +503,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
+    task = make_task(args)
     if args.rope_theta is None:
         args.rope_theta = 10.0 if args.family == "qwen2_vl" else 1_000_000.0
     info_path = out / "tlq_tiny.json"
-
-    bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
-    bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
+    test_split, test_n = task.bench_sets["test"]
 
     if args.reparam_only:
         model, processor = load(out)
         batcher = Batcher(processor, args.family)
         info = json.loads(info_path.read_text())
         undo_outliers(model, info.get("outlier_reparametrisation", {}))
-        info["outlier_reparametrisation"] = add_outliers_checked(args, model, batcher, digits.generate_samples("val", 20, cfg))
+        info["outlier_reparametrisation"] = add_outliers_checked(args, model, batcher, task.generate("val", 20))
         info.setdefault("commands", []).append("python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv))
         model.to(getattr(torch, args.save_dtype)).save_pretrained(out)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
@@ -462,10 +523,9 @@ def main(argv=None) -> int:
     if args.measure_only:
         model, processor = load(out)
         batcher = Batcher(processor, args.family)
-        write_bench(args, out, bench_cfg)
-        test = digits.generate_samples("test", args.test_samples, bench_cfg)
+        write_bench(out, task)
+        test = task.generate(test_split, test_n, bench=True)
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info["bench_question_types"] = list(bench_types)
         info["measured"] = measure(model, batcher, test)
         sweep(args, model, batcher, test, info)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
@@ -476,7 +536,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     log(f"building untrained {args.family} checkpoint in {out}")
     # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
-    corpus = digits.corpus(cfg) + ["user", "assistant", "system"] * 8
+    corpus = task.data.corpus(task.cfg) + ["user", "assistant", "system"] * 8
     make_tiny_vlm(
         args.family,
         out,
@@ -490,7 +550,7 @@ def main(argv=None) -> int:
         vision_heads=args.vision_heads,
         corpus=corpus,
         vocab_size=args.vocab_size,
-        image_size=56,
+        image_size=task.image_size,
         rope_theta=args.rope_theta,
         seed=args.seed,
         dtype=torch.float32,
@@ -501,9 +561,9 @@ def main(argv=None) -> int:
     log(f"parameters: {n_params / 1e6:.2f}M total, {n_dec / 1e6:.2f}M in decoder layers")
     torch.manual_seed(args.seed)
     digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    aux = VisionAux(args.family, model, cfg.num_digits, (cfg.rows, cfg.cols), digit_ids)
-    val = digits.generate_samples("val", args.val_samples, cfg)
-    record = train(args, model, processor, cfg, aux, val)
+    aux = VisionAux(args.family, model, task, digit_ids)
+    val = task.generate("val", args.val_samples)
+    record = train(args, model, processor, task, aux, val)
 
     batcher = Batcher(processor, args.family)
     reparam = add_outliers_checked(args, model, batcher, val)
@@ -517,19 +577,19 @@ def main(argv=None) -> int:
         log(f"{f.name}: {mb:.2f} MiB")
         if mb > 25:
             log("WARNING: above the 25 MB package limit")
-    write_bench(args, out, bench_cfg)
+    write_bench(out, task)
 
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info.update(
         {
-            "name": "digits-qwen2vl" if args.family == "qwen2_vl" else "digits-llavaov",
+            "name": f"{task.name}-" + ("qwen2vl" if args.family == "qwen2_vl" else "llavaov"),
             "built_by": "scripts/train_digits.py",
             "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "args": vars(args),
-            "digits_config": {"seed": cfg.seed, "question_types": list(cfg.question_types), "rows": cfg.rows, "cols": cfg.cols},
-            "bench_question_types": list(bench_types),
-            "calib": "calib.jsonl",
-            "test": "test.jsonl",
+            "task": task.name,
+            "data_config": _jsonable(task.cfg),
+            "bench_data_config": _jsonable(task.bench_cfg),
+            "sets": {f"{stem}.jsonl": {"split": split, "samples": n} for stem, (split, n) in task.bench_sets.items()},
             "parameters": n_params,
             "decoder_parameters": n_dec,
             "training": record,
@@ -541,7 +601,7 @@ def main(argv=None) -> int:
         # measure what was saved (reload: the checkpoint, not the in-memory model)
         model, processor = load(out)
         batcher = Batcher(processor, args.family)
-        test = digits.generate_samples("test", args.test_samples, bench_cfg)
+        test = task.generate(test_split, test_n, bench=True)
         info["measured"] = measure(model, batcher, test)
         sweep(args, model, batcher, test, info)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
@@ -549,14 +609,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_bench(args, out: Path, bench_cfg: DigitsVQAConfig) -> None:
-    """The model's own calibration (128, calibration split) and test (500, test split) sets, with images."""
+def _jsonable(cfg) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def write_bench(out: Path, task: Task) -> None:
+    """The model's own sets (calib.jsonl, test.jsonl, and val.jsonl for needle) with their images."""
     import shutil
 
-    for name in ("calib", "test"):
-        shutil.rmtree(out / f"{name}_images", ignore_errors=True)
-    digits.write_jsonl(digits.generate_samples("calibration", args.calib_samples, bench_cfg), out, "calib")
-    digits.write_jsonl(digits.generate_samples("test", args.test_samples, bench_cfg), out, "test")
+    for stem, (split, n) in task.bench_sets.items():
+        shutil.rmtree(out / f"{stem}_images", ignore_errors=True)
+        digits.write_jsonl(task.generate(split, n, bench=True), out, stem)
 
 
 def add_outliers_checked(args, model, batcher: Batcher, val) -> dict:

@@ -220,6 +220,8 @@ class Sample:
     turns: list[tuple[str, str]] = field(default_factory=list)
     labels: tuple[int, ...] = ()
     scan_ids: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)  # ground truth written beside each JSONL line (the loader ignores it)
+    marks: tuple[int, ...] = ()  # per-cell marker class (needle task: frame colour, 0 = none); training only
 
 
 @lru_cache(maxsize=1)
@@ -248,6 +250,11 @@ def _pools(seed: int, test_fraction: float) -> dict[str, tuple[np.ndarray, ...]]
         test.append(np.sort(idx[:k]))
         train.append(np.sort(idx[k:]))
     return {"train": tuple(train), "test": tuple(test)}
+
+
+def label_pools(seed: int, test_fraction: float, pool: str) -> tuple[np.ndarray, ...]:
+    """Per digit label, the sorted scan indices of ``pool`` (``"train"`` or ``"test"``) for this seed."""
+    return _pools(seed, test_fraction)[pool]
 
 
 def scan_pools(cfg: DigitsVQAConfig | None = None) -> dict[str, np.ndarray]:
@@ -424,9 +431,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def write_jsonl(samples: Sequence[Sample], out_dir: str | os.PathLike, name: str) -> Path:
     """Write ``<out_dir>/<name>.jsonl`` and the images ``<out_dir>/<name>_images/<i>.png``; return the JSONL path.
 
-    One line per sample, exactly ``{"image": "<path relative to the jsonl file>", "question": ...,
-    "answer": ...}``. Every file is written to a temporary file and renamed into place, the JSONL
-    last, so a reader never sees a partial file or a line whose image is missing.
+    One line per sample: ``{"image": "<path relative to the jsonl file>", "question": ..., "answer": ...}``
+    followed by the sample's ``extra`` ground truth, if any (keys the loader ignores). Every file is
+    written to a temporary file and renamed into place, the JSONL last, so a reader never sees a partial
+    file or a line whose image is missing.
     """
     out = Path(out_dir)
     img_dir = out / f"{name}_images"
@@ -437,7 +445,7 @@ def write_jsonl(samples: Sequence[Sample], out_dir: str | os.PathLike, name: str
         buf = io.BytesIO()
         s.image.save(buf, format="PNG")
         _atomic_write_bytes(out / rel, buf.getvalue())
-        lines.append(json.dumps({"image": rel, "question": s.question, "answer": s.answer}, ensure_ascii=False))
+        lines.append(json.dumps({"image": rel, "question": s.question, "answer": s.answer, **s.extra}, ensure_ascii=False))
     path = out / f"{name}.jsonl"
     _atomic_write_bytes(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
     return path

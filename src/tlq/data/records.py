@@ -2,7 +2,9 @@
 
 One sample per line, exactly ``{"image": "...", "question": "...", "answer": "..."}`` (image path
 relative to the JSONL file, or absolute), or ``{"image": "...", "messages": [...]}`` in the usual chat
-format; other keys are ignored (a generator may keep ground truth there). Nothing here needs torch or a
+format; other keys are kept aside as ``extra`` and never used for calibration (a generator may keep
+ground truth there: ``relevant_tokens`` + ``token_grid``, see :func:`relevant_visual_tokens`). Nothing
+here needs torch or a
 model, so every line and every image is checked in seconds, before a model loads
 (:mod:`tlq.preflight`); :mod:`tlq.data.calibration` turns records into model inputs.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from PIL import Image
 from tlq.config import ConfigError
 
 _ROLES = ("system", "user", "assistant")
+_CORE_KEYS = ("image", "messages", "question", "answer")
 
 
 @dataclass
@@ -29,6 +32,22 @@ class CalibRecord:
     image: Path | None
     messages: list[dict[str, Any]]
     line: int
+    extra: dict[str, Any] = field(default_factory=dict)  # the line's other keys (ground truth), unused by calibration
+
+
+def relevant_visual_tokens(record: CalibRecord, num_visual: int) -> list[bool] | None:
+    """Mask over the first image's ``num_visual`` visual tokens: which ones hold the answer.
+
+    From the optional keys ``relevant_tokens`` (indices, row-major) and ``token_grid`` ([rows, cols]) that a
+    generator such as :mod:`tlq.data.needle` writes. ``None`` when the line has none, or when the model's
+    visual tokens are not that grid (e.g. LLaVA-OneVision's anyres tiles), so importance is never compared
+    against a layout the ground truth does not describe.
+    """
+    grid, rel = record.extra.get("token_grid"), record.extra.get("relevant_tokens")
+    if not grid or rel is None or int(grid[0]) * int(grid[1]) != num_visual:
+        return None
+    wanted = {int(i) for i in rel}
+    return [i in wanted for i in range(num_visual)]
 
 
 def _qa_messages(question: str, answer: str | None) -> list[dict[str, Any]]:
@@ -53,14 +72,18 @@ def _parse_line(obj: Any, base: Path, lineno: int, where: str) -> CalibRecord:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in _ROLES for m in msgs):
             raise ConfigError(f"{where}:{lineno}: 'messages' must be a list of {{'role', 'content'}} objects")
-        return CalibRecord(img_path, msgs, lineno)
+        return CalibRecord(img_path, msgs, lineno, _extra(obj))
     missing = [k for k in ("question", "answer") if k not in obj]
     if missing:
         raise ConfigError(
             f"{where}:{lineno}: missing key(s) {missing}; each line needs "
             '{"image": ..., "question": ..., "answer": ...} or {"image": ..., "messages": [...]}'
         )
-    return CalibRecord(img_path, _qa_messages(str(obj["question"]), str(obj["answer"])), lineno)
+    return CalibRecord(img_path, _qa_messages(str(obj["question"]), str(obj["answer"])), lineno, _extra(obj))
+
+
+def _extra(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in _CORE_KEYS}
 
 
 def read_jsonl(path: str | Path) -> list[CalibRecord]:

@@ -39,6 +39,7 @@ class ModelScores:
     retained_pct: float | None = None  # 100 * accuracy / FP16 accuracy
     num_samples: int = 0
     predictions: list[str] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)  # per sample, for paired tests between models
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,10 +90,12 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
     correct, nll_sum, n_tok, kl_sum = 0, 0.0, 0, 0.0
     logps: list[Tensor] = []
     preds: list[str] = []
+    hits: list[bool] = []
     for i, rec in enumerate(tqdm(records, desc=f"eval {name}", disable=not progress, unit="sample")):
         pred = greedy_answer(model, processor, rec, device, cfg.max_new_tokens)
         preds.append(pred)
-        correct += normalize_answer(pred) == normalize_answer(reference_answer(rec))
+        hits.append(normalize_answer(pred) == normalize_answer(reference_answer(rec)))
+        correct += hits[-1]
         lp, targets = answer_logprobs(model, processor, adapter, rec, device, cfg.max_seq_len)
         nll_sum += float(-lp.gather(1, targets[:, None]).sum())
         n_tok += len(targets)
@@ -107,6 +110,7 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
         kl=kl_sum / max(n_tok, 1) if reference is not None else None,
         num_samples=len(records),
         predictions=preds,
+        correct=hits,
     )
     return scores, logps
 

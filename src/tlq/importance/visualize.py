@@ -76,8 +76,9 @@ def _token_label(text: str) -> str:
 
 
 # --- drawing -----------------------------------------------------------------------------------
-def heatmap_overlay(image: Image.Image, grid: tuple[int, int], values: Tensor, vmax: float, size: int = 256, alpha: float = 0.6) -> Image.Image:
-    """``image`` (longer side scaled to ``size``) with ``values`` [rows*cols] as coloured cells on ``grid``."""
+def heatmap_overlay(image: Image.Image, grid: tuple[int, int], values: Tensor, vmax: float, size: int = 256, alpha: float = 0.6, targets: list[int] | None = None) -> Image.Image:
+    """``image`` (longer side scaled to ``size``) with ``values`` [rows*cols] as coloured cells on ``grid``;
+    ``targets`` (cell indices, row-major: the ground-truth tokens) are outlined in blue."""
     rows, cols = grid
     w, h = image.size
     scale = size / max(w, h)
@@ -93,17 +94,23 @@ def heatmap_overlay(image: Image.Image, grid: tuple[int, int], values: Tensor, v
     for c in range(1, cols):
         x = round(c * disp.size[0] / cols)
         draw.line([(x, 0), (x, disp.size[1])], fill=(255, 255, 255), width=1)
+    for t in targets or ():
+        r, c = divmod(int(t), cols)
+        x0, y0 = round(c * disp.size[0] / cols), round(r * disp.size[1] / rows)
+        x1, y1 = round((c + 1) * disp.size[0] / cols) - 1, round((r + 1) * disp.size[1] / rows) - 1
+        draw.rectangle([(x0, y0), (x1, y1)], outline=(0, 90, 255), width=2)
     return out
 
 
-def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, tokens: list[str], weights: Tensor, visual_mask: Tensor, answer_mask: Tensor, title: str, notes: list[str] | None = None, panel: int = 256, text_width: int = 560) -> Image.Image:
+def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, tokens: list[str], weights: Tensor, visual_mask: Tensor, answer_mask: Tensor, title: str, notes: list[str] | None = None, panel: int = 256, text_width: int = 560, targets: list[int] | None = None) -> Image.Image:
     """One sample's report image.
 
     ``weights`` [seq] is the per-token importance to draw (e.g. mean over layers of the integrated
     weight); ``tokens`` [seq] the decoded tokens. Left: the image and its heatmap (the first
     ``rows * cols`` visual tokens on ``grid``); right: the text tokens in order, the run of visual tokens
     collapsed into one ``[image ...]`` chip (mean weight), answer tokens underlined. One colour scale
-    (0 .. the sample's max weight) for both, shown by the bar at the bottom.
+    (0 .. the sample's max weight) for both, shown by the bar at the bottom. ``targets``: ground-truth
+    visual tokens (grid cells) to outline.
     """
     font, small = _font(14), _font(12)
     pad, line_h = 10, 22
@@ -122,7 +129,7 @@ def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, to
         n_vis = int(vis.sum())
         if grid is not None and grid[0] * grid[1] <= n_vis and grid[0] * grid[1] > 0:
             vals = w[vis][: grid[0] * grid[1]]
-            left.append(heatmap_overlay(image, grid, vals, vmax, size=panel))
+            left.append(heatmap_overlay(image, grid, vals, vmax, size=panel, targets=targets))
             extra = "" if grid[0] * grid[1] == n_vis else f" (first {grid[0] * grid[1]} of {n_vis} visual tokens: base tile)"
             grid_note = f"heatmap: {grid[0]}x{grid[1]} visual-token grid{extra}"
         else:
@@ -225,7 +232,7 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     """
     from tlq.api import load_model
     from tlq.data.calibration import build_sample
-    from tlq.data.records import choose
+    from tlq.data.records import choose, relevant_visual_tokens
     from tlq.preflight import check_calibration, check_model_dir
 
     t0 = time.perf_counter()
@@ -247,6 +254,7 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     with staged_output(out, "importance") as staging:  # built aside, moved into place once complete
         tensors: dict[str, Tensor] = {}
         per_sample: list[dict[str, Any]] = []
+        targets: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         tokenizer = getattr(processor, "tokenizer", processor)
         for i, (rec, s, g, w, raw) in enumerate(zip(records, samples, grads, weights, raws)):
             p = f"sample_{i:03d}"
@@ -258,6 +266,8 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
             vis_w, txt_w = _modality_means(w, s.visual_mask)
             vis_r, txt_r = _modality_means(raw, s.visual_mask)
             grid = adapter.visual_token_grid(hf_model, s.inputs)
+            truth = relevant_visual_tokens(rec, int(s.visual_mask.sum()))
+            target_mask = _target_positions(s.visual_mask, truth)
             entry: dict[str, Any] = {
                 "index": i,
                 "line": rec.line,
@@ -272,8 +282,12 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
                 "mean_weight_text_per_layer": txt_w,
                 "mean_grad2_visual_per_layer": vis_r,
                 "mean_grad2_text_per_layer": txt_r,
+                "target_tokens": [i for i, t in enumerate(truth) if t] if truth else None,
+                "target_enrichment_per_layer": _enrichment(w, s.visual_mask, target_mask) if target_mask is not None else None,
                 "png": None,
             }
+            if target_mask is not None:
+                targets.append((w, raw, s.visual_mask, target_mask))
             if draw:
                 image = Image.open(rec.image).convert("RGB") if rec.image is not None else None
                 ids = s.inputs["input_ids"][0].tolist()
@@ -286,7 +300,9 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
                     f"sample {i} (line {rec.line})  {adapter.spec.family}  kind={cfg.kind}  loss={g.loss:.3f}  "
                     f"{entry['num_visual']} visual / {entry['num_text']} text tokens  (colour: mean over {num_layers} layers)"
                 )
-                png = render_sample(image=image, grid=grid, tokens=toks, weights=w.mean(0), visual_mask=s.visual_mask, answer_mask=s.answer_mask, title=title, notes=lines)
+                if entry["target_enrichment_per_layer"]:
+                    lines.append("target enrichment per layer (mass share / token share among visual tokens): " + "  ".join(f"L{k} {_fmt(e)}" for k, e in enumerate(entry["target_enrichment_per_layer"]))[:150])
+                png = render_sample(image=image, grid=grid, tokens=toks, weights=w.mean(0), visual_mask=s.visual_mask, answer_mask=s.answer_mask, title=title, notes=lines, targets=entry["target_tokens"])
                 name = f"{p}.png"
                 _atomic_save(staging / name, lambda t, im=png: im.save(t, format="PNG"))
                 entry["png"] = name
@@ -311,12 +327,51 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
             "samples": per_sample,
             "files": {"tensors": "importance.safetensors", "pngs": [e["png"] for e in per_sample if e["png"]]},
         }
+        if targets:
+            summary["target_enrichment"] = _enrichment_summary(targets)
         if selection is not None:
             tcs = TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, cfg)
             summary["calibration_set"] = tcs.summary()
         summary["seconds"] = time.perf_counter() - t0
         atomic_write_json(staging / "importance.json", summary)
     return summary
+
+
+def _target_positions(visual_mask: Tensor, truth: list[bool] | None) -> Tensor | None:
+    """Sequence positions of the ground-truth visual tokens (bool [seq]); ``None`` without ground truth."""
+    if not truth or not any(truth):
+        return None
+    out = torch.zeros_like(visual_mask, dtype=torch.bool)
+    out[visual_mask.nonzero().reshape(-1)[: len(truth)]] = torch.tensor(truth)
+    return out
+
+
+def _enrichment(x: Tensor, visual: Tensor, target: Tensor) -> list[float | None]:
+    """Per layer: (share of the visual tokens' mass on the targets) / (targets' share of visual tokens).
+
+    1 = the targets get what uniform weighting gives them; 10 = ten times that. Measured among visual
+    tokens because the ground truth only describes them.
+    """
+    mass = x[:, visual].double().sum(-1)
+    on_target = x[:, target].double().sum(-1)
+    token_share = float(target.sum()) / float(visual.sum())
+    return [_finite(float(t / m) / token_share) if float(m) > 0 else None for t, m in zip(on_target, mass)]
+
+
+def _enrichment_summary(items: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+    """Over samples with ground truth: mean per-layer enrichment of the weights and of raw ||g||^2, and
+    the share of samples whose single most important visual token (mean over layers) is a target."""
+    out: dict[str, Any] = {"num_samples": len(items)}
+    for name, k in (("weight", 0), ("grad2", 1)):
+        per = torch.tensor([[v if v is not None else float("nan") for v in _enrichment(it[k], it[2], it[3])] for it in items], dtype=torch.float64)
+        out[f"{name}_per_layer"] = [_finite(float(v)) for v in per.nanmean(0)]
+    hits = 0
+    for w, _raw, vis, tgt in items:
+        pos = vis.nonzero().reshape(-1)
+        hits += bool(tgt[pos[int(w.mean(0)[vis].argmax())]])
+    out["top1_visual_token_is_target"] = hits / len(items)
+    out["target_share_of_visual_tokens"] = sum(float(it[3].sum()) / float(it[2].sum()) for it in items) / len(items)
+    return out
 
 
 def _finite(v: float) -> float | None:

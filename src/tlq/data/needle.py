@@ -1,0 +1,257 @@
+"""Needle VQA: a sparse-relevance visual question answering task (few visual tokens carry the answer).
+
+Why it exists. On the 2x2 digits task every visual token matters (a largest-digit question needs all
+four), so there is nothing for token importance to weigh. Real VLM inputs are the opposite: a document
+or street photo gives hundreds of visual tokens of which a few hold the answer, behind instructions the
+answer never needs. This task reproduces that shape with real image content (scikit-learn's handwritten
+digit scans, shipped inside the package):
+
+- a large cluttered canvas: ``rows x cols`` cells of ``cell_px`` pixels (default 8x8 cells of 28 px =
+  224x224 = 64 merged Qwen2-VL visual tokens, one token per cell);
+- ``num_framed`` digits in frames of distinct colours (drawn from ``FRAME_COLOURS``), the look-alikes of
+  each other; ``num_plain`` more digits without a frame; faint scan fragments and noise as background;
+- a question naming one frame colour ("What is the digit in the red frame?"), so the answer needs exactly
+  one visual token (the framed cell) and the colour word of the text;
+- a preamble of instructions before the question (2-4 sentences drawn from ``PREAMBLE``) that the answer
+  never needs.
+
+Ground truth. Every sample knows which visual tokens hold its target: ``extra["relevant_tokens"]`` lists
+their indices in the image's merged-token grid (row-major, ``extra["token_grid"] = [rows, cols]``); the
+JSONL keeps both beside each line (calibration never reads them), so ``tlq importance`` measures how much
+of the importance lands on them (:func:`tlq.data.records.relevant_visual_tokens`).
+
+Splits and determinism follow :mod:`tlq.data.digits`: ``train``/``calibration`` use the train scan pool,
+``val``/``test`` the test pool (handwriting never seen in training); sample ``i`` of a split depends only
+on ``(seed, split, i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from tlq.config import ConfigError
+from tlq.data.digits import SPLITS, Sample, label_pools, load_scans
+
+__all__ = [
+    "FRAME_COLOURS",
+    "PREAMBLE",
+    "QUESTION_TEMPLATES",
+    "DEFAULT_SIZES",
+    "NeedleVQAConfig",
+    "generate_samples",
+    "corpus",
+]
+
+FRAME_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (235, 215, 40),
+}
+"""Frame colours a question can name (RGB)."""
+
+PREAMBLE: tuple[str, ...] = (
+    "This picture is a scanned page with handwritten digits.",
+    "Some digits are scattered over the page and a few of them are marked with coloured frames.",
+    "The background has smudges and faint strokes that are not digits.",
+    "Please look at the whole page carefully before you answer.",
+    "The frames can be red, green, blue or yellow.",
+    "Answer with a single digit and nothing else.",
+    "Digits without a frame are not part of the question.",
+    "The page was scanned in colour at low resolution.",
+)
+"""Instruction sentences; each question is preceded by a few of them, none needed for the answer."""
+
+QUESTION_TEMPLATES: tuple[str, ...] = (
+    "What is the digit in the {c} frame?",
+    "Which digit is framed in {c}?",
+    "Read the digit inside the {c} box.",
+)
+
+DEFAULT_SIZES: dict[str, int] = {"calibration": 128, "val": 300, "test": 1000}
+"""Sizes when ``n=None``: a 1,000-sample test set makes a 1-point difference measurable."""
+
+
+@dataclass(frozen=True)
+class NeedleVQAConfig:
+    """Everything that decides the generated data. Same config -> same samples, byte for byte.
+
+    Attributes:
+        rows, cols: cell grid; one merged visual token per cell (Qwen2-VL: 28 px = 2x2 patches of 14).
+        cell_px: side of a cell in pixels.
+        frame_px: width of a frame, drawn on the cell's border.
+        digit_px: side of an upscaled digit scan, placed inside the frame with a small jitter.
+        num_framed: framed digits per image, each in a different colour of ``FRAME_COLOURS``.
+        num_plain: unframed digits per image (distractors that must be ignored).
+        num_fragments: faint partial scans in empty cells (background texture).
+        fragment_intensity: brightness of the fragments relative to a digit.
+        intensity_range: a digit's brightness factor range.
+        noise_std: Gaussian pixel noise (fraction of 255).
+        preamble_range: (min, max) number of preamble sentences before each question.
+        test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
+    """
+
+    rows: int = 8
+    cols: int = 8
+    cell_px: int = 28
+    frame_px: int = 2
+    digit_px: int = 20
+    num_framed: int = 3
+    num_plain: int = 9
+    num_fragments: int = 12
+    fragment_intensity: float = 0.35
+    intensity_range: tuple[float, float] = (0.6, 1.0)
+    noise_std: float = 0.04
+    preamble_range: tuple[int, int] = (2, 4)
+    test_fraction: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.cols < 1:
+            raise ConfigError(f"rows and cols must be >= 1, got {self.rows}x{self.cols}")
+        if not 1 <= self.num_framed <= len(FRAME_COLOURS):
+            raise ConfigError(f"num_framed must be in [1, {len(FRAME_COLOURS)}], got {self.num_framed}")
+        if self.num_framed + self.num_plain + self.num_fragments > self.num_cells:
+            raise ConfigError(
+                f"{self.num_framed} framed + {self.num_plain} plain digits + {self.num_fragments} fragments do not fit "
+                f"in {self.num_cells} cells; lower them or enlarge the grid"
+            )
+        if not 8 <= self.digit_px <= self.cell_px - 2 * self.frame_px:
+            raise ConfigError(f"digit_px must be in [8, cell_px - 2 * frame_px], got {self.digit_px}")
+        lo, hi = self.preamble_range
+        if not 0 <= lo <= hi <= len(PREAMBLE):
+            raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {len(PREAMBLE)}, got {self.preamble_range}")
+
+    @property
+    def num_cells(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels."""
+        return (self.cols * self.cell_px, self.rows * self.cell_px)
+
+
+def _digit_patch(scan: np.ndarray, px: int) -> np.ndarray:
+    img = Image.fromarray((scan * (255.0 / 16.0)).astype(np.uint8), mode="L")
+    return np.asarray(img.resize((px, px), Image.Resampling.BILINEAR), np.float32) / 255.0
+
+
+def _place(ink: np.ndarray, patch: np.ndarray, cell: int, cfg: NeedleVQAConfig, rng: np.random.Generator) -> None:
+    """Draw ``patch`` (0..1) into ``cell``, centred inside the frame area with a small jitter."""
+    r, c = divmod(cell, cfg.cols)
+    inner = cfg.cell_px - 2 * cfg.frame_px
+    free = inner - patch.shape[0]
+    dy, dx = (int(v) for v in rng.integers(0, free + 1, size=2))
+    y0 = r * cfg.cell_px + cfg.frame_px + dy
+    x0 = c * cfg.cell_px + cfg.frame_px + dx
+    region = ink[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]]
+    np.maximum(region, patch, out=region)
+
+
+def _frame(rgb: np.ndarray, cell: int, colour: tuple[int, int, int], cfg: NeedleVQAConfig) -> None:
+    r, c = divmod(cell, cfg.cols)
+    y0, x0, s, f = r * cfg.cell_px, c * cfg.cell_px, cfg.cell_px, cfg.frame_px
+    col = np.asarray(colour, np.float32)
+    rgb[y0 : y0 + f, x0 : x0 + s] = col
+    rgb[y0 + s - f : y0 + s, x0 : x0 + s] = col
+    rgb[y0 : y0 + s, x0 : x0 + f] = col
+    rgb[y0 : y0 + s, x0 + s - f : x0 + s] = col
+
+
+def _render(
+    cells: dict[int, tuple[int, float]], frames: dict[int, str], fragments: dict[int, int], cfg: NeedleVQAConfig, rng: np.random.Generator
+) -> Image.Image:
+    """cells: cell -> (scan id, brightness); frames: cell -> colour name; fragments: cell -> scan id."""
+    images, _ = load_scans()
+    w, h = cfg.image_size
+    ink = np.zeros((h, w), np.float32)
+    for cell, (sid, bright) in sorted(cells.items()):
+        _place(ink, _digit_patch(images[sid], cfg.digit_px) * bright, cell, cfg, rng)
+    for cell, sid in sorted(fragments.items()):
+        patch = _digit_patch(images[sid], cfg.digit_px)
+        keep = rng.integers(0, 2, size=2)  # keep one half (top/bottom x left/right): a stroke, not a digit
+        half = cfg.digit_px // 2
+        frag = np.zeros_like(patch)
+        frag[keep[0] * half : keep[0] * half + half, :] = patch[keep[0] * half : keep[0] * half + half, :]
+        if keep[1]:
+            frag = frag.T
+        _place(ink, frag * cfg.fragment_intensity, cell, cfg, rng)
+    ink += rng.normal(0.0, cfg.noise_std, size=ink.shape).astype(np.float32)
+    rgb = np.repeat(np.clip(ink, 0.0, 1.0)[..., None] * 255.0, 3, axis=2)
+    for cell, name in sorted(frames.items()):
+        _frame(rgb, cell, FRAME_COLOURS[name], cfg)
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _question(colour: str, cfg: NeedleVQAConfig, rng: np.random.Generator) -> str:
+    lo, hi = cfg.preamble_range
+    k = int(rng.integers(lo, hi + 1))
+    chosen = sorted(int(i) for i in rng.choice(len(PREAMBLE), size=k, replace=False))
+    template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
+    return " ".join([PREAMBLE[i] for i in chosen] + [template.format(c=colour)])
+
+
+def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
+    split = "calibration" if split == "calib" else split
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    pool_name, code = SPLITS[split]
+    per_label = label_pools(cfg.seed, cfg.test_fraction, pool_name)
+    img_rng = np.random.default_rng([cfg.seed, 7000 + code, index, 0])
+    q_rng = np.random.default_rng([cfg.seed, 7000 + code, index, 1])
+
+    def scan(label: int) -> int:
+        return int(per_label[label][img_rng.integers(len(per_label[label]))])
+
+    n_digits = cfg.num_framed + cfg.num_plain
+    order = img_rng.permutation(cfg.num_cells)
+    digit_cells = [int(c) for c in order[:n_digits]]
+    frag_cells = [int(c) for c in order[n_digits : n_digits + cfg.num_fragments]]
+    labels = [int(v) for v in img_rng.integers(10, size=n_digits)]
+    lo, hi = cfg.intensity_range
+    cells = {cell: (scan(lab), float(img_rng.uniform(lo, hi))) for cell, lab in zip(digit_cells, labels)}
+    names = list(FRAME_COLOURS)
+    colours = [names[int(i)] for i in img_rng.choice(len(names), size=cfg.num_framed, replace=False)]
+    frames = dict(zip(digit_cells[: cfg.num_framed], colours))
+    fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
+    image = _render(cells, frames, fragments, cfg, img_rng)
+
+    cell_label = dict(zip(digit_cells, labels))
+    framed = list(frames.items())  # (cell, colour), one turn per colour
+    first = int(q_rng.integers(len(framed)))
+    framed = framed[first:] + framed[:first]
+    turns = [(_question(colour, cfg, q_rng), str(cell_label[cell])) for cell, colour in framed]
+    target = framed[0][0]
+    grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
+    marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
+    extra = {"relevant_tokens": [target], "token_grid": [cfg.rows, cfg.cols], "frame": framed[0][1]}
+    return Sample(image, turns[0][0], turns[0][1], "needle", turns, grid_labels, extra=extra, marks=marks)
+
+
+def generate_samples(
+    split: str, n: int | None = None, cfg: NeedleVQAConfig | None = None, *, start: int = 0
+) -> list[Sample]:
+    """Samples ``start .. start + n - 1`` of ``split``; ``labels`` holds each cell's digit (-1 = none).
+
+    ``n=None`` uses ``DEFAULT_SIZES`` (128 calibration, 300 val, 1,000 test).
+    """
+    cfg = cfg or NeedleVQAConfig()
+    name = "calibration" if split == "calib" else split
+    if n is None:
+        if name not in DEFAULT_SIZES:
+            raise ValueError(f"split {split!r} has no default size; pass n")
+        n = DEFAULT_SIZES[name]
+    if n < 0 or start < 0:
+        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+    return [_make_sample(name, start + i, cfg) for i in range(n)]
+
+
+def corpus(cfg: NeedleVQAConfig | None = None) -> list[str]:
+    """Every sentence, question and answer the task can produce (for tokenizer training)."""
+    texts = list(PREAMBLE)
+    texts += [t.format(c=c) for t in QUESTION_TEMPLATES for c in FRAME_COLOURS]
+    return texts + [str(d) for d in range(10)]

@@ -1,0 +1,92 @@
+"""The sparse-relevance needle VQA task: determinism, ground truth, JSONL round trip, importance enrichment."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tlq.config import ConfigError
+from tlq.data import needle
+from tlq.data.digits import write_jsonl
+from tlq.data.needle import FRAME_COLOURS, NeedleVQAConfig, generate_samples
+from tlq.data.records import read_jsonl, relevant_visual_tokens
+from tlq.importance import ImportanceConfig, run_importance
+from tlq.importance.visualize import _enrichment
+
+
+def test_samples_are_deterministic_and_prefix_stable():
+    a = generate_samples("val", 6)
+    b = generate_samples("val", 3)
+    c = generate_samples("val", 3, start=3)
+    for x, y in zip(a, b + c):
+        assert x.question == y.question and x.answer == y.answer and x.extra == y.extra
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
+    assert not np.array_equal(np.asarray(a[0].image), np.asarray(generate_samples("test", 1)[0].image))
+
+
+def test_ground_truth_token_holds_the_named_frame_and_the_answer():
+    cfg = NeedleVQAConfig()
+    for s in generate_samples("test", 20, cfg):
+        (target,) = s.extra["relevant_tokens"]
+        assert s.extra["token_grid"] == [cfg.rows, cfg.cols]
+        colour = s.extra["frame"]
+        assert colour in s.question
+        assert s.labels[target] == int(s.answer)  # the answer is the digit under the target token
+        r, c = divmod(target, cfg.cols)
+        px = np.asarray(s.image)[r * cfg.cell_px, c * cfg.cell_px + cfg.cell_px // 2]  # top edge of the frame
+        assert tuple(px) == FRAME_COLOURS[colour]
+        # exactly num_framed frames, each a different colour, one of them the target
+        assert sum(m > 0 for m in s.marks) == cfg.num_framed
+        assert s.marks[target] == 1 + list(FRAME_COLOURS).index(colour)
+        assert sum(lab >= 0 for lab in s.labels) == cfg.num_framed + cfg.num_plain
+
+
+def test_relevant_tokens_are_sparse_and_answers_cover_all_digits():
+    samples = generate_samples("calibration", 128)
+    share = np.mean([len(s.extra["relevant_tokens"]) / 64 for s in samples])
+    assert share <= 0.2  # the validity bar: relevant visual tokens at most 20% of the visual tokens
+    assert {s.answer for s in samples} == {str(d) for d in range(10)}
+    # the instructions in front of the question are long: the answer never needs them
+    assert min(len(s.question.split()) for s in samples) >= 15
+
+
+def test_config_is_checked():
+    with pytest.raises(ConfigError, match="do not fit"):
+        NeedleVQAConfig(rows=2, cols=2)
+    with pytest.raises(ConfigError, match="num_framed"):
+        NeedleVQAConfig(num_framed=5)
+
+
+def test_jsonl_keeps_ground_truth_that_calibration_ignores(tmp_path):
+    path = write_jsonl(generate_samples("val", 3), tmp_path, "val")
+    line = json.loads(path.read_text().splitlines()[0])
+    assert line["relevant_tokens"] and line["token_grid"] == [8, 8]
+    recs = read_jsonl(path)
+    mask = relevant_visual_tokens(recs[0], 64)
+    assert mask is not None and sum(mask) == 1 and mask[line["relevant_tokens"][0]]
+    assert relevant_visual_tokens(recs[0], 80) is None  # a different token layout: no comparison
+    assert recs[0].messages[0]["content"][1]["text"] == line["question"]
+
+
+def test_enrichment_is_mass_share_over_token_share():
+    visual = torch.tensor([False, True, True, True, True, False])
+    target = torch.tensor([False, False, True, False, False, False])
+    x = torch.tensor([[9.0, 1.0, 1.0, 1.0, 1.0, 9.0], [0.0, 0.0, 2.0, 1.0, 1.0, 5.0]])
+    e = _enrichment(x, visual, target)
+    assert e[0] == pytest.approx(1.0)  # uniform over visual tokens: no enrichment, text mass ignored
+    assert e[1] == pytest.approx((2 / 4) / (1 / 4))
+
+
+def test_importance_report_measures_target_enrichment(tiny_vlm_dir, tmp_path):
+    model = tiny_vlm_dir("qwen2_vl")
+    calib = write_jsonl(generate_samples("calibration", 2), tmp_path / "data", "calib")
+    summary = run_importance(model, calib, tmp_path / "imp", num_samples=2, cfg=ImportanceConfig(), device="cpu")
+    te = summary["target_enrichment"]
+    assert te["num_samples"] == 2 and te["target_share_of_visual_tokens"] == pytest.approx(1 / 64)
+    assert len(te["weight_per_layer"]) == summary["num_layers"]
+    assert all(v is None or v >= 0 for v in te["grad2_per_layer"])
+    assert all(s["target_tokens"] and s["target_enrichment_per_layer"] for s in summary["samples"])
+    assert (tmp_path / "imp" / "sample_000.png").is_file()

@@ -1,0 +1,71 @@
+"""McNemar's exact paired test, and the accuracy benchmark's pairing of runs and validity bars."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tlq.eval.paired import mcnemar
+
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+def _accuracy_module():
+    spec = importlib.util.spec_from_file_location("tlq_bench_accuracy", _BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mcnemar_exact_values():
+    t = mcnemar([True] * 10, [False] * 10)
+    assert (t.wins, t.losses) == (10, 0) and t.p == pytest.approx(2 / 1024)
+    t = mcnemar([True] * 7 + [False] * 3, [False] * 7 + [True] * 3)
+    assert t.p == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # 2 * P(X <= 3), X ~ Bin(10, 1/2)
+    same = mcnemar([True, False, True], [True, False, True])  # no discordant sample: no evidence
+    assert (same.wins, same.losses, same.p) == (0, 0, 1.0)
+
+
+def test_mcnemar_only_discordant_samples_count():
+    # 1,000 shared right answers change nothing: 8 vs 2 discordant stays p = 0.109
+    a = [True] * 1000 + [True] * 8 + [False] * 2
+    b = [True] * 1000 + [False] * 8 + [True] * 2
+    assert mcnemar(a, b).p == pytest.approx(mcnemar(a[1000:], b[1000:]).p) == pytest.approx(2 * 56 / 1024)
+    with pytest.raises(ValueError, match="same samples"):
+        mcnemar([True], [True, False])
+
+
+def _cell(variant: str, scheme: str, runs: list[tuple[int, str]]) -> dict:
+    accs = [r.count("1") / len(r) for _, r in runs]
+    mean = sum(accs) / len(accs)
+    return {"variant": variant, "scheme": scheme, "accuracy": {"mean": mean, "std": 0.0, "n": len(runs)},
+            "kl": {"mean": 0.1, "std": 0.0, "n": len(runs)}, "runs": [{"seed": s, "correct": r} for s, r in runs]}
+
+
+def test_runs_pair_by_seed_and_a_deterministic_run_pairs_with_every_seed():
+    acc = _accuracy_module()
+    tlq = _cell("TLQ", "w3a16", [(0, "1100"), (1, "1110")])
+    gptq = _cell("GPTQ", "w3a16", [(1, "0000"), (0, "1000")])
+    t = acc.paired(tlq, gptq)  # seed 0: 1100 vs 1000 -> 1 win; seed 1: 1110 vs 0000 -> 3 wins
+    assert (t["wins"], t["losses"]) == (4, 0)
+    rtn = _cell("RTN", "w3a16", [(0, "0001")])
+    t = acc.paired(tlq, rtn)  # RTN's one run against both TLQ seeds
+    assert (t["wins"], t["losses"]) == (2 + 3, 1 + 1)
+
+
+def test_validity_bars_judge_fp16_and_baselines_only():
+    acc = _accuracy_module()
+    n = 1000
+    fp = {"accuracy": 0.85, "margin": {"share_below_1": 0.2}, "num_samples": n}
+    cells = {
+        "w3a16/GPTQ": _cell("GPTQ", "w3a16", [(0, "1" * 820 + "0" * 180)]),
+        "w3a16/TLQ": _cell("TLQ", "w3a16", [(0, "1" * 850 + "0" * 150)]),  # never consulted
+        "w4a8/AWQ": _cell("AWQ", "w4a8", [(0, "1" * 840 + "0" * 160)]),
+    }
+    bars = {bar.split(" at ")[-1] if "baseline" in bar else bar: ok for bar, _v, ok in
+            acc.validity({"fp16": fp, "cells": cells, "relevant_token_share": 1 / 64}, n)}
+    assert bars["w3a16"] is True  # 85 - 82 = 3 points
+    assert bars["w4a8"] is False  # 85 - 84 = 1 point
+    assert all(ok for bar, ok in bars.items() if bar not in ("w3a16", "w4a8"))
