@@ -167,7 +167,6 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     del fp_model
     print(f"[{model}] FP16 accuracy {fp_scores.accuracy:.4f} nll {fp_scores.nll:.4f}", flush=True)
     rows: dict[str, Any] = {"fp16": {**fp_scores.to_dict(), "margin": answer_margins(ref_logps)}, "cells": {}}
-    rows["fp16"]["correct"] = "".join("1" if c else "0" for c in fp_scores.correct)
     rows["relevant_token_share"] = relevant_share(records)
     for scheme in schemes:
         for name in variants:

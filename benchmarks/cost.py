@@ -128,14 +128,20 @@ def export_inputs(model: str, calib: str, out: str, n: int) -> None:
     torch.save([dict(s.inputs) for s in samples], out)
 
 
-def run_llmcompressor(venv: Path, model: Path, calib: Path, n: int, work: Path) -> dict[str, Any]:
-    """llm-compressor's GPTQ (its own venv) on the same checkpoint and inputs; wall time and peak RSS."""
+def run_llmcompressor(venv: Path, model: Path, calib: Path, n: int, work: Path, method: str = "gptq") -> dict[str, Any]:
+    """llm-compressor's ``method`` (its own venv) on the same checkpoint and inputs; wall time and peak RSS."""
     inputs = work / "inputs.pt"
-    _timed([sys.executable, __file__, "--export-inputs", str(model), str(calib), str(inputs), "--num-samples", str(n)])
+    if not inputs.is_file():
+        _timed([sys.executable, __file__, "--export-inputs", str(model), str(calib), str(inputs), "--num-samples", str(n)])
     runner = Path(__file__).with_name("llmcompressor_run.py")
-    proc, seconds, rss = _timed([str(venv / "bin" / "python"), str(runner), str(model), str(inputs), str(work / "out-llmcompressor")])
+    try:
+        proc, seconds, rss = _timed([str(venv / "bin" / "python"), str(runner), str(model), str(inputs), str(work / f"out-llmcompressor-{method}"), method])
+    except RuntimeError as exc:  # a peer tool's failure is a result to report, not a reason to lose the others
+        errors = [line.strip() for line in str(exc).splitlines() if "Error" in line and ":" in line]
+        last = errors[-1] if errors else str(exc).splitlines()[0]
+        return {"method": f"llm-compressor {method}", "error": last[:300], "wall_seconds": None, "peak_rss_mib": None, "phases": {}}
     phases = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"method": "llm-compressor gptq", "wall_seconds": seconds, "peak_rss_mib": rss, "phases": phases, "num_tokens": None,
+    return {"method": f"llm-compressor {method}", "wall_seconds": seconds, "peak_rss_mib": rss, "phases": phases, "num_tokens": None,
             "num_layers": None, "mean_rel_error": None}
 
 
@@ -158,13 +164,14 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
              f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Random bf16 weights at the released widths, compute in float32 on CPU, "
              f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}; "
-             "llm-compressor (if a row) ran its own Qwen2-VL GPTQ recipe on the same checkpoint and the same encoded inputs. "
+             "llm-compressor (if a row) ran its own Qwen2-VL GPTQ / AWQ recipe on the same checkpoint and the same encoded inputs. "
              "Each method in its own process, one after the other; peak RSS from `/usr/bin/time -v`.", "",
              "| phase (s) | " + " | ".join(r["method"] for r in result["rows"]) + " |", "|---|" + "---:|" * len(result["rows"])]
     for p in phases:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.1f}" for r in result["rows"]) + " |")
-    lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" for r in result["rows"]) + " |")
-    lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" for r in result["rows"]) + " |")
+    lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" if r.get("wall_seconds") else "failed" for r in result["rows"]) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-" for r in result["rows"]) + " |")
+    lines += [f"\n{r['method']} failed: `{r['error']}`" for r in result["rows"] if r.get("error")]
     lines += ["", f"- TLQ / GPTQ whole run: {s['tlq_over_gptq_wall']:.2f}x" if s["tlq_over_gptq_wall"] else "- TLQ / GPTQ: not run",
               f"- importance pass / one FP forward+backward ({s['fp_forward_backward_seconds']:.1f} s): {s['importance_over_fwd_bwd']:.2f}x"
               if s["importance_over_fwd_bwd"] else "- importance pass: not run"]
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="gptq,tlq")
     p.add_argument("--work", default="/tmp/tlq-cost")
     p.add_argument("--out", default="docs/cost")
-    p.add_argument("--llmcompressor", default=None, metavar="VENV", help="also run llm-compressor's GPTQ from this venv (benchmarks/setup_llmcompressor.sh)")
+    p.add_argument("--llmcompressor", default=None, metavar="VENV", help="also run llm-compressor from this venv (benchmarks/setup_llmcompressor.sh)")
+    p.add_argument("--llmcompressor-methods", default="gptq,awq", help="llm-compressor recipes to run (gptq, awq)")
     p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child modes
     p.add_argument("--export-inputs", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -199,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work))
         print(json.dumps(rows[-1]), flush=True)
-    if args.llmcompressor:
-        rows.append(run_llmcompressor(Path(args.llmcompressor), model, calib, args.num_samples, work))
+    for method in args.llmcompressor_methods.split(",") if args.llmcompressor else []:
+        rows.append(run_llmcompressor(Path(args.llmcompressor), model, calib, args.num_samples, work, method))
         print(json.dumps(rows[-1]), flush=True)
     proc, _s, _rss = _timed([sys.executable, __file__, "--fwd-bwd", str(model), str(calib), "--num-samples", str(args.num_samples)])
     fwd_bwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]

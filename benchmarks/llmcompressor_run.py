@@ -1,12 +1,12 @@
-"""Run llm-compressor's GPTQ on a checkpoint with pre-encoded calibration inputs; print its timings.
+"""Run llm-compressor's GPTQ or AWQ on a checkpoint with pre-encoded calibration inputs; print its timings.
 
 Runs inside the llm-compressor venv (benchmarks/setup_llmcompressor.sh), never the project's: it pins
 its own torch and transformers. The inputs are the exact tensors tlq's processor made for the same
 calibration file (``torch.save``d by benchmarks/cost.py), so both tools see the same tokens. The recipe
-is llm-compressor's own Qwen2-VL example: GPTQ on every decoder Linear, W4A16 (int4, group 128,
-symmetric), vision tower and LM head ignored, one decoder layer per sequential step.
+is llm-compressor's own Qwen2-VL example: GPTQ (or AWQ with its default Qwen2 mappings) on every decoder
+Linear, W4A16 (int4, group 128), vision tower and LM head ignored, one decoder layer per sequential step.
 
-    .venv-llmcompressor/bin/python benchmarks/llmcompressor_run.py MODEL INPUTS.pt OUT
+    .venv-llmcompressor/bin/python benchmarks/llmcompressor_run.py MODEL INPUTS.pt OUT [gptq|awq]
 """
 
 from __future__ import annotations
@@ -16,11 +16,22 @@ import sys
 import time
 
 
-def main(model_dir: str, inputs_path: str, out: str) -> int:
+def recipe_for(method: str) -> list:
+    """llm-compressor's modifier for ``method``, as its Qwen2-VL examples configure it."""
+    ignore = ["lm_head", "re:.*visual.*"]
+    if method == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        return [AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=ignore)]
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
+
+
+def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq") -> int:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -34,7 +45,7 @@ def main(model_dir: str, inputs_path: str, out: str) -> int:
         return {k: torch.tensor(v) for k, v in batch[0].items()}
 
     layer_class = type(model.model.language_model.layers[0]).__name__
-    recipe = [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*visual.*"])]
+    recipe = recipe_for(method)
     t1 = time.perf_counter()
     # oneshot insists on a processor when given a dataset; the VLM processor needs torchvision, which this
     # venv's torch 2.13 has no wheel of here, and the inputs are encoded already: the tokenizer serves.
@@ -49,4 +60,4 @@ def main(model_dir: str, inputs_path: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))

@@ -42,6 +42,14 @@ def test_eval_reports_fp16_and_every_quantized_model(exports, tiny_calib_jsonl, 
     # 8-bit barely moves the distribution; 3-bit RTN moves it far more
     assert 0.0 <= gentle["kl"] < harsh["kl"]
     assert abs(gentle["nll"] - res["fp16"]["nll"]) < abs(harsh["nll"] - res["fp16"]["nll"])
+    # per-sample results agree with the accuracy, and the pair gets McNemar's test on them
+    for score in (res["fp16"], gentle, harsh):
+        assert len(score["correct"]) == 6 and score["correct"].count("1") == round(6 * score["accuracy"])
+    (pair,) = res["paired"]
+    wins = sum(a == "1" and b == "0" for a, b in zip(gentle["correct"], harsh["correct"]))
+    losses = sum(a == "0" and b == "1" for a, b in zip(gentle["correct"], harsh["correct"]))
+    assert (pair["first"], pair["wins"], pair["losses"]) == (str(outs["w8a8"]), wins, losses) and 0 < pair["p"] <= 1
+    assert "paired (McNemar" in table
 
 
 def test_eval_of_an_unquantized_copy_has_zero_kl(exports, tiny_calib_jsonl, tmp_path):

@@ -139,10 +139,13 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
     two FP checkpoints) and of ``model``'s architecture and shapes; see :func:`tlq.preflight.check_evaluate`.
 
     Returns (and optionally writes) ``{"fp16": {...}, "quantized": {...first...}, "retained_pct",
-    "kl", "comparisons": [{...} per quantized checkpoint]}``; accuracies are fractions in [0, 1].
+    "kl", "comparisons": [{...} per quantized checkpoint], "paired": [...]}``; accuracies are fractions
+    in [0, 1]. Each score carries ``correct`` (per sample, "1"/"0"); ``paired`` holds McNemar's exact test
+    for every pair of quantized checkpoints (same samples), so a difference can be told from chance.
     """
 
     records, data = check_evaluate(model, quantized, data, report_path, overwrite=overwrite, num_samples=num_samples, allow_unquantized=allow_unquantized)
+    from tlq.eval.paired import mcnemar
     from tlq.eval.vqa import EvalConfig, compare, score_model  # torch: only once the checks passed
     from tlq.export.reload import load_quantized
     from tlq.pipeline import load_model
@@ -167,6 +170,10 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
         "retained_pct": first.retained_pct,
         "kl": first.kl,
         "comparisons": [c.to_dict() for c in comparisons],
+        "paired": [
+            {"first": str(a.name), "second": str(b.name), **mcnemar(a.correct, b.correct).to_dict()}
+            for i, a in enumerate(comparisons) for b in comparisons[i + 1:]
+        ],
     }
     if report_path is not None:
         atomic_write_json(report_path, result)

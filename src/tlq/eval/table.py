@@ -29,3 +29,8 @@ def render_eval_table(result: dict[str, Any], console: Console | None = None) ->
     for c in result["comparisons"]:
         table.add_row(_short(c["name"]), f"{100 * c['accuracy']:.2f}%", _pct(c["retained_pct"]), f"{c['nll']:.4f}", f"{c['kl']:.4f}")
     console.print(table)
+    for t in result.get("paired", []):
+        console.print(
+            f"paired (McNemar, same samples): {_short(t['first'])} right where {_short(t['second'])} is wrong on {t['wins']}, "
+            f"the reverse on {t['losses']}; p = {t['p']:.3g}"
+        )

@@ -49,6 +49,7 @@ class ModelScores:
             "kl": self.kl,
             "retained_pct": self.retained_pct,
             "num_samples": self.num_samples,
+            "correct": "".join("1" if c else "0" for c in self.correct),
         }
 
 

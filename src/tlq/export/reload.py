@@ -5,6 +5,12 @@ the first forward and applies the config's dynamic per-token activation quantiza
 W-A kernel computes, so it is preferred. It cannot load int3 asymmetric ``pack-quantized`` weights
 (the packed zero points have the wrong shape), and those have no activation quantization anyway, so
 they take ``dequantize=True`` (dense weights at load time), which gives the same logits.
+
+Checkpoints from other tools load too. llm-compressor (0.14) writes its ``ignore`` list in *checkpoint*
+key names (``visual.blocks.0.attn.qkv``), while transformers 5.x matches ignore entries against the
+*runtime* module names (``model.visual.blocks.0.attn.qkv``): loaded as is, the vision tower would be
+quantized with the decoder's scheme (and fail on widths the group size does not divide). The entries are
+translated with the renames ``from_pretrained`` itself applies to checkpoint keys before loading.
 """
 
 from __future__ import annotations
@@ -29,12 +35,54 @@ def needs_dequantize_route(out_dir: Path) -> bool:
     return any(w.get("num_bits") == 3 and not w.get("symmetric", True) for w in _weight_args(qcfg))
 
 
+def runtime_ignore(cls: Any, config: Any, ignore: list[str]) -> list[str]:
+    """``ignore`` with every plain entry that names a checkpoint key renamed to the runtime module name
+    (``re:`` patterns and names that already exist are kept)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    with torch.device("meta"):
+        skeleton = cls(config)
+    modules = {name for name, _ in skeleton.named_modules()}
+    transforms = get_model_conversion_mapping(skeleton)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = skeleton.state_dict()
+    out = []
+    for entry in ignore:
+        if entry.startswith("re:") or entry in modules:
+            out.append(entry)
+            continue
+        key, _ = rename_source_key(f"{entry}.weight", renamings, converters, skeleton.base_model_prefix, expected)
+        renamed = key.removesuffix(".weight")
+        out.append(renamed if renamed in modules else entry)
+    return out
+
+
+def _runtime_config(out_dir: Path, cls: Any) -> Any | None:
+    """The checkpoint's config with its ignore list in runtime names, or None when nothing needs renaming."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(out_dir), local_files_only=True)
+    qcfg = getattr(config, "quantization_config", None)
+    if not isinstance(qcfg, dict) or not qcfg.get("ignore"):
+        return None
+    fixed = runtime_ignore(cls, config, list(qcfg["ignore"]))
+    if fixed == list(qcfg["ignore"]):
+        return None
+    config.quantization_config = {**qcfg, "ignore": fixed}
+    return config
+
+
 def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     import transformers
     from transformers import CompressedTensorsConfig
 
     cls = getattr(transformers, model_class)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    config = _runtime_config(out_dir, cls)
+    if config is not None:
+        kwargs["config"] = config
     if needs_dequantize_route(out_dir):
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with warnings.catch_warnings():
