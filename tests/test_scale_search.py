@@ -192,3 +192,41 @@ def test_unknown_search_scope_is_refused():
 
     with pytest.raises(ConfigError, match="scope"):
         build_config("w4a16", "awq", search_scope="model")
+
+
+def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """Tokens outside the calibration budget (weight 0) add nothing to a candidate's loss, so MLP and
+    o_proj candidates (row-wise blocks) run on the kept rows only: same losses, same exponents and codes
+    as running every row, and the MLP sees fewer rows."""
+    from dataclasses import replace
+
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+
+    def weights(layer: int, sample: int, linear: str | None = None) -> torch.Tensor:
+        w = torch.linspace(0.5, 1.5, samples[sample].seq_len)
+        w[::3] = 0.0  # a third of the tokens outside the budget
+        return w
+
+    cfg = build_config("w3a16", "awq", search_grid=6, solver="rtn", search_scope="block")
+    runs = {}
+    for how in ("kept rows", "every row"):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        if how == "every row":
+            spec = replace(adapter.spec, smooth_mappings=tuple(replace(m, rowwise=False) for m in adapter.spec.smooth_mappings))
+            monkeypatch.setattr(adapter, "spec", spec)
+        rows = [0]
+        for layer in adapter.decoder_layers(model):
+            layer.mlp.register_forward_hook(lambda _m, args, _o: rows.__setitem__(0, rows[0] + args[0].shape[1]))
+        seen = _record_searches(monkeypatch)
+        result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
+        runs[how] = (seen, result, rows[0])
+        monkeypatch.undo()
+    (fast, fast_res, fast_rows), (ref, ref_res, ref_rows) = runs["kept rows"], runs["every row"]
+    assert len(fast) == len(ref) > 0
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
+    for name, qw in ref_res.quantized.items():
+        assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+    assert fast_rows < ref_rows

@@ -149,6 +149,7 @@ class LayerwiseEngine:
         with self.clock("vision tower + layer-0 capture"):
             inputs = self.capture_inputs(samples)
         kwargs = [li.kwargs for li in inputs]
+        between = [li.between for li in inputs]
         x_fp = self._store([li.hidden_states for li in inputs])
         x_q = x_fp
         del inputs
@@ -165,7 +166,7 @@ class LayerwiseEngine:
         try:
             for i in bar:
                 layer = self.layers.load(i)
-                fp_out, q_out, quantized, report = self._checked_layer(i, layer, x_fp, x_q, kwargs)
+                fp_out, q_out, quantized, report = self._checked_layer(i, layer, x_fp, x_q, kwargs, between)
                 result.layers.append(report)
                 if resume is not None:
                     resume.save_layer(i, layer.state_dict(), quantized, {"x_fp": fp_out, "x_q": q_out}, asdict(report))
@@ -180,12 +181,12 @@ class LayerwiseEngine:
             _release(x_q)
         return result
 
-    def _layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
+    def _layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.clock("FP stream"):
-            fp_out = self._run(layer, x_fp, kwargs)
+            fp_out = self._advance(i, layer, x_fp, kwargs, between)
         stats_in = x_q if self.config.quantized_inputs else x_fp
         with self.clock("scale search"):
             alphas = self._search_scales(i, layer, stats_in, kwargs)
@@ -195,7 +196,7 @@ class LayerwiseEngine:
         with self.clock("statistics + solve (GPTQ/RTN, FP target)"):
             quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None)
         with self.clock("quantized stream"):
-            q_out = self._run(layer, x_q, kwargs)
+            q_out = self._advance(i, layer, x_q, kwargs, between)
         num, den = squared_error_sums(q_out, fp_out)
         num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
         peak = torch.tensor([peak_memory_mb(self.device)], dtype=torch.float64)
@@ -210,11 +211,11 @@ class LayerwiseEngine:
         )
         return fp_out, q_out, quantized, report
 
-    def _checked_layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
+    def _checked_layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
         """:meth:`_layer`, with a NaN/Inf anywhere in it (Hessian, scales, outputs) named by its layer: it
         is then never checkpointed nor exported. Every rank sees the same reduced error, so all stop."""
         try:
-            out = self._layer(i, layer, x_fp, x_q, kwargs)
+            out = self._layer(i, layer, x_fp, x_q, kwargs, between)
         except NonFiniteError as exc:
             raise NonFiniteError(f"decoder layer {i}: {exc}") from None
         if not math.isfinite(out[3].rel_error):  # reduced over ranks: every rank stops here together
@@ -251,7 +252,15 @@ class LayerwiseEngine:
         return tree_to(x, self.device)
 
     @torch.no_grad()
+    def _advance(self, index: int, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> Any:
+        """A stream one layer on: the next layer's inputs (the adapter's step: the layer, then whatever the
+        model does before the next one). The streams are what the next layer sees, so they take the step."""
+        return self._store([self.adapter.layer_step(index, layer, self._dev(x), self._dev(kw), b).to("cpu") for x, kw, b in zip(xs, kwargs, between)])
+
+    @torch.no_grad()
     def _run(self, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]]) -> Any:
+        """The layer's own outputs, without what the model adds between layers: the targets a replay of
+        the layer alone (``_BlockCalls.of_layer``) is compared with. Never a stream (see :meth:`_advance`)."""
         return self._store([run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)])
 
     def _wants_fp_inputs(self) -> bool:
@@ -347,14 +356,15 @@ class LayerwiseEngine:
             if not can_fold(prev, linears):
                 continue
             block = self._loss_module(mapping)
-            stats, calls = self._record_mapping(layer, linears[0], block, xs, kwargs, weights)
+            rowwise = bool(block) and mapping.rowwise
+            stats, calls, call_weights = self._record_mapping(layer, linears[0], block, xs, kwargs, weights, rowwise)
             if calls is None and layer_targets is None:
                 layer_targets = self._run(layer, xs, kwargs)
             if calls is None:
                 calls = _BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
 
-            def loss_fn(linears: list[nn.Linear] = linears, calls: _BlockCalls = calls) -> float:
-                return self._quantized_loss(linears, calls, weights)
+            def loss_fn(linears: list[nn.Linear] = linears, calls: _BlockCalls = calls, w: list[Tensor | None] = call_weights) -> float:
+                return self._quantized_loss(linears, calls, w)
 
             if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
                 fold_scales(prev, linears, candidate_scales(search.kind, search.fixed_alpha, stats, linears))
@@ -380,15 +390,20 @@ class LayerwiseEngine:
         return self.token_weights(index, gid) if linear is None else self.token_weights(index, gid, linear)
 
     @torch.no_grad()
-    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None]) -> tuple[ChannelStats, _BlockCalls | None]:
+    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats, _BlockCalls | None, list[Tensor | None]]:
         """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
-        other than the whole layer, the block's inputs and outputs (``None`` for the layer itself)."""
+        other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
+        the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
+        non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
+        evaluating candidates on the kept rows gives the same loss for a fraction of the work."""
         acc = ChannelStatsAccumulator(first.in_features)
         current: dict[str, Tensor | None] = {"w": None}
         mains: list[Tensor] = []
         rests: list[tuple[tuple, dict[str, Any]]] = []
         outputs: list[Tensor] = []
         keyword: list[str | None] = [None]
+
+        kept: list[Tensor | None] = []
 
         def record(_m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
             if args:
@@ -397,9 +412,14 @@ class LayerwiseEngine:
                 keyword[0] = "hidden_states"
                 rest_kw = dict(kw)
                 main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
+            out, w = main_output(out), current["w"]
+            if rowwise and w is not None:
+                rows = (w > 0).nonzero().reshape(-1).to(main.device)
+                main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
             mains.append(main.detach().to("cpu"))
             rests.append(tree_to(rest, "cpu"))
-            outputs.append(main_output(out).detach().to("cpu"))
+            outputs.append(out.detach().to("cpu"))
+            kept.append(w)
 
         handles = [first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))]
         if block:
@@ -413,8 +433,8 @@ class LayerwiseEngine:
                 h.remove()
         D.reduce_channel_stats_(acc)
         if not block:
-            return acc.result(), None
-        return acc.result(), _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs))
+            return acc.result(), None, weights
+        return acc.result(), _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs)), kept
 
     @torch.no_grad()
     def _quantized_loss(self, linears: list[nn.Linear], calls: _BlockCalls, weights: list[Tensor | None]) -> float:

@@ -8,7 +8,7 @@ is *data* (``ModelSpec``); the little code that differs per family overrides one
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,16 @@ class SmoothMapping:
     op). ``block_ends_layer`` says that the block's output is added unchanged to the decoder layer's
     output (the MLP of a pre-norm layer), so its error *is* the layer-output error and the search may
     measure the layer objective on the block alone, which is cheaper and gives the same number.
+    ``rowwise`` says that the block maps each token's row on its own (an MLP, a single linear; never
+    attention), so a candidate's token-weighted loss needs only the rows of tokens with a non-zero weight:
+    with the token-level calibration set, the rows outside the budget never enter the search.
     """
 
     prev: str
     linears: tuple[str, ...]
     block: str = ""  # "" = the whole decoder layer
     block_ends_layer: bool = False
+    rowwise: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,17 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Layer 0's hidden states and the keyword arguments every decoder layer needs to run standalone."""
+    """Layer 0's hidden states, the keyword arguments every decoder layer needs to run standalone, and
+    what the model does between layers (``between``, read by :meth:`ModelAdapter.between_layers`).
+
+    All three are captured by one forward pass and travel together: a walk over the decoder needs
+    every one of them, and a resumed run recaptures all of them (only the hidden-state streams are
+    checkpointed, never these inputs).
+    """
 
     hidden_states: torch.Tensor  # [1, seq, hidden], on CPU
     kwargs: dict[str, Any]  # position embeddings, attention mask, position ids (tensors on CPU)
+    between: dict[str, Any] = field(default_factory=dict)  # per-family data of between_layers (tensors on CPU)
 
 
 # Layer kwargs that belong to incremental decoding, not to a standalone layer call.
@@ -148,15 +159,47 @@ class ModelAdapter:
         """
         return None
 
+    # --- between decoder layers -----------------------------------------------------------------
+    def record_between(self, model: nn.Module, record: dict[str, Any]) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks that fill ``record`` with what :meth:`between_layers` needs, during the layer-0 capture.
+
+        They run in the same forward pass as the capture (which stops at decoder layer 0), so they
+        must see that data *before* layer 0 runs, e.g. in the arguments the language model is called
+        with. The default family does nothing between layers and records nothing.
+        """
+        return []
+
+    def between_layers(self, index: int, hidden: torch.Tensor, between: dict[str, Any]) -> torch.Tensor:
+        """What the model does to the hidden states after decoder layer ``index``, before layer ``index + 1``
+        (after the last layer: before the final norm). Identity unless the family overrides it.
+
+        ``between`` is :attr:`LayerInputs.between`; its tensors may sit on CPU, so an override moves
+        what it uses to ``hidden``'s device and dtype (only the layers that use something pay a copy).
+        It must stay differentiable with respect to ``hidden``: the importance pass back-propagates
+        through it.
+        """
+        return hidden
+
+    def layer_step(self, index: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], between: dict[str, Any]) -> torch.Tensor:
+        """Decoder layer ``index`` and then whatever the model does before the next one.
+
+        The one step of every walk over the decoder (the engine's FP and quantized streams, both
+        importance passes): a walk that called :func:`run_layer` alone would silently drop what the
+        model adds between layers (e.g. Qwen3-VL's DeepStack visual features).
+        """
+        return self.between_layers(index, run_layer(layer, hidden, kwargs), between)
+
     # --- layer 0 ---------------------------------------------------------------------------------
     @torch.no_grad()
     def capture_layer0_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> LayerInputs:
         """Run the vision tower, projector and embeddings, and stop at decoder layer 0.
 
         A forward pre-hook (with kwargs) sees exactly what the model passes to its layers, including
-        the multimodal rotary position embeddings, so no model code is re-implemented or traced.
+        the multimodal rotary position embeddings, so no model code is re-implemented or traced. The
+        family's :meth:`record_between` hooks watch the same pass.
         """
         captured: dict[str, Any] = {}
+        between: dict[str, Any] = {}
 
         def hook(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -166,16 +209,18 @@ class ModelAdapter:
             }
             raise _StopForward
 
-        handle = self.decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+        handles = self.record_between(model, between)
+        handles.append(self.decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True))
         try:
             model(**inputs, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if "hidden_states" not in captured:
             raise RuntimeError("decoder layer 0 was never called; the adapter does not match this model")
-        return LayerInputs(captured["hidden_states"], captured["kwargs"])
+        return LayerInputs(captured["hidden_states"], captured["kwargs"], tree_to(between, "cpu"))
 
 
 def read_model_type(model_dir: Path) -> str:

@@ -13,11 +13,12 @@ _QWEN_IGNORE = ("re:.*visual.*", "lm_head")
 # grouped-query attention (equal widths); the engine skips mappings whose shapes do not fold.
 # Blocks: o_proj is the attention's last op and down_proj the MLP's, so each is its block's output; the
 # MLP's output is added straight to the layer output (out = h + mlp(post_attention_layernorm(h))).
+# The MLP and o_proj act on each token's row alone (rowwise); the attention block mixes tokens.
 QWEN2_DECODER_SMOOTHING = (
     SmoothMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), block="self_attn"),
-    SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), block="self_attn.o_proj"),
-    SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), block="mlp", block_ends_layer=True),
-    SmoothMapping("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", block_ends_layer=True),
+    SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",), block="self_attn.o_proj", rowwise=True),
+    SmoothMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), block="mlp", block_ends_layer=True, rowwise=True),
+    SmoothMapping("mlp.up_proj", ("mlp.down_proj",), block="mlp.down_proj", block_ends_layer=True, rowwise=True),
 )
 
 QWEN2_VL = ModelSpec(
@@ -59,7 +60,8 @@ class QwenVLAdapter(ModelAdapter):
         return super().visual_mask(model, inputs)
 
     def visual_token_grid(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-        """The first image's merged-token grid: ``image_grid_thw`` (t, h, w) in 14-px patches, merged
+        """The first image's merged-token grid: ``image_grid_thw`` (t, h, w) in patches (14 px for
+        Qwen2/2.5-VL, 16 px for Qwen3-VL: ``vision_config.patch_size``), merged
         ``m x m`` (``vision_config.spatial_merge_size``, 2) -> ``(h // m, w // m)``, row-major."""
         thw = inputs.get("image_grid_thw")
         if thw is None or thw.numel() == 0:
