@@ -8,7 +8,8 @@ import torch
 from tlq.api import build_config, load_model
 from tlq.data.calibration import load_calibration
 from tlq.engine.layerwise import LayerwiseEngine, linear_groups
-from tlq.models.base import run_layer, tree_to
+from tlq.models.base import run_layer
+from tlq.models.tiny import FAMILIES
 
 
 def _setup(tiny_vlm_dir, tiny_calib_jsonl, family="qwen2_vl", n=4):
@@ -17,21 +18,27 @@ def _setup(tiny_vlm_dir, tiny_calib_jsonl, family="qwen2_vl", n=4):
     return adapter, model, samples, dev
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_standalone_layers_reproduce_the_model(tiny_vlm_dir, tiny_calib_jsonl, family):
-    """Layer 0's captured inputs + kwargs replayed through every layer give the model's own hidden states."""
+    """Layer 0's captured inputs walked through every layer with the adapter's step give the model's own
+    layer outputs and logits (for Qwen3-VL: with DeepStack added between layers)."""
     adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, family, n=2)
+    layers = adapter.decoder_layers(model)
+    head = model.get_submodule(adapter.spec.lm_head)
+    norm = model.get_submodule(adapter.spec.final_norm)
     for sample in samples:
         li = adapter.capture_layer0_inputs(model, sample.inputs)
-        expected = model(**sample.inputs, output_hidden_states=True, use_cache=False).hidden_states
+        out = model(**sample.inputs, output_hidden_states=True, use_cache=False)
+        expected = out.hidden_states
         h = li.hidden_states
         torch.testing.assert_close(h, expected[0])
-        layers = adapter.decoder_layers(model)
         for i, layer in enumerate(layers):
-            h = run_layer(layer, h, li.kwargs)
             if i < len(layers) - 1:  # the last entry of hidden_states is after the final norm
-                torch.testing.assert_close(h, expected[i + 1], rtol=1e-5, atol=1e-5)
+                # transformers records each decoder layer's own output, before what the model adds between layers
+                torch.testing.assert_close(run_layer(layer, h, li.kwargs), expected[i + 1], rtol=1e-5, atol=1e-5)
+            h = adapter.layer_step(i, layer, h, li.kwargs, li.between)
+        torch.testing.assert_close(head(norm(h)), out.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_groups_follow_execution_order(tiny_vlm_dir, tiny_calib_jsonl):
@@ -85,8 +92,8 @@ def test_calibration_stream_is_the_real_quantized_model(tiny_vlm_dir, tiny_calib
     fp_hidden = fp_model(**sample.inputs, output_hidden_states=True, use_cache=False).hidden_states
     li = adapter.capture_layer0_inputs(model, sample.inputs)
     h = li.hidden_states
-    for layer in adapter.decoder_layers(model):
-        h = run_layer(layer, h, li.kwargs)
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        h = adapter.layer_step(i, layer, h, li.kwargs, li.between)
     norm = model.get_submodule(adapter.spec.final_norm)
     torch.testing.assert_close(norm(h), q_hidden[-1])
     assert not torch.allclose(q_hidden[-1], fp_hidden[-1], atol=1e-3)

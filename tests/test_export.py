@@ -48,6 +48,8 @@ CASES = [
     ("w8a8", "qwen2_vl", None, "default"),
     ("w4a8", "qwen2_vl", None, "default"),
     ("w4a16", "qwen2_5_vl", None, "default"),
+    ("w4a16", "qwen3_vl", None, "default"),
+    ("w4a8", "qwen3_vl", None, "default"),
     ("w4a16", "llava_onevision", None, "default"),
     ("w8a8", "llava_onevision", None, "default"),
 ]
@@ -314,7 +316,7 @@ def test_export_refuses_inconsistent_input_and_cleans_up(tmp_path, tiny_vlm_dir)
     assert list(tmp_path.iterdir()) == []  # nothing written, temporary directory removed
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
 def test_load_quantized_generates_like_the_in_memory_model(tmp_path, tiny_vlm_dir, family):
     """``tlq.export.reload.load_quantized`` decompresses at load time and drops compressed-tensors'
     offloading wrappers, which turn ``ModelOutput`` arguments into plain dicts: without that,

@@ -24,9 +24,8 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
-from tlq.models.base import get_submodule, run_layer
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+from tlq.models.base import get_submodule
+from tlq.models.tiny import FAMILIES
 
 
 def _setup(tiny_vlm_dir, tiny_calib_jsonl, family="qwen2_vl", n=2):
@@ -38,14 +37,15 @@ def _setup(tiny_vlm_dir, tiny_calib_jsonl, family="qwen2_vl", n=2):
 def _full_backprop_grad2(adapter, model, sample):
     """||dL/dh_l||^2 per layer output by ordinary back-propagation through the whole model."""
     layers = adapter.decoder_layers(model)
+    norm = get_submodule(model, adapter.spec.final_norm)
     last: dict[str, torch.Tensor] = {}
 
-    def keep_last(_m, _a, out):
-        h = out[0] if isinstance(out, (tuple, list)) else out
-        h.retain_grad()
-        last["h"] = h
+    def keep_last(_m, args):
+        # the final norm's input: the last layer's output after whatever the model adds between layers
+        args[0].retain_grad()
+        last["h"] = args[0]
 
-    handle = layers[-1].register_forward_hook(keep_last)
+    handle = norm.register_forward_pre_hook(keep_last)
     try:
         with torch.enable_grad():
             out = model(**sample.inputs, output_hidden_states=True, use_cache=False)
@@ -53,9 +53,9 @@ def _full_backprop_grad2(adapter, model, sample):
         handle.remove()
     hs = out.hidden_states
     # transformers: hidden_states = (embeddings, layer 0 out, ..., layer L-2 out, final_norm(layer L-1 out)):
-    # the last entry is after the final norm, so the last layer's own output comes from the hook.
+    # the last entry is after the final norm, so the last layer's output comes from the hook. (Qwen3-VL
+    # records each layer's output before its DeepStack addition, a constant: the gradient is the same.)
     assert len(hs) == len(layers) + 1
-    norm = get_submodule(model, adapter.spec.final_norm)
     torch.testing.assert_close(hs[-1], norm(last["h"]))
     outs = [hs[i + 1] for i in range(len(layers) - 1)] + [last["h"]]
     for h in outs[:-1]:
@@ -249,12 +249,12 @@ def test_calibration_set_feeds_the_engine(tiny_vlm_dir, tiny_calib_jsonl):
 
 
 # --- visual token grid and the report -----------------------------------------------------------
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
 def test_visual_token_grid(tiny_vlm_dir, tiny_calib_jsonl, family):
     adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family, n=6)
-    wide = samples[4]  # 84x56 (WxH)
+    wide = samples[4]  # 84x56 (WxH); Qwen3-VL resizes it to 96x64: 6x4 patches of 16 px, the same 3x2 merged grid
     rows, cols = adapter.visual_token_grid(model, wide.inputs)
-    if family == "qwen2_vl":
+    if family != "llava_onevision":
         assert (rows, cols) == (2, 3) and rows * cols == int(wide.visual_mask.sum())
     else:  # the base tile: (56 / 14)^2 tokens, before the anyres tiles
         assert (rows, cols) == (4, 4) and rows * cols < int(wide.visual_mask.sum())
@@ -300,8 +300,8 @@ def test_input_gradients_shift_the_output_gradients(tiny_vlm_dir, tiny_calib_jso
     h0 = li.hidden_states.clone().requires_grad_(True)
     h = h0
     with torch.enable_grad():
-        for layer in adapter.decoder_layers(model):
-            h = run_layer(layer, h, li.kwargs)
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            h = adapter.layer_step(i, layer, h, li.kwargs, li.between)
         ids = sample.inputs["input_ids"][0]
         tgt = sample.answer_mask.nonzero().reshape(-1)
         logits = model.get_submodule(adapter.spec.lm_head)(get_submodule(model, adapter.spec.final_norm)(h))
@@ -336,7 +336,7 @@ def _full_backprop_linear_grad2(adapter, model, sample, names):
     return torch.stack([torch.stack([outs[(i, n)].grad[0].pow(2).sum(-1) for n in names]) for i in range(n_layers)]).detach()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
 def test_per_linear_gradients_equal_full_backprop(tiny_vlm_dir, tiny_calib_jsonl, family):
     adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
     sample = samples[1]

@@ -70,9 +70,13 @@ class _CountingLayers(StreamedLayers):
         return super().load(index, state)
 
 
-@pytest.mark.parametrize("at", ["output", "input", "linear"])
-def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_jsonl, at):
-    model_dir = tiny_vlm_dir("qwen2_vl", num_layers=3)
+@pytest.mark.parametrize(
+    ("family", "at"),
+    [("qwen2_vl", "output"), ("qwen2_vl", "input"), ("qwen2_vl", "linear"), ("qwen3_vl", "output"), ("qwen3_vl", "input")],
+)
+def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_jsonl, family, at):
+    """Qwen3-VL: DeepStack after layers 0 and 1 of 3, so the walk both adds and skips between layers."""
+    model_dir = tiny_vlm_dir(family, num_layers=3)
     adapter, ref, processor, streamed = _loaded_and_streamed(model_dir)
     samples = load_calibration(tiny_calib_jsonl, processor, adapter, ref, num_samples=4, max_seq_len=512, seed=0)
     want = token_gradients(adapter, ref, samples, at=at)
@@ -87,7 +91,7 @@ def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_
 
 @pytest.mark.parametrize(
     ("family", "scheme", "method"),
-    [("qwen2_vl", "w4a16", "gptq"), ("llava_onevision", "w3a16", "mbq"), ("qwen2_5_vl", "w4a8", "tlq")],
+    [("qwen2_vl", "w4a16", "gptq"), ("llava_onevision", "w3a16", "mbq"), ("qwen2_5_vl", "w4a8", "tlq"), ("qwen3_vl", "w4a8", "tlq")],
 )
 def test_streamed_quantize_writes_the_in_memory_checkpoint(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, family, scheme, method):
     model_dir = tiny_vlm_dir(family, num_layers=3)

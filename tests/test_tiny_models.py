@@ -9,19 +9,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tlq.models.tiny import FAMILIES, build_tokenizer, make_tiny_vlm, mrope_section
+from tlq.models.tiny import FAMILIES, QWEN_FAMILIES as QWEN, build_tokenizer, interleaved_mrope_section, make_tiny_vlm, mrope_section
 
-QWEN = ("qwen2_vl", "qwen2_5_vl")
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionForConditionalGeneration"),
 }
-# visual tokens for a (W, H) image with the default build (Qwen: 14-px patches, 2x2 merge;
+# visual tokens for a (W, H) image with the default build (Qwen: 14-px patches, 2x2 merge; Qwen3-VL: 16-px
+# patches, 2x2 merge, images resized to multiples of 32;
 # LLaVA-OV: 56-px SigLIP tiles of 4x4 patches, pinpoints [[56,56],[56,112],[112,56]], image_newline per row)
 EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "qwen2_5_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
+    "qwen3_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "llava_onevision": {(56, 56): 36, (84, 56): 44, (56, 84): 46},
 }
 
@@ -65,7 +67,11 @@ def test_reload_forward_generate(family, tiny_vlm_dir, tiny_calib_jsonl):
     assert len(layers) == 2
     if family in QWEN:
         assert hasattr(model.model, "visual") and hasattr(model.model.visual, "merger")
-        assert cfg.text_config.rope_parameters["mrope_section"] == mrope_section(128 // 4)
+        split = interleaved_mrope_section if family == "qwen3_vl" else mrope_section
+        assert cfg.text_config.rope_parameters["mrope_section"] == split(128 // 4)
+        if family == "qwen3_vl":  # DeepStack fires: one merger per intermediate vision block
+            assert cfg.vision_config.deepstack_visual_indexes == [0, 1]
+            assert len(model.model.visual.deepstack_merger_list) == 2
     else:
         assert hasattr(model.model, "vision_tower") and hasattr(model.model, "multi_modal_projector")
         assert model.model.image_newline.shape == (128,)
@@ -185,6 +191,11 @@ def test_validation(tmp_path):
         make_tiny_vlm("llava", tmp_path / "x")
     for hd in (16, 32, 64, 128):
         assert sum(mrope_section(hd)) == hd // 2
+        t, h, w = interleaved_mrope_section(hd)
+        assert t + h + w == hd // 2 and 3 * max(h, w) <= hd // 2  # h and w take every third frequency
+    assert interleaved_mrope_section(128) == [24, 20, 20]  # the real Qwen3-VL split
+    with pytest.raises(ValueError, match="deepstack_visual_indexes"):
+        make_tiny_vlm("qwen3_vl", tmp_path / "x", vision_depth=2, deepstack_visual_indexes=[2])
 
 
 def test_calib_jsonl_fixture(tiny_calib_jsonl):

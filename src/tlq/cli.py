@@ -106,7 +106,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     lm = p.add_argument_group("lmms-eval bridge (pip install 'tlq[lmms]'; replaces the built-in VQA scoring)")
     lm.add_argument("--lmms-tasks", default=None, metavar="TASKS", help="comma-separated lmms-eval tasks, e.g. textvqa_val,mmmu_val; --num-samples becomes lmms-eval's --limit")
-    lm.add_argument("--lmms-model", default=None, help="lmms-eval model name (default: from the model family: qwen2_vl, qwen2_5_vl, llava_hf)")
+    lm.add_argument("--lmms-model", default=None, help="lmms-eval model name (default: from the model family: qwen2_vl, qwen2_5_vl, qwen3_vl, llava_hf)")
     lm.add_argument("--lmms-args", default=None, metavar="K=V,...", help="extra lmms-eval --model_args, e.g. max_pixels=1003520 (pretrained= is set by tlq)")
     p.set_defaults(func=_cmd_eval)
 

@@ -6,6 +6,11 @@ sample's answer tokens — so every sample carries the same total loss weight wh
 every decoder layer ``l`` and token ``t`` the pass returns ``||g[l, t]||^2`` (or ``||g[l, t]||``) where
 ``g[l, t] = dL / dh[l, t]`` is the gradient with respect to layer ``l``'s *output* hidden state.
 
+Layers are chained by the adapter's step (``ModelAdapter.layer_step``: the layer, then what the model
+does before the next one, e.g. Qwen3-VL's DeepStack addition), so ``h[l]`` is the next layer's input.
+What the model adds between layers is a constant (it does not depend on ``h``), so the gradient is also
+that of the layer's own output.
+
 It never holds the whole model's autograd graph:
 
 1. forward, no grad: layer 0's inputs (``ModelAdapter.capture_layer0_inputs``), then each layer in turn;
@@ -38,7 +43,7 @@ from tqdm.auto import tqdm
 
 from tlq.config import GRAD_AT
 from tlq.data.calibration import CalibSample
-from tlq.models.base import ModelAdapter, get_submodule, run_layer, tree_to
+from tlq.models.base import ModelAdapter, get_submodule, tree_to
 from tlq.models.streaming import LayerSource
 
 
@@ -101,8 +106,9 @@ def layer_linear_names(layer: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear))
 
 
-def _backward_through(layer: nn.Module, x: Tensor, kwargs: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool) -> tuple[Tensor, list[Tensor]]:
-    """Recompute ``layer`` on ``x`` with autograd and back-propagate ``g`` (its output's gradient).
+def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Tensor, kwargs: dict[str, Any], between: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool) -> tuple[Tensor, list[Tensor]]:
+    """Recompute the step of decoder layer ``index`` on ``x`` with autograd and back-propagate ``g`` (the
+    step output's gradient).
 
     Returns the input's gradient and, for each of ``linear_names``, the norms of the gradient at that
     linear's output (zeros for a linear the output does not depend on).
@@ -114,7 +120,7 @@ def _backward_through(layer: nn.Module, x: Tensor, kwargs: dict[str, Any], g: Te
     ]
     try:
         x = x.requires_grad_(True)
-        y = run_layer(layer, x, kwargs)
+        y = adapter.layer_step(index, layer, x, kwargs, between)
     finally:
         for h in hooks:
             h.remove()
@@ -149,7 +155,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
         return TokenGradients(torch.zeros(shape), float("nan"), 0, names)
 
     li = adapter.capture_layer0_inputs(model, tree_to(sample.inputs, dev))
-    kwargs = tree_to(li.kwargs, dev)
+    kwargs, between = tree_to(li.kwargs, dev), li.between
     grads = torch.zeros(shape, dtype=torch.float32)
 
     with frozen_parameters(model), torch.enable_grad():
@@ -157,9 +163,9 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
         stored: list[Tensor] = []
         with torch.no_grad():
             h = li.hidden_states.to(dev)
-            for layer in layers:
+            for i, layer in enumerate(layers):
                 stored.append(h.to("cpu"))
-                h = run_layer(layer, h, kwargs)
+                h = adapter.layer_step(i, layer, h, kwargs, between)
         # 2. head loss -> gradient at the last layer's output.
         out = h.detach().requires_grad_(True)
         loss = head_loss(adapter, model, out, positions, targets)
@@ -173,7 +179,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
                     break
             elif at == "linear":
                 grads[i, 0] = _norms(g, squared)
-            g, rows = _backward_through(layers[i], stored[i].to(dev), kwargs, g, names, squared)
+            g, rows = _backward_through(adapter, i, layers[i], stored[i].to(dev), kwargs, between, g, names, squared)
             if at == "input":
                 grads[i] = _norms(g, squared)
             for k, row in enumerate(rows):
@@ -220,6 +226,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
     losses = [float("nan")] * len(samples)
     firsts = [adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
     kwargs = [tree_to(f.kwargs, dev) for f in firsts]  # small (positions, mask): moved once, used 2L times
+    between = [f.between for f in firsts]  # stays on CPU: the adapter's step moves what a layer uses
     bar: Any = tqdm(total=2 * num_layers, desc="token importance (streamed)", unit="layer", disable=not progress)
     with frozen_parameters(model), torch.enable_grad():
         # 1. forward, layer by layer: keep every layer's inputs.
@@ -232,7 +239,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
                 if i == 0 and at == "linear":
                     names = layer_linear_names(layer)
                 inputs.append(store(h))
-                h = [run_layer(layer, x.to(dev), kw).to("cpu") for x, kw in zip(h, kwargs)]
+                h = [adapter.layer_step(i, layer, x.to(dev), kw, b).to("cpu") for x, kw, b in zip(h, kwargs, between)]
                 layers.release(i)
                 bar.update()
         grads = [torch.zeros((num_layers, 1 + len(names), s.seq_len) if names else (num_layers, s.seq_len), dtype=torch.float32) for s in samples]
@@ -252,7 +259,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
             if at != "output" or li > 0:
                 layer = layers.load(li)
                 for k, i in enumerate(scored):
-                    g[k], rows = _backward_through(layer, inputs[li][k].to(dev), kwargs[k], g[k], names, squared)
+                    g[k], rows = _backward_through(adapter, li, layer, inputs[li][k].to(dev), kwargs[k], between[k], g[k], names, squared)
                     for r, row in enumerate(rows):
                         grads[i][li, 1 + r] = row
                     if at == "input":

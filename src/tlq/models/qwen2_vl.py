@@ -7,7 +7,8 @@ from torch import nn
 
 from tlq.models.base import ModelAdapter, ModelSpec, SmoothMapping
 
-_QWEN_IGNORE = ("re:.*visual.*", "lm_head")
+# Everything under ``model.visual`` (vision tower, patch merger, Qwen3-VL's DeepStack mergers) and the LM head.
+QWEN_IGNORE = ("re:.*visual.*", "lm_head")
 
 # The Qwen2 decoder layer (also LLaVA-OneVision's language model). v_proj -> o_proj only folds without
 # grouped-query attention (equal widths); the engine skips mappings whose shapes do not fold.
@@ -28,7 +29,7 @@ QWEN2_VL = ModelSpec(
     decoder_layers="model.language_model.layers",
     final_norm="model.language_model.norm",
     lm_head="lm_head",
-    ignore=_QWEN_IGNORE,
+    ignore=QWEN_IGNORE,
     smooth_mappings=QWEN2_DECODER_SMOOTHING,
     lmms_eval_model="qwen2_vl",
 )
@@ -40,7 +41,7 @@ QWEN2_5_VL = ModelSpec(
     decoder_layers="model.language_model.layers",
     final_norm="model.language_model.norm",
     lm_head="lm_head",
-    ignore=_QWEN_IGNORE,
+    ignore=QWEN_IGNORE,
     smooth_mappings=QWEN2_DECODER_SMOOTHING,
     lmms_eval_model="qwen2_5_vl",
 )

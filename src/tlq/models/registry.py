@@ -8,10 +8,12 @@ from tlq.config import ConfigError
 from tlq.models.base import ModelAdapter, read_model_type
 from tlq.models.llava_onevision import LLAVA_ONEVISION, LlavaOnevisionAdapter
 from tlq.models.qwen2_vl import QWEN2_5_VL, QWEN2_VL, QwenVLAdapter
+from tlq.models.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 
 _ADAPTERS: tuple[ModelAdapter, ...] = (
     QwenVLAdapter(QWEN2_VL),
     QwenVLAdapter(QWEN2_5_VL),
+    Qwen3VLAdapter(QWEN3_VL),
     LlavaOnevisionAdapter(LLAVA_ONEVISION),
 )
 

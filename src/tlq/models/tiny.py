@@ -20,6 +20,10 @@ Module layout (``model = <Family>ForConditionalGeneration``; ``model.model`` is 
   ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), final norm
   ``model.model.language_model.norm``, embeddings ``model.model.language_model.embed_tokens``, head
   ``model.lm_head``. No separate projector module (the merger plays that role).
+* Qwen3-VL (dense): as Qwen2-VL (``model.model.visual``, ``model.model.language_model.layers``, ``Qwen3VLTextDecoderLayer``
+  with the same linears plus per-head ``self_attn.q_norm`` / ``k_norm``), and DeepStack mergers
+  ``model.model.visual.deepstack_merger_list.{k}`` (one per ``vision_config.deepstack_visual_indexes`` entry);
+  feature ``k`` is added to the visual positions after decoder layer ``k``.
 * LLaVA-OneVision: SigLIP tower ``model.model.vision_tower`` (``SiglipVisionModel``), projector
   ``model.model.multi_modal_projector`` (``linear_1`` vision->text hidden, GELU, ``linear_2``), a learned
   ``model.model.image_newline`` parameter (text hidden size), decoder ``model.model.language_model.layers``
@@ -44,6 +48,12 @@ Configs:
   ``fullatt_block_indexes``. Both: patch 14, temporal patch 2, spatial merge 2.
 * Top-level Qwen configs carry ``image_token_id``, ``video_token_id``, ``vision_start_token_id``,
   ``vision_end_token_id``: they must equal the tokenizer's ids (we build them from the tokenizer).
+* ``Qwen3VLTextConfig`` needs ``head_dim`` (its default is 128 whatever the width) and takes
+  ``rope_parameters={"rope_type": "default", "rope_theta": ..., "mrope_section": [t, h, w], "mrope_interleaved": True}``
+  with the real 24:20:20 split (:func:`interleaved_mrope_section`; head_dim 32 -> [6, 5, 5]); it has no
+  ``max_window_layers``. ``Qwen3VLVisionConfig``: ``hidden_size`` (ViT width), ``intermediate_size``, ``num_heads``,
+  ``depth``, ``out_hidden_size`` (= text hidden size), ``num_position_embeddings`` (a square: learned position grid,
+  resampled per image), ``deepstack_visual_indexes``; patch 16, temporal patch 2, spatial merge 2.
 * ``LlavaOnevisionConfig(vision_config=SiglipVisionConfig(...), text_config=Qwen2Config(...),
   image_token_index=..., video_token_index=..., image_grid_pinpoints=..., vision_feature_select_strategy="full",
   vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")``. ``image_token_id`` is an alias of
@@ -63,6 +73,10 @@ Processors:
   ``(4*image_size)**2`` = 224*224 -> at most 64 tokens). The chat template writes one
   ``<|vision_start|><|image_pad|><|vision_end|>`` per image; the processor expands ``<|image_pad|>``.
   The Qwen forward refuses image inputs without ``mm_token_type_ids``.
+* Qwen3-VL: ``Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, size=...,
+  image_mean=std=0.5), tokenizer=..., video_processor=Qwen3VLVideoProcessor(size=...), chat_template=...)`` (the hub
+  checkpoints use the Qwen2-VL image processor too). Images are resized to multiples of 32: 56x56 -> 64x64 -> grid
+  (1, 4, 4) -> 4 tokens; 84x56 (WxH) -> 96x64 -> (1, 4, 6) -> 6 tokens. Also returns ``mm_token_type_ids``.
 * LLaVA-OV: ``LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(size={"height": s, "width": s},
   image_grid_pinpoints=P, crop_size=None), tokenizer=..., video_processor=LlavaOnevisionVideoProcessor(size=...),
   num_image_tokens=(s // 14) ** 2, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
@@ -96,10 +110,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+#: Families built on the Qwen vision format (chat tokens, ``<|image_pad|>``, ``mm_token_type_ids``).
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 #: Tokens of the Qwen2 / Qwen2-VL chat and vision format, in Qwen's order.
 QWEN_SPECIAL_TOKENS = (
@@ -113,6 +130,15 @@ QWEN_SPECIAL_TOKENS = (
 )
 #: LLaVA-OneVision: Qwen2 chat tokens plus its image / video placeholders.
 LLAVA_OV_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+
+#: ViT blocks per family when the caller does not say (Qwen3-VL: enough for intermediate DeepStack blocks).
+_DEFAULT_VISION_DEPTH = {"qwen3_vl": 3}
+#: Qwen3-VL: vision blocks whose features DeepStack adds after decoder layers 0, 1, ...
+_DEFAULT_DEEPSTACK = (0, 1)
+#: Qwen3-VL's vision patch size (Qwen2/2.5-VL: 14) and its 2x2 merge.
+_QWEN3_PATCH, _QWEN3_MERGE = 16, 2
+#: Qwen3-VL's vision learned position grid: 8 x 8 (resampled to every image's patch grid).
+_QWEN3_POSITION_GRID = 8
 
 #: Qwen2's pre-tokenizer split pattern (so the tokenizer behaves like the real one on text).
 _QWEN2_SPLIT = (
@@ -151,7 +177,7 @@ _LLAVA_OV_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# SigLIP normalisation, as in the llava-hf LLaVA-OneVision processors.
+# SigLIP normalisation, as in the llava-hf LLaVA-OneVision processors and Qwen3-VL's (a SigLIP-2 tower).
 _SIGLIP_MEAN = (0.5, 0.5, 0.5)
 _SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -194,7 +220,7 @@ def build_tokenizer(corpus: list[str] | None, family: str, vocab_size: int = 512
     from transformers import PreTrainedTokenizerFast
 
     _check_family(family)
-    specials = LLAVA_OV_SPECIAL_TOKENS if family == "llava_onevision" else QWEN_SPECIAL_TOKENS
+    specials = QWEN_SPECIAL_TOKENS if family in QWEN_FAMILIES else LLAVA_OV_SPECIAL_TOKENS
     n_bpe = vocab_size - len(specials)
     if n_bpe < 256:
         raise ValueError(f"vocab_size={vocab_size} is too small: need >= 256 byte tokens + {len(specials)} special")
@@ -228,7 +254,7 @@ def build_tokenizer(corpus: list[str] | None, family: str, vocab_size: int = 512
         model_max_length=model_max_length,
         padding_side="left",
     )
-    hf_tok.chat_template = _LLAVA_OV_CHAT_TEMPLATE if family == "llava_onevision" else _QWEN_CHAT_TEMPLATE
+    hf_tok.chat_template = _QWEN_CHAT_TEMPLATE if family in QWEN_FAMILIES else _LLAVA_OV_CHAT_TEMPLATE
     return hf_tok
 
 
@@ -238,6 +264,14 @@ def mrope_section(head_dim: int) -> list[int]:
     t = max(1, half // 4)
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def interleaved_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved M-RoPE split (t, h, w) of ``head_dim // 2`` frequencies, in the real 24:20:20
+    ratio (h and w take every third frequency, so each must fit ``3 * n <= head_dim // 2``)."""
+    half = head_dim // 2
+    hw = max(1, half * 20 // 64)
+    return [half - 2 * hw, hw, hw]
 
 
 def make_tiny_vlm(
@@ -250,7 +284,7 @@ def make_tiny_vlm(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vision_hidden: int = 32,
-    vision_depth: int = 1,
+    vision_depth: int | None = None,
     vision_heads: int = 2,
     corpus: list[str] | None = None,
     vocab_size: int = 512,
@@ -264,6 +298,7 @@ def make_tiny_vlm(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tokenizer=None,
+    deepstack_visual_indexes: list[int] | None = None,
 ) -> Path:
     """Build a tiny random-weight VLM of ``family`` and save model, tokenizer, processor, chat template.
 
@@ -274,6 +309,7 @@ def make_tiny_vlm(
             ``hidden_size`` and ``intermediate_size`` must be multiples of 128 (every decoder Linear then has
             in-features divisible by the default quantization group size 128).
         vision_hidden, vision_depth, vision_heads: ViT width, number of blocks and heads (Qwen ViT / SigLIP).
+            ``vision_depth`` defaults to 1 block, 3 for Qwen3-VL (so that DeepStack has intermediate blocks).
         corpus, vocab_size: tokenizer training text (``None`` = :func:`default_corpus`) and model vocab size.
         image_size: LLaVA-OV: SigLIP input resolution = one anyres tile (multiple of 14). Qwen: sets the default
             ``max_pixels = (4 * image_size) ** 2`` (224*224 -> at most 64 visual tokens per image).
@@ -284,6 +320,8 @@ def make_tiny_vlm(
         seed: torch seed for the random weights (same seed -> identical state dict).
         dtype: dtype of the saved weights.
         tokenizer: a prebuilt tokenizer (from :func:`build_tokenizer`) to reuse instead of training one.
+        deepstack_visual_indexes: Qwen3-VL: the vision blocks whose features are added after the first
+            decoder layers (default ``[0, 1]``: after both layers of the default 2-layer decoder).
 
     Returns: ``Path(out_dir)``.
     """
@@ -297,6 +335,10 @@ def make_tiny_vlm(
         )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+    vision_depth = _DEFAULT_VISION_DEPTH.get(family, 1) if vision_depth is None else vision_depth
+    deepstack = list(_DEFAULT_DEEPSTACK if deepstack_visual_indexes is None else deepstack_visual_indexes)
+    if family == "qwen3_vl" and not all(0 <= k < vision_depth for k in deepstack):
+        raise ValueError(f"deepstack_visual_indexes {deepstack} must name vision blocks 0..{vision_depth - 1}")
     if vision_hidden % vision_heads:
         raise ValueError("vision_hidden must be divisible by vision_heads")
     if image_size % 14:
@@ -328,7 +370,12 @@ def make_tiny_vlm(
         max_window_layers=num_layers,
     )
 
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family == "qwen3_vl":
+        Model, config, processor = _qwen3_vl_parts(
+            tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads, deepstack,
+            image_size, min_pixels, max_pixels, rope_theta, tie_word_embeddings,
+        )
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
         min_pixels = 28 * 28 if min_pixels is None else min_pixels
@@ -465,8 +512,68 @@ def make_tiny_vlm(
         "image_size": image_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    if family == "qwen3_vl":
+        info["deepstack_visual_indexes"] = deepstack
     (out_dir / "tlq_tiny.json").write_text(json.dumps(info, indent=1) + "\n")
     return out_dir
+
+
+def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, deepstack: list[int], image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, tie_word_embeddings: bool) -> tuple[type, Any, Any]:
+    """Model class, config and processor of a tiny Qwen3-VL (dense), as the hub checkpoints lay them out.
+
+    Kept apart from :func:`make_tiny_vlm` because everything differs in detail from Qwen2-VL: an explicit
+    ``head_dim``, interleaved M-RoPE, 16-px patches, DeepStack blocks, and no ``max_window_layers``.
+    """
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    factor = _QWEN3_PATCH * _QWEN3_MERGE
+    min_pixels = factor * factor if min_pixels is None else min_pixels
+    max_pixels = (4 * image_size) ** 2 if max_pixels is None else max_pixels
+    rope = {
+        "rope_type": "default",
+        "rope_theta": rope_theta,
+        "mrope_section": interleaved_mrope_section(head_dim),
+        "mrope_interleaved": True,
+    }
+    text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
+    text_config = Qwen3VLTextConfig(head_dim=head_dim, rope_parameters=rope, **text)
+    vision_config = Qwen3VLVisionConfig(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_heads=vision_heads,
+        out_hidden_size=text_config.hidden_size,
+        patch_size=_QWEN3_PATCH,
+        spatial_merge_size=_QWEN3_MERGE,
+        num_position_embeddings=_QWEN3_POSITION_GRID**2,
+        deepstack_visual_indexes=list(deepstack),
+    )
+    config = Qwen3VLConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            size=size, patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE, image_mean=list(_SIGLIP_MEAN), image_std=list(_SIGLIP_STD)
+        ),
+        tokenizer=tok,
+        video_processor=Qwen3VLVideoProcessor(size=dict(size), patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE),
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    return Qwen3VLForConditionalGeneration, config, processor
 
 
 def _check_family(family: str) -> None:
@@ -478,7 +585,9 @@ __all__ = [
     "FAMILIES",
     "QWEN_SPECIAL_TOKENS",
     "LLAVA_OV_SPECIAL_TOKENS",
+    "QWEN_FAMILIES",
     "build_tokenizer",
+    "interleaved_mrope_section",
     "default_corpus",
     "make_tiny_vlm",
     "mrope_section",
