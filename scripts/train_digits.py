@@ -82,6 +82,13 @@ class Task:
     image_size: int  # make_tiny_vlm's image_size (Qwen: max_pixels = (4 * image_size) ** 2)
     num_marks: int
     bench_sets: dict[str, tuple[str, int]] = field(default_factory=dict)  # file stem -> (split, size)
+    # Words naming marks 1..num_marks-1 (needle: the frame colours). When given, those marks are classified
+    # with the decoder's own input embeddings of the words, as digits are with "0".."9": a token framed in
+    # red lands near the word " red", so the question's colour word can find it by attention.
+    mark_words: tuple[str, ...] = ()
+    # Training data of the first --curriculum-steps (needle: no unframed digits, no background strokes, so
+    # the answer's token is one of few and the lookup gets a gradient before it must ignore clutter).
+    easy_cfg: Any = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -91,8 +98,9 @@ class Task:
     def num_cells(self) -> int:
         return self.cfg.rows * self.cfg.cols
 
-    def generate(self, split: str, n: int, start: int = 0, bench: bool = False) -> list:
-        return self.data.generate_samples(split, n, self.bench_cfg if bench else self.cfg, start=start)
+    def generate(self, split: str, n: int, start: int = 0, bench: bool = False, easy: bool = False) -> list:
+        cfg = self.bench_cfg if bench else (self.easy_cfg if easy and self.easy_cfg is not None else self.cfg)
+        return self.data.generate_samples(split, n, cfg, start=start)
 
     def digit_targets(self, samples) -> torch.Tensor:
         """[B, cells] digit under each cell, -100 where there is none (ignored by the loss)."""
@@ -107,9 +115,13 @@ class Task:
 
 def make_task(args) -> Task:
     if args.task == "needle":
-        cfg = NeedleVQAConfig(seed=args.seed)
+        asked = tuple(args.needle_asked.split(",")) if args.needle_asked else tuple(needle.FRAME_COLOURS)
+        cfg = NeedleVQAConfig(seed=args.seed, asked_colours=asked)
         sets = {"calib": ("calibration", args.calib_samples), "val": ("val", args.bench_val_samples), "test": ("test", args.test_samples or 1000)}
-        return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets)
+        from dataclasses import replace
+
+        easy = replace(cfg, num_plain=0, num_fragments=0)
+        return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets, tuple(needle.FRAME_COLOURS), easy)
     cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
     bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
     bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
@@ -187,7 +199,7 @@ class VisionAux(nn.Module):
       carries where it is (Qwen's ViT and M-RoPE only give relative positions).
     """
 
-    def __init__(self, family: str, model, task: Task, digit_ids: list[int]):
+    def __init__(self, family: str, model, task: Task, digit_ids: list[int], mark_ids: list[int] | None = None):
         super().__init__()
         self.family = family
         self.task = task
@@ -199,9 +211,18 @@ class VisionAux(nn.Module):
         self.digit_bias = nn.Parameter(torch.zeros(10))
         self.digit_scale = nn.Parameter(torch.tensor(4.0))
         self.pos_head = nn.Linear(hidden, task.num_marks)
+        self.register_buffer("mark_ids", torch.tensor(mark_ids or [], dtype=torch.long), persistent=False)
+        self.none_mark = nn.Parameter(torch.randn(1, hidden) * 0.02)  # class 0 ("no mark") when marks are words
+        self.mark_scale = nn.Parameter(torch.tensor(4.0))
 
     def parameters(self, recurse: bool = True):  # exclude the shared embedding
-        return iter([self.digit_bias, self.digit_scale, *self.pos_head.parameters()])
+        return iter([self.digit_bias, self.digit_scale, self.none_mark, self.mark_scale, *self.pos_head.parameters()])
+
+    def mark_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        if not len(self.mark_ids):
+            return self.pos_head(feats)
+        classes = torch.cat([self.none_mark, self.embed.weight[self.mark_ids]])  # [num_marks, hidden]
+        return self.mark_scale.exp() * F.normalize(feats, dim=-1) @ F.normalize(classes, dim=-1).T
 
     def features(self, model, enc: dict) -> torch.Tensor:
         """[B, tokens, hidden] visual features of each image (base tile for LLaVA-OV)."""
@@ -230,7 +251,7 @@ class VisionAux(nn.Module):
         e = F.normalize(emb, dim=-1)
         logits = self.digit_scale.exp() * f @ e.T + self.digit_bias
         loss = F.cross_entropy(logits.reshape(-1, 10), target.reshape(-1), ignore_index=-100)
-        mark_logits = self.pos_head(feats)
+        mark_logits = self.mark_logits(feats)
         marks = self.task.mark_targets(samples)[:, cells]
         loss = loss + F.cross_entropy(mark_logits.reshape(-1, self.task.num_marks), marks.reshape(-1))
         has = target >= 0
@@ -400,7 +421,7 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
         lr = lr_at(step, args.steps, args.warmup, args.lr, args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        samples = task.generate("train", args.batch_size, start=step * args.batch_size)
+        samples = task.generate("train", args.batch_size, start=step * args.batch_size, easy=step < args.curriculum_steps)
         enc = batcher.train_batch(samples)
         out = model(**enc, use_cache=False)
         loss = out.loss
@@ -431,6 +452,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=("digits", "needle"), default="digits", help="training data (tlq.data.<task>)")
     p.add_argument("--family", choices=("qwen2_vl", "llava_onevision"), required=True)
+    p.add_argument("--needle-asked", default="", help="needle: frame colours questions name (comma list; default all)")
     p.add_argument("--out", required=True, help="model directory to write (e.g. src/tlq/builtin/digits-qwen2vl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
@@ -448,7 +470,7 @@ def parse_args(argv=None):
         "--rope-theta",
         type=float,
         default=None,
-        help="RoPE base (default: 10 for qwen2_vl, 1e6 for llava_onevision). Qwen's M-RoPE gives the image rows and "
+        help="RoPE base (default: 10 for qwen2_vl digits, else 1e6). Qwen's M-RoPE gives the image rows and "
         "columns only the lowest frequencies; with base 1e6 and head_dim 32 neighbouring visual tokens differ by "
         "<0.03 rad, so the decoder cannot tell the 2x2 image tokens apart by position",
     )
@@ -462,6 +484,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--vision-steps", type=int, default=600)
+    p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--aux-weight", type=float, default=0.2)
     p.add_argument("--eval-every", type=int, default=250)
@@ -505,7 +528,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     task = make_task(args)
     if args.rope_theta is None:
-        args.rope_theta = 10.0 if args.family == "qwen2_vl" else 1_000_000.0
+        # base 10 separates the 2x2 digits tokens by position (see --rope-theta); the needle lookup is by
+        # content across 100+ tokens, where base 10 turns every long-range q.k into position noise
+        args.rope_theta = 10.0 if args.family == "qwen2_vl" and task.name == "digits" else 1_000_000.0
     info_path = out / "tlq_tiny.json"
     test_split, test_n = task.bench_sets["test"]
 
@@ -561,7 +586,8 @@ def main(argv=None) -> int:
     log(f"parameters: {n_params / 1e6:.2f}M total, {n_dec / 1e6:.2f}M in decoder layers")
     torch.manual_seed(args.seed)
     digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    aux = VisionAux(args.family, model, task, digit_ids)
+    mark_ids = [processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize(" " + w)[0]) for w in task.mark_words]
+    aux = VisionAux(args.family, model, task, digit_ids, mark_ids)
     val = task.generate("val", args.val_samples)
     record = train(args, model, processor, task, aux, val)
 

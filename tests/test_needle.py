@@ -53,11 +53,22 @@ def test_relevant_tokens_are_sparse_and_answers_cover_all_digits():
     assert min(len(s.question.split()) for s in samples) >= 15
 
 
+def test_a_fixed_cue_always_asks_that_colour_among_look_alikes():
+    cfg = NeedleVQAConfig(asked_colours=("red",))
+    for s in generate_samples("val", 30, cfg):
+        assert s.extra["frame"] == "red" and "red" in s.question and len(s.turns) == 1
+        assert sum(m > 0 for m in s.marks) == cfg.num_framed  # the other frames stay, as distractors
+    # the default (every colour may be asked) is unchanged by the option's existence
+    assert generate_samples("val", 1)[0].extra == generate_samples("val", 1, NeedleVQAConfig())[0].extra
+
+
 def test_config_is_checked():
     with pytest.raises(ConfigError, match="do not fit"):
         NeedleVQAConfig(rows=2, cols=2)
     with pytest.raises(ConfigError, match="num_framed"):
         NeedleVQAConfig(num_framed=5)
+    with pytest.raises(ConfigError, match="asked_colours"):
+        NeedleVQAConfig(asked_colours=("purple",))
 
 
 def test_jsonl_keeps_ground_truth_that_calibration_ignores(tmp_path):

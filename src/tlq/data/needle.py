@@ -58,7 +58,7 @@ PREAMBLE: tuple[str, ...] = (
     "Some digits are scattered over the page and a few of them are marked with coloured frames.",
     "The background has smudges and faint strokes that are not digits.",
     "Please look at the whole page carefully before you answer.",
-    "The frames can be red, green, blue or yellow.",
+    "Frames are drawn around some of the digits.",
     "Answer with a single digit and nothing else.",
     "Digits without a frame are not part of the question.",
     "The page was scanned in colour at low resolution.",
@@ -91,6 +91,9 @@ class NeedleVQAConfig:
         intensity_range: a digit's brightness factor range.
         noise_std: Gaussian pixel noise (fraction of 255).
         preamble_range: (min, max) number of preamble sentences before each question.
+        asked_colours: the frame colours a question may name; every image holds at least one of them and
+            the other framed digits are look-alike distractors. One colour (e.g. ``("red",)``) makes the
+            cue fixed, so the question's text no longer chooses the target.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
     """
 
@@ -106,6 +109,7 @@ class NeedleVQAConfig:
     intensity_range: tuple[float, float] = (0.6, 1.0)
     noise_std: float = 0.04
     preamble_range: tuple[int, int] = (2, 4)
+    asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
     test_fraction: float = 0.3
     seed: int = 0
 
@@ -121,6 +125,9 @@ class NeedleVQAConfig:
             )
         if not 8 <= self.digit_px <= self.cell_px - 2 * self.frame_px:
             raise ConfigError(f"digit_px must be in [8, cell_px - 2 * frame_px], got {self.digit_px}")
+        unknown = sorted(set(self.asked_colours) - set(FRAME_COLOURS))
+        if not self.asked_colours or unknown:
+            raise ConfigError(f"asked_colours must be a non-empty subset of {list(FRAME_COLOURS)}, got {list(self.asked_colours)}")
         lo, hi = self.preamble_range
         if not 0 <= lo <= hi <= len(PREAMBLE):
             raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {len(PREAMBLE)}, got {self.preamble_range}")
@@ -216,12 +223,15 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     cells = {cell: (scan(lab), float(img_rng.uniform(lo, hi))) for cell, lab in zip(digit_cells, labels)}
     names = list(FRAME_COLOURS)
     colours = [names[int(i)] for i in img_rng.choice(len(names), size=cfg.num_framed, replace=False)]
+    if not set(colours) & set(cfg.asked_colours):  # never with the default (every colour may be asked)
+        free = [c for c in cfg.asked_colours if c not in colours]
+        colours[0] = free[int(img_rng.integers(len(free)))]
     frames = dict(zip(digit_cells[: cfg.num_framed], colours))
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
     image = _render(cells, frames, fragments, cfg, img_rng)
 
     cell_label = dict(zip(digit_cells, labels))
-    framed = list(frames.items())  # (cell, colour), one turn per colour
+    framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
     framed = framed[first:] + framed[:first]
     turns = [(_question(colour, cfg, q_rng), str(cell_label[cell])) for cell, colour in framed]
