@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tlq.api import build_config, calibrate, load_model
-from tlq.builtin import builtin_dir
+from tlq.builtin import builtin_dir, builtin_set
 from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
 from tlq.data.records import choose, read_jsonl
 from tlq.eval.paired import mcnemar
@@ -135,8 +135,9 @@ def val_records(model_dir: Path, n: int) -> list[Any]:
 
     from tlq.data import digits
 
-    if (model_dir / "val.jsonl").is_file():
-        return read_jsonl(model_dir / "val.jsonl")[:n]
+    val = builtin_set(model_dir, "val")
+    if val is not None:
+        return read_jsonl(val)[:n]
     info = json.loads((model_dir / "tlq_tiny.json").read_text())
     cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
     out = Path(tempfile.mkdtemp(prefix="tlq-val-"))
@@ -160,7 +161,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any]:
     ref = f"builtin:{model}"
     mdir = builtin_dir(ref)
-    records = choose(read_jsonl(mdir / "test.jsonl"), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
+    records = choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
     ecfg = EvalConfig()
     fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
@@ -181,7 +182,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 if stress is not None:
                     cfg.scheme = stress
                 cfg.importance = dc_replace(cfg.importance, **importance)
-                run = calibrate(ref, mdir / "calib.jsonl", cfg, progress=False)
+                run = calibrate(ref, builtin_set(mdir, "calib"), cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
                              "correct": "".join("1" if c else "0" for c in scores.correct)})

@@ -23,7 +23,7 @@ from typing import Any
 from _report import write_report
 from cost import _timed, run_llmcompressor, run_method
 
-from tlq.builtin import builtin_dir
+from tlq.builtin import builtin_dir, builtin_set
 
 
 def evaluate(model: str, exports: dict[str, Path], n: int, work: Path) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = builtin_dir(f"builtin:{args.model}")
-    calib = model_dir / "calib.jsonl"
+    calib = builtin_set(model_dir, "calib")
     rows, exports = [], {}
     for method in args.methods.split(","):
         rows.append({**run_method(model_dir, calib, "w4a16", method, args.num_calib, work), "method": f"tlq {method}"})

@@ -642,12 +642,27 @@ def _jsonable(cfg) -> dict:
 
 
 def write_bench(out: Path, task: Task) -> None:
-    """The model's own sets (calib.jsonl, test.jsonl, and val.jsonl for needle) with their images."""
+    """The model's own sets: digits ships calib.jsonl / test.jsonl with their images; needle, whose
+    1,428 noisy PNGs would be ~75 MB, ships sets.json, the recipe tlq.builtin generates them from on
+    first use, with each set's digest computed here from a generated copy."""
     import shutil
+    import tempfile
+
+    from tlq.builtin import SETS_FILE, set_digest, write_set
 
     for stem, (split, n) in task.bench_sets.items():
         shutil.rmtree(out / f"{stem}_images", ignore_errors=True)
-        digits.write_jsonl(task.generate(split, n, bench=True), out, stem)
+        (out / f"{stem}.jsonl").unlink(missing_ok=True)
+        if task.name == "digits":
+            digits.write_jsonl(task.generate(split, n, bench=True), out, stem)
+    if task.name == "digits":
+        return
+    recipe = {"generator": task.name, "config": _jsonable(task.bench_cfg), "sets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stem, (split, n) in task.bench_sets.items():
+            path = write_set(recipe, split, n, Path(tmp), stem)
+            recipe["sets"][stem] = {"split": split, "samples": n, "sha256": set_digest(path)}
+    (out / SETS_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
 
 
 def add_outliers_checked(args, model, batcher: Batcher, val) -> dict:

@@ -31,3 +31,45 @@ def test_unknown_builtin_names_the_available_ones():
 
 def test_user_data_overrides_builtin_defaults(tmp_path):
     assert default_dataset("builtin:digits-qwen2vl", "calib", tmp_path / "mine.jsonl") == tmp_path / "mine.jsonl"
+
+
+def _needle_recipe(tmp_path, sizes: dict[str, int]) -> dict:
+    from dataclasses import asdict
+
+    from tlq.builtin import set_digest, write_set
+    from tlq.data.needle import NeedleVQAConfig
+
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(NeedleVQAConfig(asked_colours=("red",))).items()}
+    recipe = {"generator": "needle", "config": cfg, "sets": {}}
+    for stem, n in sizes.items():
+        split = {"calib": "calibration"}.get(stem, stem)
+        path = write_set(recipe, split, n, tmp_path / "reference", stem)
+        recipe["sets"][stem] = {"split": split, "samples": n, "sha256": set_digest(path)}
+    return recipe
+
+
+def test_recipe_sets_are_generated_once_and_checked(tmp_path, monkeypatch, capsys):
+    """A built-in model may ship its sets as a recipe: generated on first use into the cache, reused
+    after, and refused if the generator no longer reproduces the digest the model was measured on."""
+    from tlq.builtin import SETS_FILE, builtin_set
+
+    model_dir = tmp_path / "needle-test"
+    model_dir.mkdir()
+    recipe = _needle_recipe(tmp_path, {"calib": 3, "test": 4})
+    (model_dir / SETS_FILE).write_text(json.dumps(recipe))
+    monkeypatch.setenv("TLQ_CACHE_DIR", str(tmp_path / "cache"))
+
+    calib = builtin_set(model_dir, "calib")
+    assert calib is not None and str(calib).startswith(str(tmp_path / "cache"))
+    assert len(read_jsonl(calib)) == 3 and len(read_jsonl(builtin_set(model_dir, "test"))) == 4
+    assert (tmp_path / "reference" / "calib.jsonl").read_bytes() == calib.read_bytes()
+    assert "generating the calib set" in capsys.readouterr().err
+    stamp = calib.stat().st_mtime_ns
+    assert builtin_set(model_dir, "calib") == calib and calib.stat().st_mtime_ns == stamp  # reused, not regenerated
+    assert "generating" not in capsys.readouterr().err
+    assert builtin_set(model_dir, "val") is None  # not in the recipe
+
+    recipe["sets"]["test"]["sha256"] = "0" * 64  # a generator that drifted from what the model was measured on
+    (model_dir / SETS_FILE).write_text(json.dumps(recipe))
+    with pytest.raises(ConfigError, match="does not match"):
+        builtin_set(model_dir, "test")
