@@ -15,7 +15,7 @@ What it does, in order:
 1. ``tlq.models.tiny.make_tiny_vlm`` writes an untrained checkpoint (config, tokenizer trained on the digits
    corpus, processor, chat template) into ``--out``; the weights are then trained in memory.
 2. Vision pretraining (``--vision-steps``): vision tower + merger/projector with an auxiliary linear classifier
-   that reads each visual token and predicts the digit under it (DESIGN.md section 6).
+   that reads each visual token and predicts the digit under it.
 3. Joint training (``--steps``): every sequence holds ``turns_per_sample`` question/answer turns about one
    image (multi-turn from step 0), cross-entropy only on answer tokens (+ their ``<|im_end|>``), the
    auxiliary digit loss kept on with weight ``--aux-weight``. AdamW, linear warm-up, cosine decay.
@@ -27,7 +27,7 @@ What it does, in order:
    divided by ``a`` and the matching input column of every Linear that reads that norm (q/k/v after
    ``input_layernorm``, gate/up after ``post_attention_layernorm``) multiplied by ``a``. Exact in float32 and
    bfloat16 (powers of two); the script checks the logits are unchanged. It gives the decoder weights the
-   outlier columns real LLMs have, which makes RTN damage measurable (DESIGN.md section 6).
+   outlier columns real LLMs have, which makes RTN damage measurable (docs/builtin-models.md).
 5. Saves safetensors (``--save-dtype``) in the same directory, writes ``calib.jsonl`` (128 samples,
    calibration split) and ``test.jsonl`` (500 samples, test split) with their images, and
    ``tlq_tiny.json`` with the training record and measurements.

@@ -39,7 +39,7 @@ fresh training batches on the fly. Nothing touches the global numpy / random / t
 Multi-turn training. Every ``Sample`` also carries ``turns``: ``turns_per_sample`` distinct
 (question, answer) pairs about the same image, the first being the sample's own question. Training
 on several answers per image and sequence is what let a tiny language model learn to read the
-visual tokens (DESIGN.md section 6); evaluation and calibration use the single ``question``.
+visual tokens (an earlier single-turn attempt did not); evaluation and calibration use the single ``question``.
 
 Typical use::
 
