@@ -98,8 +98,25 @@ _ROW_NAMES = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 _COL_NAMES = {1: ("",), 2: ("left", "right"), 3: ("left", "middle", "right")}
 
 
+class CellGrid:
+    """Geometry of a canvas of ``rows x cols`` square cells of ``cell_px`` pixels (one visual token each)."""
+
+    rows: int
+    cols: int
+    cell_px: int
+
+    @property
+    def num_cells(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels, as PIL reports it."""
+        return (self.cols * self.cell_px, self.rows * self.cell_px)
+
+
 @dataclass(frozen=True)
-class DigitsVQAConfig:
+class DigitsVQAConfig(CellGrid):
     """Everything that decides the generated data. Same config -> same samples, byte for byte.
 
     Attributes:
@@ -180,12 +197,7 @@ class DigitsVQAConfig:
 
     @property
     def num_digits(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(width, height)`` in pixels, as PIL reports it."""
-        return (self.cols * self.cell_px, self.rows * self.cell_px)
+        return self.num_cells
 
     @property
     def max_sum(self) -> int:

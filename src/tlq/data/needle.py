@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from tlq.config import ConfigError
-from tlq.data.digits import SPLITS, Sample, label_pools, load_scans
+from tlq.data.digits import SPLITS, CellGrid, Sample, label_pools, load_scans
 
 __all__ = [
     "FRAME_COLOURS",
@@ -76,7 +76,7 @@ DEFAULT_SIZES: dict[str, int] = {"calibration": 128, "val": 300, "test": 1000}
 
 
 @dataclass(frozen=True)
-class NeedleVQAConfig:
+class NeedleVQAConfig(CellGrid):
     """Everything that decides the generated data. Same config -> same samples, byte for byte.
 
     Attributes:
@@ -131,15 +131,6 @@ class NeedleVQAConfig:
         lo, hi = self.preamble_range
         if not 0 <= lo <= hi <= len(PREAMBLE):
             raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {len(PREAMBLE)}, got {self.preamble_range}")
-
-    @property
-    def num_cells(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """``(width, height)`` in pixels."""
-        return (self.cols * self.cell_px, self.rows * self.cell_px)
 
 
 def _digit_patch(scan: np.ndarray, px: int) -> np.ndarray:
