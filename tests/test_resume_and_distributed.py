@@ -34,6 +34,7 @@ def _quantize_args(model: Path, calib: Path, out: Path, *extra: str, scheme: str
             "--method", method, "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_path):
     ref = _tlq(*_quantize_args(deep_model, tiny_calib_jsonl, tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
@@ -61,6 +62,7 @@ def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_pat
     [("w4a8", "tlq", (), ()), ("w3a16", "mbq", (), ()), ("w4a16", "gptq", ("--gptq-target", "fp"), ("--stream",))],
     ids=["tlq-w4a8", "mbq-w3a16", "gptq-fp-target-w4a16-2-ranks-streamed"],
 )
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, common_extra, two_rank_extra):
     """TLQ (importance, token selection, weighted GPTQ) and MBQ (modality weights, scale search); and
     GPTQ with the FP target (its cross statistics all-reduced too), 2 ranks each streaming the layers

@@ -107,6 +107,7 @@ def test_streamed_quantize_writes_the_in_memory_checkpoint(tiny_vlm_dir, tiny_ca
     assert shards == [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]  # one per layer + the rest
 
 
+@pytest.mark.slow
 def test_streamed_run_resumes_after_a_kill_byte_identical(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
     model_dir = tiny_vlm_dir("qwen2_vl", num_layers=4)
 

@@ -121,6 +121,7 @@ def test_missing_calib_is_refused_before_the_model_loads(project, tmp_path):
     assert time.perf_counter() - t0 < FAST_SECONDS
 
 
+@pytest.mark.slow
 def test_cases_that_already_worked_still_do(project, tmp_path):
     """Missing model, unsupported architecture, a bad JSON line, groups that do not tile the layers."""
     before = tree_hash(project)
@@ -193,6 +194,7 @@ def _model_with(project: Path, dest: Path, key_part: str, fill: float) -> str:
     return key
 
 
+@pytest.mark.slow
 def test_nan_weight_is_named_at_load_and_nothing_is_written(project, tmp_path):
     key = _model_with(project, tmp_path / "nan_model", "layers.1.mlp.down_proj", float("nan"))
     for method in ("rtn", "gptq"):
@@ -202,6 +204,7 @@ def test_nan_weight_is_named_at_load_and_nothing_is_written(project, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["nan_model"]  # no output, no resume state
 
 
+@pytest.mark.slow
 def test_float16_overflow_names_the_layer_and_suggests_bfloat16(project, tmp_path):
     """A weight that fp16 holds but whose activations overflow it (an RMSNorm gain of 60000: its output's
     largest channel exceeds 65504): caught in the layer, named, nothing written."""
@@ -214,6 +217,7 @@ def test_float16_overflow_names_the_layer_and_suggests_bfloat16(project, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hot_model"]  # no output, no resume state
 
 
+@pytest.mark.slow
 def test_answers_cut_by_max_seq_len(project, tmp_path):
     long_q = "Please look very carefully at the picture. " * 30 + "What color is the square?"
     calib = _calib_with(tmp_path, project, [{"image": "images/img_0.png", "question": long_q, "answer": "red"}] * 2)
@@ -222,6 +226,7 @@ def test_answers_cut_by_max_seq_len(project, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_success_replaces_only_its_own_output_and_sweeps_leftovers(project, tmp_path):
     """Run twice into the same --out: the second replaces the first (said so), and what killed runs
     left beside it (staging dirs of dead processes, a stale resume dir) is gone afterwards."""
@@ -294,6 +299,7 @@ def test_eval_refuses_an_unquantized_or_foreign_checkpoint(project, quantized_ou
     assert_one_line_error(r, "is not a quantization of --model", "num_hidden_layers 12 vs 2")
 
 
+@pytest.mark.slow
 def test_eval_warns_on_empty_answers_and_short_sets(project, quantized_out, tmp_path):
     data = _calib_with(tmp_path, project, [{"image": "images/img_0.png", "question": "What color?", "answer": ""},
                                            {"image": "images/img_1.png", "question": "What color?", "answer": "green"}])
