@@ -162,6 +162,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     ref = f"builtin:{model}"
     mdir = builtin_dir(ref)
     records = choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
+    calib = builtin_set(mdir, "calib")  # resolved (and its digest checked) once, not per run
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
     ecfg = EvalConfig()
     fp_scores, ref_logps = score_model("fp16", fp_model, processor, adapter, records, dev, ecfg, progress=False)
@@ -182,10 +183,10 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 if stress is not None:
                     cfg.scheme = stress
                 cfg.importance = dc_replace(cfg.importance, **importance)
-                run = calibrate(ref, builtin_set(mdir, "calib"), cfg, progress=False)
+                run = calibrate(ref, calib, cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
-                             "correct": "".join("1" if c else "0" for c in scores.correct)})
+                             "correct": scores.correct_bits})
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s)", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
             rows["cells"][f"{scheme}/{name}"] = {

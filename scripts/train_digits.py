@@ -96,7 +96,7 @@ class Task:
 
     @property
     def num_cells(self) -> int:
-        return self.cfg.rows * self.cfg.cols
+        return self.cfg.num_cells
 
     def generate(self, split: str, n: int, start: int = 0, bench: bool = False, easy: bool = False) -> list:
         cfg = self.bench_cfg if bench else (self.easy_cfg if easy and self.easy_cfg is not None else self.cfg)

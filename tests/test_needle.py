@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tlq.config import ConfigError
-from tlq.data import needle
 from tlq.data.digits import write_jsonl
 from tlq.data.needle import FRAME_COLOURS, NeedleVQAConfig, generate_samples
 from tlq.data.records import read_jsonl, relevant_visual_tokens

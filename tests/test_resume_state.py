@@ -43,7 +43,7 @@ def layer_data(i: int):
 
 
 def assert_layer_equal(loaded, expected):
-    (ls, lq, lr), (es, eq, _streams, er) = loaded, expected
+    (ls, lq, lr), (es, eq, _, er) = loaded, expected
     assert list(ls) == list(es) and all(torch.equal(ls[k], es[k]) and ls[k].dtype == es[k].dtype for k in es)
     assert list(lq) == list(eq)
     for name, qw in eq.items():

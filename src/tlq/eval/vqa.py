@@ -41,6 +41,11 @@ class ModelScores:
     predictions: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)  # per sample, for paired tests between models
 
+    @property
+    def correct_bits(self) -> str:
+        """``correct`` as a "1"/"0" string: how reports store it (compact, and pairs line up by position)."""
+        return "".join("1" if c else "0" for c in self.correct)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -49,7 +54,7 @@ class ModelScores:
             "kl": self.kl,
             "retained_pct": self.retained_pct,
             "num_samples": self.num_samples,
-            "correct": "".join("1" if c else "0" for c in self.correct),
+            "correct": self.correct_bits,
         }
 
 
@@ -88,7 +93,7 @@ def answer_logprobs(model: nn.Module, processor: Any, adapter: ModelAdapter, rec
 
 def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapter, records: list[CalibRecord], device: torch.device, cfg: EvalConfig, reference: list[Tensor] | None = None, progress: bool = True) -> tuple[ModelScores, list[Tensor]]:
     """Accuracy, NLL and (given the reference's log-probs) KL of one model; returns its log-probs too."""
-    correct, nll_sum, n_tok, kl_sum = 0, 0.0, 0, 0.0
+    nll_sum, n_tok, kl_sum = 0.0, 0, 0.0
     logps: list[Tensor] = []
     preds: list[str] = []
     hits: list[bool] = []
@@ -96,7 +101,6 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
         pred = greedy_answer(model, processor, rec, device, cfg.max_new_tokens)
         preds.append(pred)
         hits.append(normalize_answer(pred) == normalize_answer(reference_answer(rec)))
-        correct += hits[-1]
         lp, targets = answer_logprobs(model, processor, adapter, rec, device, cfg.max_seq_len)
         nll_sum += float(-lp.gather(1, targets[:, None]).sum())
         n_tok += len(targets)
@@ -106,7 +110,7 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
         logps.append(lp)
     scores = ModelScores(
         name=name,
-        accuracy=correct / len(records),
+        accuracy=sum(hits) / len(records),
         nll=nll_sum / max(n_tok, 1),
         kl=kl_sum / max(n_tok, 1) if reference is not None else None,
         num_samples=len(records),

@@ -38,22 +38,18 @@ def needs_dequantize_route(out_dir: Path) -> bool:
 def runtime_ignore(cls: Any, config: Any, ignore: list[str]) -> list[str]:
     """``ignore`` with every plain entry that names a checkpoint key renamed to the runtime module name
     (``re:`` patterns and names that already exist are kept)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from tlq.models.streaming import KeyRenamer
 
     with torch.device("meta"):
         skeleton = cls(config)
     modules = {name for name, _ in skeleton.named_modules()}
-    transforms = get_model_conversion_mapping(skeleton)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    expected = skeleton.state_dict()
+    rename = KeyRenamer(skeleton)
     out = []
     for entry in ignore:
         if entry.startswith("re:") or entry in modules:
             out.append(entry)
             continue
-        key, _ = rename_source_key(f"{entry}.weight", renamings, converters, skeleton.base_model_prefix, expected)
+        key, _ = rename(f"{entry}.weight")
         renamed = key.removesuffix(".weight")
         out.append(renamed if renamed in modules else entry)
     return out

@@ -77,6 +77,35 @@ def checkpoint_files(model_dir: Path) -> dict[str, list[str]]:
     )
 
 
+class KeyRenamer:
+    """The renames ``from_pretrained`` applies to one model's checkpoint keys (e.g. a hub Qwen2-VL's
+    ``model.layers.N`` -> ``model.language_model.layers.N``), from transformers' own conversion mapping.
+
+    Shared by streamed loading (keys -> module names) and the reload of foreign exports (ignore-list
+    entries written as checkpoint keys), so both follow exactly what ``from_pretrained`` does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self._prefix = model.base_model_prefix
+        self._expected = model.state_dict()
+
+    def __call__(self, key: str) -> tuple[str, Any]:
+        """``(in-memory name, converter)`` of checkpoint ``key``; the converter is None for a plain rename."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, self.renamings, self.converters, self._prefix, self._expected)
+
+    def used(self) -> list[Any]:
+        """The renames that matched a key so far (what an export must reverse)."""
+        return [t for t in self.renamings if t.was_used()]
+
+
 class CheckpointIndex:
     """Where every tensor of the model lives on disk, keyed by its in-memory name.
 
@@ -86,25 +115,19 @@ class CheckpointIndex:
     """
 
     def __init__(self, model_dir: Path, model: nn.Module) -> None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
         self.model_dir = Path(model_dir)
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        expected = model.state_dict()
+        rename = KeyRenamer(model)
         self.location: dict[str, tuple[str, str]] = {}  # name -> (file, checkpoint key)
         for file, keys in checkpoint_files(self.model_dir).items():
             for key in keys:
-                name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+                name, converter = rename(key)
                 if converter is not None:
                     raise ConfigError(
                         f"checkpoint tensor {key!r} needs a weight conversion ({converter}), which streaming does "
                         "not apply; run without --stream"
                     )
                 self.location[name] = (file, key)
-        self.conversions = [t for t in renamings if t.was_used()]
+        self.conversions = rename.used()
 
     def load(self, names: Iterable[str], device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Read ``names`` (in-memory names) from disk, floating tensors cast to ``dtype``."""
