@@ -113,14 +113,36 @@ class Task:
         return torch.tensor([s.marks for s in samples])
 
 
+def needle_options(pairs: list[str]) -> dict:
+    """``["noise_std=0.25", "intensity_range=(0.4, 1.0)"]`` -> NeedleVQAConfig overrides, each value parsed
+    as a Python literal and checked against the field's default type (so a typo fails before training)."""
+    import ast
+    from dataclasses import fields
+
+    known = {f.name: f.default for f in fields(NeedleVQAConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--needle-option {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}")
+        value = ast.literal_eval(text)
+        if isinstance(known[key], float) and isinstance(value, int):
+            value = float(value)
+        if type(value) is not type(known[key]):
+            raise SystemExit(f"--needle-option {pair!r}: {key} takes a {type(known[key]).__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
 def make_task(args) -> Task:
     if args.task == "needle":
         asked = tuple(args.needle_asked.split(",")) if args.needle_asked else tuple(needle.FRAME_COLOURS)
-        cfg = NeedleVQAConfig(seed=args.seed, asked_colours=asked)
+        cfg = NeedleVQAConfig(seed=args.seed, asked_colours=asked, **needle_options(args.needle_option))
         sets = {"calib": ("calibration", args.calib_samples), "val": ("val", args.bench_val_samples), "test": ("test", args.test_samples or 1000)}
         from dataclasses import replace
 
-        easy = replace(cfg, num_plain=0, num_fragments=0)
+        # the easy data of the curriculum: no clutter, or the fields --curriculum-option names
+        easy = replace(cfg, **needle_options(args.curriculum_option)) if args.curriculum_option else replace(cfg, num_plain=0, num_fragments=0)
         return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets, tuple(needle.FRAME_COLOURS), easy)
     cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
     bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
@@ -453,6 +475,7 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=("digits", "needle"), default="digits", help="training data (tlq.data.<task>)")
     p.add_argument("--family", choices=("qwen2_vl", "llava_onevision"), required=True)
     p.add_argument("--needle-asked", default="", help="needle: frame colours questions name (comma list; default all)")
+    p.add_argument("--needle-option", action="append", default=[], metavar="FIELD=VALUE", help="needle: override a NeedleVQAConfig field (repeatable), e.g. noise_std=0.25")
     p.add_argument("--out", required=True, help="model directory to write (e.g. src/tlq/builtin/digits-qwen2vl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
@@ -485,6 +508,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--vision-steps", type=int, default=600)
     p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
+    p.add_argument("--curriculum-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--aux-weight", type=float, default=0.2)
     p.add_argument("--eval-every", type=int, default=250)

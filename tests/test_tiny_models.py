@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tlq.models.tiny import FAMILIES, QWEN_FAMILIES as QWEN, build_tokenizer, interleaved_mrope_section, make_tiny_vlm, mrope_section
+from tlq.models.tiny import FAMILIES, QWEN3_VL_FAMILIES, QWEN_FAMILIES as QWEN, build_tokenizer, interleaved_mrope_section, make_tiny_vlm, mrope_section
 
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionForConditionalGeneration"),
 }
 # visual tokens for a (W, H) image with the default build (Qwen: 14-px patches, 2x2 merge; Qwen3-VL: 16-px
@@ -24,6 +25,7 @@ EXPECTED_IMAGE_TOKENS = {
     "qwen2_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "qwen2_5_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "qwen3_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
+    "qwen3_vl_moe": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "llava_onevision": {(56, 56): 36, (84, 56): 44, (56, 84): 46},
 }
 
@@ -67,9 +69,9 @@ def test_reload_forward_generate(family, tiny_vlm_dir, tiny_calib_jsonl):
     assert len(layers) == 2
     if family in QWEN:
         assert hasattr(model.model, "visual") and hasattr(model.model.visual, "merger")
-        split = interleaved_mrope_section if family == "qwen3_vl" else mrope_section
+        split = interleaved_mrope_section if family in QWEN3_VL_FAMILIES else mrope_section
         assert cfg.text_config.rope_parameters["mrope_section"] == split(128 // 4)
-        if family == "qwen3_vl":  # DeepStack fires: one merger per intermediate vision block
+        if family in QWEN3_VL_FAMILIES:  # DeepStack fires: one merger per intermediate vision block
             assert cfg.vision_config.deepstack_visual_indexes == [0, 1]
             assert len(model.model.visual.deepstack_merger_list) == 2
     else:

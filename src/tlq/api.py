@@ -156,7 +156,7 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
     del fp_model
     comparisons = []
     for q in quantized:
-        q_model = load_quantized(Path(q), adapter.spec.model_class, dev, dt)
+        q_model = load_quantized(Path(q), adapter.spec.model_class, dev, dt, adapter=adapter)
         scores, _ = score_model(str(q), q_model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=progress)
         comparisons.append(compare(fp_scores, scores))
         del q_model

@@ -113,8 +113,15 @@ class GPTQConfig:
     # inputs the quantized path delivers); "fp" = W X_fp (GPTAQ-style: the FP model's own output, so the
     # solver also undoes the error of the layers and linears before it). See tlq.quant.gptq.
     target: str = "quantized"
+    # A linear that saw fewer positive-weight token rows than this (a rarely routed MoE expert) is
+    # quantized by RTN instead: a Hessian of a handful of rows fits the solve to those rows and spreads
+    # the compensation over the directions no row covered. Provisional (not yet chosen on a val split of
+    # a trained MoE); dense linears see thousands of rows, so it never applies to them.
+    min_tokens: int = 16
 
     def __post_init__(self) -> None:
+        if self.min_tokens < 1:
+            raise ConfigError(f"--gptq-min-tokens must be >= 1 (routed rows below which an expert falls back to RTN, default 16), got {self.min_tokens}")
         if not 0.0 <= self.damp_percent < 1.0:
             raise ConfigError(f"--damp must be in [0, 1) (a fraction of the mean Hessian diagonal, default 0.01), got {self.damp_percent}")
         if self.block_size < 1:
@@ -447,6 +454,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("damp_percent", "gptq.damp_percent", "GPTQ dampening, a fraction of the mean Hessian diagonal", group="GPTQ", type=float, flag="--damp"),
     Option("block_size", "gptq.block_size", "GPTQ lazy-batch block (columns)", group="GPTQ", type=int),
     Option("act_order", "gptq.act_order", "GPTQ: quantize columns by decreasing Hessian diagonal", group="GPTQ", type=bool),
+    Option("gptq_min_tokens", "gptq.min_tokens", "GPTQ: a linear (MoE expert) that saw fewer routed token rows is quantized by RTN", group="GPTQ", type=int),
     Option("solver", "solver", "per-linear solver", group=_PARTS, choices=SOLVERS),
     Option("gptq_target", "gptq.target", "GPTQ matches each linear's output to W X_q (quantized: plain GPTQ) or to the FP model's W X_fp "
            "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)", group=_PARTS, choices=GPTQ_TARGETS),

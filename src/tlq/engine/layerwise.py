@@ -17,10 +17,11 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace as dc_replace
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,7 @@ from tlq.data.calibration import CalibSample
 from tlq.utils.finite import NonFiniteError, dtype_hint, is_finite
 from tlq.utils.timing import PhaseClock
 from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
+from tlq.models.moe import RoutedLinear, rows_of
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
@@ -61,6 +63,10 @@ class LayerReport:
     peak_mem_mb: float  # GPU peak on CUDA, else the process's peak RSS so far
     num_linears: int
     search_alphas: dict[str, float] = field(default_factory=dict)  # producer -> chosen exponent (NaN = unscaled)
+    # MoE: positive-weight token rows each routed linear was solved on (name within the layer), and
+    # which of them fell back to RTN (fewer than GPTQConfig.min_tokens rows)
+    routed_tokens: dict[str, int] = field(default_factory=dict)
+    rtn_fallback: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -104,7 +110,49 @@ def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> l
             if not any(name in g for g in groups):
                 groups.append([name])
                 owners.append(x)
-    return groups
+    return _merge_expert_stages(groups, linears)
+
+
+def _expert_stage(name: str) -> str:
+    """``mlp.experts.3.gate_proj`` -> ``mlp.experts.*.gate_proj``: the same linear of every expert."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def _merge_expert_stages(groups: list[list[str]], linears: dict[str, nn.Module]) -> list[list[str]]:
+    """One group per stage of a MoE block instead of one per expert, and every expert in it.
+
+    Experts are independent of one another (each reads the block's input rows routed to it), so all
+    experts' ``gate/up`` form one group and all ``down`` the next, in execution order: one observation
+    pass per stage instead of one per expert, with the same statistics. Experts the discovery sample
+    did not route to join their stage (or, with no routed expert at all, a group of their own at the
+    end), so that every expert is calibrated.
+    """
+    out: list[list[str]] = []
+    stage_of: dict[str, list[str]] = {}
+    for group in groups:
+        if not all(isinstance(linears[n], RoutedLinear) for n in group):
+            out.append(group)
+            continue
+        key = " ".join(sorted(_expert_stage(n) for n in group))
+        if key in stage_of:
+            stage_of[key].extend(group)
+        else:
+            stage_of[key] = list(group)
+            out.append(stage_of[key])
+    placed = {n for g in out for n in g}
+    by_linear = {stage: g for key, g in stage_of.items() for stage in key.split()}
+    for name in linears:
+        if name in placed or not isinstance(linears[name], RoutedLinear):
+            continue
+        group = by_linear.get(_expert_stage(name))
+        if group is None:
+            group = [name]
+            out.append(group)
+            by_linear[_expert_stage(name)] = group
+        else:
+            group.append(name)
+        placed.add(name)
+    return out
 
 
 class LayerwiseEngine:
@@ -193,8 +241,10 @@ class LayerwiseEngine:
         # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
         # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's;
         # passed without a local name here, so that _calibrate_layer can free it as soon as it is done
+        routed: dict[str, int] = {}
+        fallback: list[str] = []
         with self.clock("statistics + solve (GPTQ/RTN, FP target)"):
-            quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None)
+            quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None, routed, fallback)
         with self.clock("quantized stream"):
             q_out = self._advance(i, layer, x_q, kwargs, between)
         num, den = squared_error_sums(q_out, fp_out)
@@ -208,6 +258,8 @@ class LayerwiseEngine:
             peak_mem_mb=float(peak[0]),
             num_linears=len(quantized),
             search_alphas=alphas,
+            routed_tokens=routed,
+            rtn_fallback=fallback,
         )
         return fp_out, q_out, quantized, report
 
@@ -266,7 +318,9 @@ class LayerwiseEngine:
     def _wants_fp_inputs(self) -> bool:
         return self.config.solver == "gptq" and self.config.gptq.target == "fp"
 
-    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None) -> dict[str, QuantizedWeight]:
+    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None, routed: dict[str, int] | None = None, fallback: list[str] | None = None) -> dict[str, QuantizedWeight]:
+        """Solve the layer's linears group by group; ``routed``/``fallback`` receive the routed linears'
+        token counts and the names solved by RTN for lack of rows (see :meth:`_calibrator`)."""
         prefix = self.adapter.decoder_layer_prefix(index)
         scheme = self.config.scheme
         out: dict[str, QuantizedWeight] = {}
@@ -278,10 +332,7 @@ class LayerwiseEngine:
             if scheme.activations is not None:
                 # The group's own inputs are quantized at inference too: calibrate on what it will see.
                 self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
-            cals = {
-                n: make_calibrator(self.config.solver, m.weight, scheme, self.config.gptq, self.scale_dtype, self.device)
-                for n, m in mods.items()
-            }
+            cals = {n: self._calibrator(m) for n, m in mods.items()}
             if any(c.needs_inputs for c in cals.values()):
                 self._observe(index, layer, mods, cals, xs, kwargs, fp_ref)
                 for cal in cals.values():
@@ -289,10 +340,27 @@ class LayerwiseEngine:
             if group is groups[-1]:
                 fp_ref = None  # the FP copy (one layer) is done with: free it before the last, widest solve
             for n, m in mods.items():
+                if isinstance(m, RoutedLinear) and cals[n].needs_inputs:
+                    seen = cals[n].num_tokens
+                    if routed is not None:
+                        routed[n] = seen
+                    if seen < self.config.gptq.min_tokens:
+                        cals[n] = make_calibrator("rtn", m.weight, scheme, self.config.gptq, self.scale_dtype, self.device)
+                        if fallback is not None:
+                            fallback.append(n)
                 qw = cals[n].solve(m.weight.data)
                 m.weight.data.copy_(qw.dequantize(m.weight.dtype))
                 out[f"{prefix}.{n}"] = _to_cpu(qw)
         return out
+
+    def _calibrator(self, module: nn.Module) -> LinearCalibrator:
+        """The solver of one linear. A routed linear (one MoE expert's) gets the plain target: the FP
+        copy routes the FP inputs by its own router, so its expert sees other tokens than this one, and
+        ``W X_fp`` has no row-by-row pairing with ``W X_q`` there."""
+        gptq = self.config.gptq
+        if isinstance(module, RoutedLinear) and gptq.target == "fp":
+            gptq = dc_replace(gptq, target="quantized")
+        return make_calibrator(self.config.solver, module.weight, self.config.scheme, gptq, self.scale_dtype, self.device)
 
     @torch.no_grad()
     def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None) -> None:
@@ -303,8 +371,8 @@ class LayerwiseEngine:
         wants_fp = fp_ref is not None and any(c.needs_fp_inputs for c in cals.values())
 
         def make_hook(name: str) -> Callable:
-            def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
-                cals[name].observe(args[0], current[name], x_fp=fp_inputs.pop(name, None))
+            def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
+                cals[name].observe(args[0], rows_of(m, current[name]), x_fp=fp_inputs.pop(name, None))
 
             return hook
 
@@ -316,11 +384,11 @@ class LayerwiseEngine:
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
         if wants_fp:
-            handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods]
+            handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods if cals[n].needs_fp_inputs]
         try:
             for s, (x, kw) in enumerate(zip(xs, kwargs)):
-                for name in mods:  # per-linear importance gives each linear its own token weights
-                    w = self._weights(index, s, name)
+                for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
+                    w = self._weights(index, s, None if isinstance(mod, RoutedLinear) else name)
                     current[name] = None if w is None else w.to(self.device).reshape(1, -1)
                 if wants_fp:
                     run_layer(fp_ref[0], self._dev(fp_ref[1][s]), self._dev(kw))
@@ -350,7 +418,7 @@ class LayerwiseEngine:
         layer_targets = None  # the FP layer's outputs, computed once if a mapping needs them
         alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
         chosen: dict[str, float] = {}
-        for mapping in self.adapter.spec.smooth_mappings:
+        for mapping in self.adapter.smooth_mappings(layer):
             prev = layer.get_submodule(mapping.prev)
             linears = [layer.get_submodule(name) for name in mapping.linears]
             if not can_fold(prev, linears):
@@ -358,6 +426,11 @@ class LayerwiseEngine:
             block = self._loss_module(mapping)
             rowwise = bool(block) and mapping.rowwise
             stats, calls, call_weights = self._record_mapping(layer, linears[0], block, xs, kwargs, weights, rowwise)
+            if stats is None:  # no token reached the linears (an expert no search sample was routed to)
+                chosen[mapping.prev] = math.nan
+                if calls is not None:
+                    calls.release()
+                continue
             if calls is None and layer_targets is None:
                 layer_targets = self._run(layer, xs, kwargs)
             if calls is None:
@@ -390,7 +463,7 @@ class LayerwiseEngine:
         return self.token_weights(index, gid) if linear is None else self.token_weights(index, gid, linear)
 
     @torch.no_grad()
-    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats, _BlockCalls | None, list[Tensor | None]]:
+    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats | None, _BlockCalls | None, list[Tensor | None]]:
         """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
         other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
         the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
@@ -421,7 +494,7 @@ class LayerwiseEngine:
             outputs.append(out.detach().to("cpu"))
             kept.append(w)
 
-        handles = [first.register_forward_hook(lambda _m, args, _o: acc.add(args[0], current["w"]))]
+        handles = [first.register_forward_hook(lambda m, args, _o: acc.add(args[0], rows_of(m, current["w"])))]
         if block:
             handles.append(layer.get_submodule(block).register_forward_hook(record, with_kwargs=True))
         try:
@@ -432,9 +505,10 @@ class LayerwiseEngine:
             for h in handles:
                 h.remove()
         D.reduce_channel_stats_(acc)
+        stats = acc.result() if acc.total > 0 else None  # reduced: every rank agrees
         if not block:
-            return acc.result(), None, weights
-        return acc.result(), _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs)), kept
+            return stats, None, weights
+        return stats, _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs)), kept
 
     @torch.no_grad()
     def _quantized_loss(self, linears: list[nn.Linear], calls: _BlockCalls, weights: list[Tensor | None]) -> float:

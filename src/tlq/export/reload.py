@@ -16,6 +16,7 @@ translated with the renames ``from_pretrained`` itself applies to checkpoint key
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def _runtime_config(out_dir: Path, cls: Any) -> Any | None:
     return config
 
 
-def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype: torch.dtype, adapter: Any = None) -> nn.Module:
+    """The exported checkpoint in transformers (see the module docstring); with the family's ``adapter``,
+    also its routed experts (:func:`restore_routed_experts`), which transformers alone does not load."""
     import transformers
     from transformers import CompressedTensorsConfig
 
@@ -85,9 +88,90 @@ def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype:
         # transformers warns that the passed config overrides the checkpoint's loading attributes:
         # that override (dequantize=True) is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
-        model = cls.from_pretrained(str(out_dir), **kwargs)
+        if adapter is not None and _has_routed_experts(out_dir):
+            # the per-expert keys are restored below; transformers' table of them as unexpected (and of the
+            # fused parameters as missing) is expected here, and restore_routed_experts checks every one
+            with _quiet_transformers():
+                model = cls.from_pretrained(str(out_dir), **kwargs)
+        else:
+            model = cls.from_pretrained(str(out_dir), **kwargs)
     decompress_now(model)
+    if adapter is not None:
+        restore_routed_experts(model, out_dir, adapter)
     return model.to(device).eval()
+
+
+def _has_routed_experts(out_dir: Path) -> bool:
+    from safetensors import safe_open
+
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if any(ROUTED_KEY.search(k) for k in f.keys()):
+                return True
+    return False
+
+
+ROUTED_KEY = re.compile(r"\.experts\.\d+\.\w+\.weight_(packed|scale)$")
+
+
+class _quiet_transformers:
+    """Raise transformers' log level to errors for a block (its load report)."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+
+
+def restore_routed_experts(model: nn.Module, out_dir: Path, adapter: Any) -> list[str]:
+    """Load the per-expert quantized linears of a MoE export into ``model``; returns their names.
+
+    Why: the export stores experts the way vLLM's MoE loaders read quantized checkpoints, one module per
+    expert (``mlp.experts.{e}.gate_proj.weight_packed`` ...). transformers 5.24 has no conversion from
+    those keys to its fused ``experts.gate_up_proj`` for Qwen3-VL-MoE (only from the hub's fused,
+    transposed layout), so ``from_pretrained`` leaves the experts at their random initialisation and says
+    so only in a warning table. Here the adapter unfuses the experts into per-expert linears (the
+    calibration's own structure), each gets its stored codes dequantized (the values calibration chose,
+    exactly) and, for a W-A scheme, the dynamic per-token input quantizer calibration ran with. Every
+    expert linear must be found in the checkpoint.
+    """
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from tlq.config import ActQuantSpec, WeightQuantSpec
+    from tlq.export.compressed_tensors import iter_stored_weights
+    from tlq.models.moe import RoutedLinear
+    from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
+
+    if not adapter.unfuse(model):
+        return []
+    routed = {name: m for name, m in model.named_modules() if isinstance(m, RoutedLinear)}
+    qcfg = QuantizationConfig.model_validate(json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"])
+    group = next(iter(qcfg.config_groups.values()))
+    w = group.weights
+    spec = WeightQuantSpec(bits=w.num_bits, group_size=w.group_size if w.strategy == "group" else None, symmetric=w.symmetric)
+    act = ActQuantSpec(bits=group.input_activations.num_bits) if group.input_activations is not None else None
+    found = []
+    for name, stored in iter_stored_weights(out_dir):
+        mod = routed.get(name)
+        if mod is None:
+            continue
+        zero = stored.zero_point if stored.zero_point is not None else torch.zeros_like(stored.scale, dtype=torch.int8)
+        qw = QuantizedWeight(stored.codes, stored.scale, zero, spec)
+        with torch.no_grad():
+            mod.weight.copy_(qw.dequantize(mod.weight.dtype))
+        if act is not None:
+            add_input_quantizer(mod, act)
+        found.append(name)
+    missing = sorted(set(routed) - set(found))
+    if missing:
+        raise RuntimeError(f"{out_dir}: {len(missing)} expert linears have no stored weights (e.g. {missing[0]}); was it exported by tlq?")
+    return found
 
 
 def decompress_now(model: nn.Module) -> nn.Module:

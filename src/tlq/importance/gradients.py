@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from tlq.config import GRAD_AT
 from tlq.data.calibration import CalibSample
 from tlq.models.base import ModelAdapter, get_submodule, tree_to
+from tlq.models.moe import RoutedLinear
 from tlq.models.streaming import LayerSource
 
 
@@ -101,9 +102,18 @@ def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions
     return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
 
 
-def layer_linear_names(layer: nn.Module) -> tuple[str, ...]:
-    """The ``nn.Linear`` modules of a decoder layer, by their names within it (module order)."""
-    return tuple(name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear))
+def layer_linear_names(layers: Any) -> tuple[str, ...]:
+    """The ``nn.Linear`` modules of the decoder layers that get importance rows of their own, by their
+    names within a layer (module order; the union over layers whose linears differ, e.g. MoE and dense
+    MLP layers: a name a layer lacks keeps zeros there and is never asked for).
+
+    Routed expert linears get none: each sees only its tokens, and hundreds of experts would multiply
+    the importance store; they take the layer output's row (the MoE block's output is added to it
+    unchanged, so its gradient is that row's)."""
+    names: dict[str, None] = {}
+    for layer in layers:
+        names.update((name, None) for name, mod in layer.named_modules() if isinstance(mod, nn.Linear) and not isinstance(mod, RoutedLinear))
+    return tuple(names)
 
 
 def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Tensor, kwargs: dict[str, Any], between: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool) -> tuple[Tensor, list[Tensor]]:
@@ -114,9 +124,11 @@ def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Te
     linear's output (zeros for a linear the output does not depend on).
     """
     outputs: dict[str, Tensor] = {}
+    present = {name for name, _ in layer.named_modules()}
     hooks = [
         layer.get_submodule(name).register_forward_hook(lambda _m, _a, y, name=name: outputs.__setitem__(name, y))
         for name in linear_names
+        if name in present
     ]
     try:
         x = x.requires_grad_(True)
@@ -147,7 +159,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
     dev = torch.device(device) if device is not None else _model_device(model)
     layers = adapter.decoder_layers(model)
     num_layers, seq = len(layers), sample.seq_len
-    names = layer_linear_names(layers[0]) if at == "linear" else ()
+    names = layer_linear_names(layers) if at == "linear" else ()
     shape = (num_layers, 1 + len(names), seq) if names else (num_layers, seq)
     positions, targets = answer_targets(sample.inputs["input_ids"], sample.answer_mask)
     if positions.numel() == 0:
@@ -236,8 +248,8 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         with torch.no_grad():
             for i in range(num_layers):
                 layer = layers.load(i)
-                if i == 0 and at == "linear":
-                    names = layer_linear_names(layer)
+                if at == "linear":  # the union over layers, in layer order (as the in-memory pass)
+                    names = tuple(dict.fromkeys(names + layer_linear_names([layer])))
                 inputs.append(store(h))
                 h = [adapter.layer_step(i, layer, x.to(dev), kw, b).to("cpu") for x, kw, b in zip(h, kwargs, between)]
                 layers.release(i)

@@ -122,12 +122,23 @@ class ModelAdapter:
         return model, processor
 
     # --- structure -------------------------------------------------------------------------------
+    def unfuse(self, model: nn.Module) -> list[str]:
+        """Turn fused parameter blocks that TLQ cannot calibrate as they are (MoE experts) into the
+        per-module linears it calibrates and exports, in place; returns the replaced modules' names.
+        Called by :meth:`load` and by the reload of an export. Nothing to do for a dense family."""
+        return []
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return get_submodule(model, self.spec.decoder_layers)  # type: ignore[return-value]
 
     def decoder_layer_prefix(self, index: int) -> str:
         """The module name of decoder layer ``index`` (as in ``model.named_modules()``)."""
         return f"{self.spec.decoder_layers}.{index}"
+
+    def smooth_mappings(self, layer: nn.Module) -> tuple[SmoothMapping, ...]:
+        """The scale-migration mappings of one decoder layer (the spec's; a family whose layers differ,
+        e.g. MoE and dense MLP layers, picks per layer)."""
+        return self.spec.smooth_mappings
 
     def check_supported(self, model: nn.Module) -> None:
         """Refuse configurations the standalone-layer replay cannot reproduce exactly."""

@@ -9,11 +9,13 @@ from tlq.models.base import ModelAdapter, read_model_type
 from tlq.models.llava_onevision import LLAVA_ONEVISION, LlavaOnevisionAdapter
 from tlq.models.qwen2_vl import QWEN2_5_VL, QWEN2_VL, QwenVLAdapter
 from tlq.models.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
+from tlq.models.qwen3_vl_moe import QWEN3_VL_MOE, Qwen3VLMoeAdapter
 
 _ADAPTERS: tuple[ModelAdapter, ...] = (
     QwenVLAdapter(QWEN2_VL),
     QwenVLAdapter(QWEN2_5_VL),
     Qwen3VLAdapter(QWEN3_VL),
+    Qwen3VLMoeAdapter(QWEN3_VL_MOE),
     LlavaOnevisionAdapter(LLAVA_ONEVISION),
 )
 

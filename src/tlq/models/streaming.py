@@ -30,6 +30,7 @@ from torch import nn
 
 from tlq.config import ConfigError
 from tlq.models.base import ModelAdapter
+from tlq.models.moe import FusedSlice, fused_slices
 from tlq.utils.finite import check_weights
 
 _INDEX = "model.safetensors.index.json"
@@ -96,10 +97,14 @@ class KeyRenamer:
         self._expected = model.state_dict()
 
     def __call__(self, key: str) -> tuple[str, Any]:
-        """``(in-memory name, converter)`` of checkpoint ``key``; the converter is None for a plain rename."""
+        """``(in-memory name, converter)`` of checkpoint ``key``; the converter (a transformers
+        ``WeightConverter``) is None for a plain rename."""
         from transformers.core_model_loading import rename_source_key
 
-        return rename_source_key(key, self.renamings, self.converters, self._prefix, self._expected)
+        name, pattern = rename_source_key(key, self.renamings, self.converters, self._prefix, self._expected)
+        if pattern is None:
+            return name, None
+        return name, next((c for c in self.converters if pattern in c.source_patterns), pattern)
 
     def used(self) -> list[Any]:
         """The renames that matched a key so far (what an export must reverse)."""
@@ -118,32 +123,69 @@ class CheckpointIndex:
         self.model_dir = Path(model_dir)
         rename = KeyRenamer(model)
         self.location: dict[str, tuple[str, str]] = {}  # name -> (file, checkpoint key)
+        self.transposes: dict[str, Any] = {}  # name -> the Transpose op from_pretrained applies to it
+        self.slices: dict[str, FusedSlice] = {}  # per-expert name -> its place in a fused tensor (add_slices)
         for file, keys in checkpoint_files(self.model_dir).items():
             for key in keys:
                 name, converter = rename(key)
                 if converter is not None:
-                    raise ConfigError(
-                        f"checkpoint tensor {key!r} needs a weight conversion ({converter}), which streaming does "
-                        "not apply; run without --stream"
-                    )
+                    self.transposes[name] = _only_transpose(key, converter)
                 self.location[name] = (file, key)
         self.conversions = rename.used()
 
+    def add_slices(self, slices: dict[str, FusedSlice]) -> None:
+        """Serve per-expert names (of an unfused MoE block) from the fused tensors they were made from."""
+        absent = sorted({sl.fused for sl in slices.values()} - set(self.location))
+        if absent:
+            raise ConfigError(f"the checkpoint lacks {absent[:3]}: it does not match its config.json")
+        self.slices.update(slices)
+
+    def has(self, name: str) -> bool:
+        return name in self.location or name in self.slices
+
     def load(self, names: Iterable[str], device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read ``names`` (in-memory names) from disk, floating tensors cast to ``dtype``."""
+        """Read ``names`` (in-memory names) from disk, floating tensors cast to ``dtype``. A per-expert
+        name is cut from its fused tensor, which is read once per call for all its experts."""
         from safetensors import safe_open
 
+        names = list(names)
+        sliced = [n for n in names if n in self.slices]
+        shapes = {self.slices[n].fused: self.slices[n].shape for n in sliced}
+        plain = [n for n in names if n not in self.slices] + [f for f in shapes if f not in names]
         by_file: dict[str, list[str]] = defaultdict(list)
-        for name in names:
+        for name in plain:
             by_file[self.location[name][0]].append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             with safe_open(str(self.model_dir / file), framework="pt", device="cpu") as f:
                 for name in file_names:
                     t = f.get_tensor(self.location[name][1])
+                    if name in self.transposes:
+                        t = _apply_transpose(self.transposes[name], t, shapes.get(name))
                     out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        fused = {f: out[f] if f in names else out.pop(f) for f in shapes}
+        out.update({n: self.slices[n].take(fused[self.slices[n].fused]) for n in sliced})
         check_weights(out.items(), str(self.model_dir), dtype)
         return out
+
+
+def _only_transpose(key: str, converter: Any) -> Any:
+    """The single ``Transpose`` a converter applies to ``key`` (what transformers does to the hub's fused
+    MoE experts); any other conversion (merging per-expert tensors, splitting) is refused."""
+    from transformers.core_model_loading import Transpose
+
+    ops = list(getattr(converter, "operations", []) or [])
+    if len(ops) == 1 and isinstance(ops[0], Transpose) and len(converter.source_patterns) == 1:
+        return ops[0]
+    raise ConfigError(f"checkpoint tensor {key!r} needs a weight conversion ({converter}), which streaming does not apply; run without --stream")
+
+
+def _apply_transpose(op: Any, t: torch.Tensor, runtime_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """``op`` on one tensor, as from_pretrained applies it: with ``check_dims``, a tensor that already has
+    the runtime shape is kept as it is."""
+    if op.check_dims and runtime_shape is not None and tuple(t.shape) == tuple(runtime_shape):
+        return t
+    return t.transpose(op.dim0, op.dim1).contiguous()
 
 
 def _owners(model: nn.Module) -> dict[int, Any]:
@@ -183,6 +225,8 @@ class StreamedModel:
         self.index = CheckpointIndex(model_dir, self.model)
         self.model._weight_conversions = self.index.conversions  # what an export must reverse
         self.layers = adapter.decoder_layers(self.model)
+        if adapter.unfuse(self.model):  # MoE: the engine's per-expert linears, cut from the fused tensors
+            self.index.add_slices(fused_slices(self.layers, adapter.spec.decoder_layers))
         self._owners = _owners(self.model)
         self._in_layers = {id(m) for m in self.layers.modules()}
         self._load_resident()
@@ -249,7 +293,7 @@ class StreamedModel:
             prefix = self.adapter.decoder_layer_prefix(index) + "."
             self._assign({prefix + k: v.to(self.device) for k, v in state.items()})
             return layer
-        absent = [n for n in names if n not in self.index.location]
+        absent = [n for n in names if not self.index.has(n)]
         if absent:
             raise ConfigError(f"the checkpoint lacks {absent[:3]}: it does not match its config.json")
         self._assign(self.index.load(names, self.device, self.dtype))

@@ -114,9 +114,16 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
 #: Families built on the Qwen vision format (chat tokens, ``<|image_pad|>``, ``mm_token_type_ids``).
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: Families with Qwen3.5's hybrid decoder (Gated DeltaNet and gated full-attention layers).
+QWEN3_5_FAMILIES = ("qwen3_5",)
+#: Families with Qwen3-VL's vision tower and DeepStack.
+QWEN3_VL_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+#: Tiny Qwen3-VL MoE: routed experts per sparse layer, experts per token, expert width, and the layers
+#: that keep a dense MLP (the last one, so both kinds of layer are exercised by a 2-layer model).
+TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "mlp_only_layers": (-1,)}
 
 #: Tokens of the Qwen2 / Qwen2-VL chat and vision format, in Qwen's order.
 QWEN_SPECIAL_TOKENS = (
@@ -132,7 +139,10 @@ QWEN_SPECIAL_TOKENS = (
 LLAVA_OV_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
 #: ViT blocks per family when the caller does not say (Qwen3-VL: enough for intermediate DeepStack blocks).
-_DEFAULT_VISION_DEPTH = {"qwen3_vl": 3}
+_DEFAULT_VISION_DEPTH = {"qwen3_vl": 3, "qwen3_vl_moe": 3}
+#: Qwen3.5: every 2nd decoder layer is full attention (released models: every 4th), so a 2-layer tiny model
+#: holds one layer of each kind: Gated DeltaNet (linear attention), then gated full attention.
+TINY_FULL_ATTENTION_INTERVAL = 2
 #: Qwen3-VL: vision blocks whose features DeepStack adds after decoder layers 0, 1, ...
 _DEFAULT_DEEPSTACK = (0, 1)
 #: Qwen3-VL's vision patch size (Qwen2/2.5-VL: 14) and its 2x2 merge.
@@ -337,7 +347,7 @@ def make_tiny_vlm(
         raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
     vision_depth = _DEFAULT_VISION_DEPTH.get(family, 1) if vision_depth is None else vision_depth
     deepstack = list(_DEFAULT_DEEPSTACK if deepstack_visual_indexes is None else deepstack_visual_indexes)
-    if family == "qwen3_vl" and not all(0 <= k < vision_depth for k in deepstack):
+    if family in QWEN3_VL_FAMILIES and not all(0 <= k < vision_depth for k in deepstack):
         raise ValueError(f"deepstack_visual_indexes {deepstack} must name vision blocks 0..{vision_depth - 1}")
     if vision_hidden % vision_heads:
         raise ValueError("vision_hidden must be divisible by vision_heads")
@@ -370,10 +380,13 @@ def make_tiny_vlm(
         max_window_layers=num_layers,
     )
 
-    if family == "qwen3_vl":
+    if family in QWEN3_5_FAMILIES:
+        Model, config, processor = _qwen3_5_parts(tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads,
+                                                  image_size, min_pixels, max_pixels, rope_theta)
+    elif family in QWEN3_VL_FAMILIES:
         Model, config, processor = _qwen3_vl_parts(
             tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads, deepstack,
-            image_size, min_pixels, max_pixels, rope_theta, tie_word_embeddings,
+            image_size, min_pixels, max_pixels, rope_theta, tie_word_embeddings, moe=family == "qwen3_vl_moe",
         )
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -512,26 +525,29 @@ def make_tiny_vlm(
         "image_size": image_size,
         "dtype": str(dtype).replace("torch.", ""),
     }
-    if family == "qwen3_vl":
+    if family in QWEN3_VL_FAMILIES:
         info["deepstack_visual_indexes"] = deepstack
     (out_dir / "tlq_tiny.json").write_text(json.dumps(info, indent=1) + "\n")
     return out_dir
 
 
-def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, deepstack: list[int], image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, tie_word_embeddings: bool) -> tuple[type, Any, Any]:
-    """Model class, config and processor of a tiny Qwen3-VL (dense), as the hub checkpoints lay them out.
+def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, deepstack: list[int], image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, tie_word_embeddings: bool, moe: bool = False) -> tuple[type, Any, Any]:
+    """Model class, config and processor of a tiny Qwen3-VL (dense, or MoE with :data:`TINY_MOE`), as the
+    hub checkpoints lay them out.
 
     Kept apart from :func:`make_tiny_vlm` because everything differs in detail from Qwen2-VL: an explicit
     ``head_dim``, interleaved M-RoPE, 16-px patches, DeepStack blocks, and no ``max_window_layers``.
     """
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Qwen3VLConfig
+        from transformers import Qwen3VLMoeForConditionalGeneration as Qwen3VLForConditionalGeneration
+        from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig as Qwen3VLTextConfig
+        from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeVisionConfig as Qwen3VLVisionConfig
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
     factor = _QWEN3_PATCH * _QWEN3_MERGE
     min_pixels = factor * factor if min_pixels is None else min_pixels
@@ -543,6 +559,10 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
         "mrope_interleaved": True,
     }
     text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
+    if moe:
+        layers = text["num_hidden_layers"]
+        text.update({k: v for k, v in TINY_MOE.items() if k != "mlp_only_layers"})
+        text["mlp_only_layers"] = sorted({i % layers for i in TINY_MOE["mlp_only_layers"]} - {0} if layers > 1 else set())
     text_config = Qwen3VLTextConfig(head_dim=head_dim, rope_parameters=rope, **text)
     vision_config = Qwen3VLVisionConfig(
         depth=vision_depth,
@@ -576,6 +596,70 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
     return Qwen3VLForConditionalGeneration, config, processor
 
 
+def _qwen3_processor(tok: Any, processor_cls: type, image_size: int, min_pixels: int | None, max_pixels: int | None) -> Any:
+    """The Qwen3-VL / Qwen3.5 processor: 16-px patches merged 2x2, SigLIP normalisation."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
+
+    factor = _QWEN3_PATCH * _QWEN3_MERGE
+    size = {"shortest_edge": factor * factor if min_pixels is None else min_pixels,
+            "longest_edge": (4 * image_size) ** 2 if max_pixels is None else max_pixels}
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(
+            size=size, patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE, image_mean=list(_SIGLIP_MEAN), image_std=list(_SIGLIP_STD)
+        ),
+        tokenizer=tok,
+        video_processor=Qwen3VLVideoProcessor(size=dict(size), patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE),
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+
+
+def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float) -> tuple[type, Any, Any]:
+    """Model class, config and processor of a tiny Qwen3.5 (dense): Qwen3-VL's vision format without
+    DeepStack, a hybrid decoder (``layer_types``: Gated DeltaNet every layer but each
+    :data:`TINY_FULL_ATTENTION_INTERVAL`-th, which is gated full attention with partial rotary), and
+    ``(1 + w)`` RMSNorms."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
+
+    rotary_half = int(head_dim * 0.25) // 2  # partial_rotary_factor 0.25, as released
+    section = [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3]
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section, "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25}
+    text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
+    layers = text["num_hidden_layers"]
+    heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
+    text_config = Qwen3_5TextConfig(
+        head_dim=head_dim,
+        rope_parameters=rope,
+        layer_types=["full_attention" if (i + 1) % TINY_FULL_ATTENTION_INTERVAL == 0 else "linear_attention" for i in range(layers)],
+        linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        linear_num_key_heads=kv,
+        linear_num_value_heads=heads,
+        **text,
+    )
+    vision_config = Qwen3_5VisionConfig(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_heads=vision_heads,
+        out_hidden_size=text_config.hidden_size,
+        patch_size=_QWEN3_PATCH,
+        spatial_merge_size=_QWEN3_MERGE,
+        num_position_embeddings=_QWEN3_POSITION_GRID**2,
+    )
+    config = Qwen3_5Config(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    return Qwen3_5ForConditionalGeneration, config, _qwen3_processor(tok, Qwen3VLProcessor, image_size, min_pixels, max_pixels)
+
+
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -586,6 +670,9 @@ __all__ = [
     "QWEN_SPECIAL_TOKENS",
     "LLAVA_OV_SPECIAL_TOKENS",
     "QWEN_FAMILIES",
+    "QWEN3_VL_FAMILIES",
+    "QWEN3_5_FAMILIES",
+    "TINY_MOE",
     "build_tokenizer",
     "interleaved_mrope_section",
     "default_corpus",

@@ -70,6 +70,11 @@ class GPTQCalibrator:
     def needs_fp_inputs(self) -> bool:
         return self.cross is not None
 
+    @property
+    def num_tokens(self) -> int:
+        """Positive-weight token rows observed so far (all ranks' after :meth:`reduce`)."""
+        return int(self.hessian.num_tokens) if self.hessian is not None else 0
+
     def observe(self, x: Tensor, token_weights: Tensor | None = None, x_fp: Tensor | None = None) -> None:
         self.hessian.add(x, token_weights)
         if self.cross is not None:

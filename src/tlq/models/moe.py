@@ -1,0 +1,168 @@
+"""Mixture-of-experts blocks as per-expert linears: the calibration view of fused experts.
+
+transformers 5 stores a MoE block's routed experts *fused*: ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]`` parameters of one module, not ``nn.Linear`` s. Everything in TLQ that calibrates
+a weight (the layer walk's linear groups, GPTQ's Hessians, activation quantizers, the scale search,
+export) works on ``nn.Linear`` s found by hooks. So an adapter of a MoE family replaces each fused
+experts module by :class:`UnfusedExperts`: a ``ModuleList`` of per-expert ``gate_proj`` / ``up_proj`` /
+``down_proj`` linears (the names llm-compressor's exports and vLLM's per-expert loaders use), whose
+forward is the fused forward's loop, expert by expert, with the same arithmetic.
+
+Routed tokens. An expert's linears see only the tokens routed to them, as rows of the block's flattened
+input. :class:`RoutedLinear` remembers which rows those were during the current call (``rows``), so
+per-token statistics (GPTQ's Hessian, channel statistics, token weights) pair each input row with its
+own token: :func:`rows_of` maps a ``[.., seq]`` token-weight vector to the rows a linear received. A
+rarely routed expert therefore gets a Hessian from few rows; the engine's rule for that case is in
+``GPTQConfig.min_tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class RoutedLinear(nn.Linear):
+    """An ``nn.Linear`` that sees a routed subset of the block's tokens.
+
+    ``rows`` holds, during a forward call of its expert, the indices of the block-input rows (flattened
+    ``batch * seq`` tokens) it was called on; ``None`` outside a call or when it saw every token.
+    """
+
+    rows: Tensor | None = None
+
+
+def rows_of(module: nn.Module, weights: Tensor | None) -> Tensor | None:
+    """The token weights of the rows ``module`` received in its current call: ``weights`` (``[..., seq]``)
+    flattened and gathered at the module's routed rows; unchanged for a module that sees every token."""
+    rows = getattr(module, "rows", None)
+    if weights is None or rows is None:
+        return weights
+    return weights.reshape(-1)[rows.to(weights.device)]
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: ``down(act(gate(x)) * up(x))``, as three linears."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: Callable[[Tensor], Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        kw = {"bias": False, "dtype": dtype, "device": device}
+        self.gate_proj = RoutedLinear(hidden, intermediate, **kw)
+        self.up_proj = RoutedLinear(hidden, intermediate, **kw)
+        self.down_proj = RoutedLinear(intermediate, hidden, **kw)
+        self.act_fn = act_fn
+
+    def forward(self, x: Tensor, rows: Tensor) -> Tensor:
+        linears = (self.gate_proj, self.up_proj, self.down_proj)
+        for lin in linears:
+            lin.rows = rows
+        try:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        finally:
+            for lin in linears:
+                lin.rows = None
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Per-expert linears with the fused experts module's call signature and arithmetic.
+
+    ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``: each hit expert runs
+    on its routed rows, its output is scaled by the routing weight and added at those rows, in the
+    order of the fused loop (ascending expert index), so the result matches the fused module's.
+    """
+
+    def __init__(self, experts: list[ExpertMLP]) -> None:
+        super().__init__(experts)
+
+    @classmethod
+    def from_fused(cls, fused: nn.Module) -> "UnfusedExperts":
+        """Copy a transformers fused experts module (``gate_up_proj [E, 2I, H]`` = gate rows then up rows,
+        ``down_proj [E, H, I]``, ``act_fn``) into per-expert linears."""
+        gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
+        num, two_i, hidden = gate_up.shape
+        inter = two_i // 2
+        if tuple(down.shape) != (num, hidden, inter):
+            raise ValueError(f"fused experts of unexpected shapes: gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}")
+        experts = []
+        for e in range(num):
+            ex = ExpertMLP(hidden, inter, fused.act_fn, gate_up.dtype, gate_up.device)
+            with torch.no_grad():
+                ex.gate_proj.weight.copy_(gate_up[e, :inter])
+                ex.up_proj.weight.copy_(gate_up[e, inter:])
+                ex.down_proj.weight.copy_(down[e])
+            experts.append(ex)
+        return cls(experts)
+
+    def fused_slices(self, prefix: str) -> dict[str, "FusedSlice"]:
+        """Where each per-expert weight (full name, under this module's name ``prefix``) lies in the fused
+        parameters it was made from (``prefix.gate_up_proj``, ``prefix.down_proj``, runtime layout): what
+        a streamed load reads for it."""
+        num = len(self)
+        inter, hidden = self[0].gate_proj.out_features, self[0].gate_proj.in_features
+        gate_up = (f"{prefix}.gate_up_proj", (num, 2 * inter, hidden))
+        down = (f"{prefix}.down_proj", (num, hidden, inter))
+        out = {}
+        for e in range(num):
+            out[f"{prefix}.{e}.gate_proj.weight"] = FusedSlice(*gate_up, e, (0, inter))
+            out[f"{prefix}.{e}.up_proj.weight"] = FusedSlice(*gate_up, e, (inter, 2 * inter))
+            out[f"{prefix}.{e}.down_proj.weight"] = FusedSlice(*down, e, None)
+        return out
+
+    def fused_tensors(self) -> dict[str, Tensor]:
+        """The fused parameters these experts hold now (``gate_up_proj``, ``down_proj``), e.g. to write
+        a checkpoint in the model's own layout."""
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight], 0) for e in self])
+        down = torch.stack([e.down_proj.weight for e in self])
+        return {"gate_up_proj": gate_up.detach(), "down_proj": down.detach()}
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.unique(top_k_index).tolist()
+        for e in hit:
+            pos, rows = torch.where((top_k_index == e).T)  # ordered by top-k slot, then token, as the fused loop
+            y = self[e](hidden_states[rows], rows)
+            y = y * top_k_weights[rows, pos, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """One expert's weight inside a fused parameter: ``fused[expert, rows[0]:rows[1]]`` (all rows: None)."""
+
+    fused: str  # full name of the fused parameter
+    shape: tuple[int, ...]  # the fused parameter's runtime shape
+    expert: int
+    rows: tuple[int, int] | None
+
+    def take(self, fused: Tensor) -> Tensor:
+        t = fused[self.expert]
+        return (t if self.rows is None else t[self.rows[0] : self.rows[1]]).contiguous()
+
+
+def fused_slices(root: nn.Module, prefix: str = "") -> dict[str, FusedSlice]:
+    """:meth:`UnfusedExperts.fused_slices` of every unfused experts module under ``root`` (full names
+    under ``prefix``)."""
+    out: dict[str, FusedSlice] = {}
+    for name, mod in root.named_modules():
+        if isinstance(mod, UnfusedExperts):
+            out.update(mod.fused_slices(".".join(p for p in (prefix, name) if p)))
+    return out
+
+
+def unfuse_experts(root: nn.Module, is_fused: Callable[[nn.Module], bool]) -> list[str]:
+    """Replace every module of ``root`` for which ``is_fused`` holds by :class:`UnfusedExperts`, in place.
+
+    Returns the replaced modules' names. The fused parameters are freed as each is replaced, so the
+    peak is one block's experts twice, not the model's.
+    """
+    names = [name for name, mod in root.named_modules() if is_fused(mod)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, UnfusedExperts.from_fused(getattr(parent, child)))
+    return names
