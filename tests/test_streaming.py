@@ -72,7 +72,8 @@ class _CountingLayers(StreamedLayers):
 
 @pytest.mark.parametrize(
     ("family", "at"),
-    [("qwen2_vl", "output"), ("qwen2_vl", "input"), ("qwen2_vl", "linear"), ("qwen3_vl", "output"), ("qwen3_vl", "input"), ("qwen3_vl_moe", "linear")],
+    [("qwen2_vl", "output"), ("qwen2_vl", "input"), ("qwen2_vl", "linear"), ("qwen3_vl", "output"), ("qwen3_vl", "input"), ("qwen3_vl_moe", "linear"),
+     ("qwen3_5", "linear"), ("qwen3_5_moe", "output")],
 )
 def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_jsonl, family, at):
     """Qwen3-VL: DeepStack after layers 0 and 1 of 3, so the walk both adds and skips between layers."""
@@ -92,7 +93,7 @@ def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_
 @pytest.mark.parametrize(
     ("family", "scheme", "method"),
     [("qwen2_vl", "w4a16", "gptq"), ("llava_onevision", "w3a16", "mbq"), ("qwen2_5_vl", "w4a8", "tlq"), ("qwen3_vl", "w4a8", "tlq"),
-     ("qwen3_vl_moe", "w4a16", "gptq")],
+     ("qwen3_vl_moe", "w4a16", "gptq"), ("qwen3_5", "w4a8", "tlq"), ("qwen3_5_moe", "w4a8", "awq")],
 )
 def test_streamed_quantize_writes_the_in_memory_checkpoint(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, family, scheme, method):
     model_dir = tiny_vlm_dir(family, num_layers=3)

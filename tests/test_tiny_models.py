@@ -9,13 +9,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tlq.models.tiny import FAMILIES, QWEN3_VL_FAMILIES, QWEN_FAMILIES as QWEN, build_tokenizer, interleaved_mrope_section, make_tiny_vlm, mrope_section
+from tlq.models.tiny import FAMILIES, QWEN3_5_FAMILIES, QWEN3_5_ROTARY_FRACTION, QWEN3_VL_FAMILIES, QWEN_FAMILIES as QWEN, build_tokenizer, interleaved_mrope_section, make_tiny_vlm, mrope_section
 
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
     "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration"),
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen3_5ForConditionalGeneration"),
+    "qwen3_5_moe": ("Qwen3VLProcessor", "Qwen3_5MoeForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionForConditionalGeneration"),
 }
 # visual tokens for a (W, H) image with the default build (Qwen: 14-px patches, 2x2 merge; Qwen3-VL: 16-px
@@ -26,6 +28,8 @@ EXPECTED_IMAGE_TOKENS = {
     "qwen2_5_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "qwen3_vl": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "qwen3_vl_moe": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
+    "qwen3_5": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
+    "qwen3_5_moe": {(56, 56): 4, (84, 56): 6, (56, 84): 6},
     "llava_onevision": {(56, 56): 36, (84, 56): 44, (56, 84): 46},
 }
 
@@ -69,8 +73,9 @@ def test_reload_forward_generate(family, tiny_vlm_dir, tiny_calib_jsonl):
     assert len(layers) == 2
     if family in QWEN:
         assert hasattr(model.model, "visual") and hasattr(model.model.visual, "merger")
-        split = interleaved_mrope_section if family in QWEN3_VL_FAMILIES else mrope_section
-        assert cfg.text_config.rope_parameters["mrope_section"] == split(128 // 4)
+        split = interleaved_mrope_section if family in QWEN3_VL_FAMILIES + QWEN3_5_FAMILIES else mrope_section
+        rotary = int(128 // 4 * QWEN3_5_ROTARY_FRACTION) if family in QWEN3_5_FAMILIES else 128 // 4
+        assert cfg.text_config.rope_parameters["mrope_section"] == split(rotary)
         if family in QWEN3_VL_FAMILIES:  # DeepStack fires: one merger per intermediate vision block
             assert cfg.vision_config.deepstack_visual_indexes == [0, 1]
             assert len(model.model.visual.deepstack_merger_list) == 2

@@ -81,13 +81,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> list[list[str]]:
-    """Linears of ``layer`` in execution order, grouped by the tensor they read.
+def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], skip: Callable[[str], bool] = lambda _n: False) -> list[list[str]]:
+    """Linears of ``layer`` in execution order, grouped by the tensor they read, without those ``skip``
+    names (the adapter's 16-bit modules, e.g. Qwen3.5's ``in_proj_a/b``).
 
     Found by running the layer once with hooks, so no architecture needs listing. Inputs are kept
     referenced during the pass so that tensor identity cannot be confused by memory reuse.
     """
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
     seen: list[tuple[str, Tensor]] = []
     handles = [
         m.register_forward_hook(lambda _m, args, _o, n=n: seen.append((n, args[0]))) for n, m in linears.items()
@@ -231,6 +232,7 @@ class LayerwiseEngine:
 
     def _layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
         start = time.perf_counter()
+        kwargs = [self.adapter.layer_kwargs(i, kw, b) for kw, b in zip(kwargs, between)]  # this layer's own (e.g. its mask)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.clock("FP stream"):
@@ -324,7 +326,7 @@ class LayerwiseEngine:
         prefix = self.adapter.decoder_layer_prefix(index)
         scheme = self.config.scheme
         out: dict[str, QuantizedWeight] = {}
-        groups = linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0])) if len(xs) else None
+        groups = linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0]), lambda n: self.adapter.keeps_16bit(f"{prefix}.{n}")) if len(xs) else None
         if self.ctx.enabled:  # a rank with no samples cannot discover them; rank 0 always has samples
             groups = D.broadcast_object(groups)
         for group in groups:
@@ -372,7 +374,7 @@ class LayerwiseEngine:
 
         def make_hook(name: str) -> Callable:
             def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
-                cals[name].observe(args[0], rows_of(m, current[name]), x_fp=fp_inputs.pop(name, None))
+                cals[name].observe(args[0], rows_of(m, current[name], args[0]), x_fp=fp_inputs.pop(name, None))
 
             return hook
 
@@ -421,7 +423,8 @@ class LayerwiseEngine:
         for mapping in self.adapter.smooth_mappings(layer):
             prev = layer.get_submodule(mapping.prev)
             linears = [layer.get_submodule(name) for name in mapping.linears]
-            if not can_fold(prev, linears):
+            passive = [layer.get_submodule(name) for name in mapping.passive]
+            if not can_fold(prev, linears + passive):
                 continue
             block = self._loss_module(mapping)
             rowwise = bool(block) and mapping.rowwise
@@ -440,10 +443,10 @@ class LayerwiseEngine:
                 return self._quantized_loss(linears, calls, w)
 
             if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
-                fold_scales(prev, linears, candidate_scales(search.kind, search.fixed_alpha, stats, linears))
+                fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
                 chosen[mapping.prev] = search.fixed_alpha
             else:
-                chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn).alpha
+                chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn, passive, mapping.prev_offset).alpha
             calls.release()
         _release(layer_targets)
         return chosen

@@ -96,9 +96,41 @@ def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype:
         else:
             model = cls.from_pretrained(str(out_dir), **kwargs)
     decompress_now(model)
+    per_token_on_flat_inputs(model)
     if adapter is not None:
         restore_routed_experts(model, out_dir, adapter)
     return model.to(device).eval()
+
+
+def per_token_on_flat_inputs(model: nn.Module) -> int:
+    """Make compressed-tensors' dynamic per-token activation quantization per token on 2-D inputs too.
+
+    Why: compressed-tensors (0.20) keeps dims 0 and 1 of the input for its ``token`` strategy and
+    reduces over the rest, so a linear called on flattened tokens ``[tokens, features]`` (a MoE block's
+    shared expert) gets *one* scale for the whole tensor. vLLM, and the calibration, quantize each
+    token's row on its own. A pre-hook lifts such a 2-D input to ``[1, tokens, features]`` and a
+    forward hook drops the added dim again: the linear's arithmetic is unchanged, the scales become per
+    token. Returns how many linears were hooked (those with dynamic per-token input activations).
+    """
+    count = 0
+    for mod in model.modules():
+        acts = getattr(getattr(mod, "quantization_scheme", None), "input_activations", None)
+        if not isinstance(mod, nn.Linear) or acts is None or not acts.dynamic or getattr(acts.strategy, "value", acts.strategy) != "token":
+            continue
+        mod.register_forward_pre_hook(_lift, prepend=True)
+        mod.register_forward_hook(lambda m, _args, out: _drop(m, out))
+        count += 1
+    return count
+
+
+def _lift(mod: nn.Module, args: tuple) -> tuple | None:
+    """Flattened tokens -> one batch of them (the flag tells :func:`_drop` to undo it)."""
+    mod._tlq_lifted = bool(args) and args[0].ndim == 2
+    return (args[0].unsqueeze(0), *args[1:]) if mod._tlq_lifted else None
+
+
+def _drop(mod: nn.Module, out: torch.Tensor) -> torch.Tensor | None:
+    return out.squeeze(0) if getattr(mod, "_tlq_lifted", False) else None
 
 
 def _has_routed_experts(out_dir: Path) -> bool:

@@ -8,6 +8,7 @@ is *data* (``ModelSpec``); the little code that differs per family overrides one
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ class SmoothMapping:
     block: str = ""  # "" = the whole decoder layer
     block_ends_layer: bool = False
     rowwise: bool = False
+    # Modules that also read prev's output but stay 16-bit (in the ignore list): the chosen scale is
+    # folded into their columns too, so the fold stays exact, but they are never quantized, not even
+    # while a candidate is judged (there the scale is an identity on them, so they are left alone).
+    passive: tuple[str, ...] = ()
+    # A norm that multiplies by (offset + weight), e.g. Qwen3.5's (1 + w): folding 1/s then sets
+    # weight = (offset + weight) / s - offset.
+    prev_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,19 @@ class ModelAdapter:
         """
         return hidden
 
+    def layer_kwargs(self, index: int, kwargs: dict[str, Any], between: dict[str, Any]) -> dict[str, Any]:
+        """Decoder layer ``index``'s keyword arguments, from layer 0's (``kwargs``) and ``between``.
+
+        The same for every layer unless the layers differ in what they are called with (Qwen3.5: a
+        causal mask for full-attention layers, a padding mask for linear-attention ones). Idempotent.
+        """
+        return kwargs
+
+    def keeps_16bit(self, name: str) -> bool:
+        """Whether module ``name`` (full name) is in the spec's ignore list (a ``re:`` pattern matched
+        from the start of the name, as compressed-tensors does, or the exact name)."""
+        return any(re.match(e[3:], name) if e.startswith("re:") else e == name for e in self.spec.ignore)
+
     def layer_step(self, index: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], between: dict[str, Any]) -> torch.Tensor:
         """Decoder layer ``index`` and then whatever the model does before the next one.
 
@@ -198,7 +219,7 @@ class ModelAdapter:
         importance passes): a walk that called :func:`run_layer` alone would silently drop what the
         model adds between layers (e.g. Qwen3-VL's DeepStack visual features).
         """
-        return self.between_layers(index, run_layer(layer, hidden, kwargs), between)
+        return self.between_layers(index, run_layer(layer, hidden, self.layer_kwargs(index, kwargs, between)), between)
 
     # --- layer 0 ---------------------------------------------------------------------------------
     @torch.no_grad()

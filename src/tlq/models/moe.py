@@ -35,13 +35,18 @@ class RoutedLinear(nn.Linear):
     rows: Tensor | None = None
 
 
-def rows_of(module: nn.Module, weights: Tensor | None) -> Tensor | None:
+def rows_of(module: nn.Module, weights: Tensor | None, x: Tensor | None = None) -> Tensor | None:
     """The token weights of the rows ``module`` received in its current call: ``weights`` (``[..., seq]``)
-    flattened and gathered at the module's routed rows; unchanged for a module that sees every token."""
+    flattened and gathered at the module's routed rows; for a module that sees every token, ``weights``
+    in the layout of its input ``x`` (a MoE block's shared expert reads the tokens flattened)."""
     rows = getattr(module, "rows", None)
-    if weights is None or rows is None:
-        return weights
-    return weights.reshape(-1)[rows.to(weights.device)]
+    if weights is None:
+        return None
+    if rows is not None:
+        return weights.reshape(-1)[rows.to(weights.device)]
+    if x is not None and tuple(weights.shape) != tuple(x.shape[:-1]) and weights.numel() == x[..., 0].numel():
+        return weights.reshape(x.shape[:-1])
+    return weights
 
 
 class ExpertMLP(nn.Module):

@@ -47,7 +47,8 @@ QWEN3_VL_MOE = replace(
 _ATTENTION_SMOOTHING = tuple(m for m in QWEN2_DECODER_SMOOTHING if not m.prev.startswith(("post_attention_layernorm", "mlp.")))
 
 
-def _is_fused_experts(module: nn.Module) -> bool:
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 fused experts module (``gate_up_proj`` / ``down_proj`` parameters)."""
     return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter)
 
 
@@ -60,7 +61,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         return model, processor
 
     def unfuse(self, model: nn.Module) -> list[str]:
-        return unfuse_experts(self.decoder_layers(model), _is_fused_experts)
+        return unfuse_experts(self.decoder_layers(model), is_fused_experts)
 
     def smooth_mappings(self, layer: nn.Module) -> tuple[SmoothMapping, ...]:
         experts = getattr(layer.mlp, "experts", None)

@@ -10,12 +10,16 @@ from tlq.models.llava_onevision import LLAVA_ONEVISION, LlavaOnevisionAdapter
 from tlq.models.qwen2_vl import QWEN2_5_VL, QWEN2_VL, QwenVLAdapter
 from tlq.models.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 from tlq.models.qwen3_vl_moe import QWEN3_VL_MOE, Qwen3VLMoeAdapter
+from tlq.models.qwen3_5 import QWEN3_5, Qwen3_5Adapter
+from tlq.models.qwen3_5_moe import QWEN3_5_MOE, Qwen3_5MoeAdapter
 
 _ADAPTERS: tuple[ModelAdapter, ...] = (
     QwenVLAdapter(QWEN2_VL),
     QwenVLAdapter(QWEN2_5_VL),
     Qwen3VLAdapter(QWEN3_VL),
     Qwen3VLMoeAdapter(QWEN3_VL_MOE),
+    Qwen3_5Adapter(QWEN3_5),
+    Qwen3_5MoeAdapter(QWEN3_5_MOE),
     LlavaOnevisionAdapter(LLAVA_ONEVISION),
 )
 

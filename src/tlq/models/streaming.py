@@ -106,6 +106,13 @@ class KeyRenamer:
             return name, None
         return name, next((c for c in self.converters if pattern in c.source_patterns), pattern)
 
+    def without_converters(self, key: str) -> str:
+        """``key``'s in-memory name with the renames only (a per-expert checkpoint key that
+        ``from_pretrained`` would merge into a fused tensor keeps its per-expert name)."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, self.renamings, [], self._prefix, self._expected)[0]
+
     def used(self) -> list[Any]:
         """The renames that matched a key so far (what an export must reverse)."""
         return [t for t in self.renamings if t.was_used()]
@@ -128,13 +135,17 @@ class CheckpointIndex:
         for file, keys in checkpoint_files(self.model_dir).items():
             for key in keys:
                 name, converter = rename(key)
-                if converter is not None:
+                if converter is not None and _merges_modules(converter):
+                    name = rename.without_converters(key)  # served per expert, as an unfused model names it
+                elif converter is not None:
                     self.transposes[name] = _only_transpose(key, converter)
                 self.location[name] = (file, key)
         self.conversions = rename.used()
 
     def add_slices(self, slices: dict[str, FusedSlice]) -> None:
-        """Serve per-expert names (of an unfused MoE block) from the fused tensors they were made from."""
+        """Serve per-expert names (of an unfused MoE block) from the fused tensors they were made from,
+        where the checkpoint does not hold them per expert already."""
+        slices = {n: sl for n, sl in slices.items() if n not in self.location}
         absent = sorted({sl.fused for sl in slices.values()} - set(self.location))
         if absent:
             raise ConfigError(f"the checkpoint lacks {absent[:3]}: it does not match its config.json")
@@ -167,6 +178,13 @@ class CheckpointIndex:
         out.update({n: self.slices[n].take(fused[self.slices[n].fused]) for n in sliced})
         check_weights(out.items(), str(self.model_dir), dtype)
         return out
+
+
+def _merges_modules(converter: Any) -> bool:
+    """Whether ``converter`` merges per-module checkpoint tensors (per-expert ``gate_proj`` ...) into one."""
+    from transformers.core_model_loading import MergeModulelist
+
+    return any(isinstance(op, MergeModulelist) for op in getattr(converter, "operations", []) or [])
 
 
 def _only_transpose(key: str, converter: Any) -> Any:

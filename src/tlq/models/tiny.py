@@ -114,11 +114,11 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "llava_onevision")
 #: Families built on the Qwen vision format (chat tokens, ``<|image_pad|>``, ``mm_token_type_ids``).
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 #: Families with Qwen3.5's hybrid decoder (Gated DeltaNet and gated full-attention layers).
-QWEN3_5_FAMILIES = ("qwen3_5",)
+QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 #: Families with Qwen3-VL's vision tower and DeepStack.
 QWEN3_VL_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 #: Tiny Qwen3-VL MoE: routed experts per sparse layer, experts per token, expert width, and the layers
@@ -143,6 +143,8 @@ _DEFAULT_VISION_DEPTH = {"qwen3_vl": 3, "qwen3_vl_moe": 3}
 #: Qwen3.5: every 2nd decoder layer is full attention (released models: every 4th), so a 2-layer tiny model
 #: holds one layer of each kind: Gated DeltaNet (linear attention), then gated full attention.
 TINY_FULL_ATTENTION_INTERVAL = 2
+#: Qwen3.5 rotates a quarter of each head's dimensions (partial_rotary_factor, as released).
+QWEN3_5_ROTARY_FRACTION = 0.25
 #: Qwen3-VL: vision blocks whose features DeepStack adds after decoder layers 0, 1, ...
 _DEFAULT_DEEPSTACK = (0, 1)
 #: Qwen3-VL's vision patch size (Qwen2/2.5-VL: 14) and its 2x2 merge.
@@ -382,7 +384,7 @@ def make_tiny_vlm(
 
     if family in QWEN3_5_FAMILIES:
         Model, config, processor = _qwen3_5_parts(tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads,
-                                                  image_size, min_pixels, max_pixels, rope_theta)
+                                                  image_size, min_pixels, max_pixels, rope_theta, moe=family == "qwen3_5_moe")
     elif family in QWEN3_VL_FAMILIES:
         Model, config, processor = _qwen3_vl_parts(
             tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads, deepstack,
@@ -613,19 +615,29 @@ def _qwen3_processor(tok: Any, processor_cls: type, image_size: int, min_pixels:
     )
 
 
-def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float) -> tuple[type, Any, Any]:
-    """Model class, config and processor of a tiny Qwen3.5 (dense): Qwen3-VL's vision format without
-    DeepStack, a hybrid decoder (``layer_types``: Gated DeltaNet every layer but each
-    :data:`TINY_FULL_ATTENTION_INTERVAL`-th, which is gated full attention with partial rotary), and
-    ``(1 + w)`` RMSNorms."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
+def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, moe: bool = False) -> tuple[type, Any, Any]:
+    """Model class, config and processor of a tiny Qwen3.5 (dense, or MoE: :data:`TINY_MOE` routed experts
+    plus a gated shared expert in every layer): Qwen3-VL's vision format without DeepStack, a hybrid
+    decoder (``layer_types``: Gated DeltaNet every layer but each :data:`TINY_FULL_ATTENTION_INTERVAL`-th,
+    which is gated full attention with partial rotary), and ``(1 + w)`` RMSNorms."""
+    from transformers import Qwen3VLProcessor
 
-    rotary_half = int(head_dim * 0.25) // 2  # partial_rotary_factor 0.25, as released
-    section = [rotary_half - 2 * (rotary_half // 3), rotary_half // 3, rotary_half // 3]
-    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": section, "mrope_interleaved": True,
-            "partial_rotary_factor": 0.25}
+    if moe:
+        from transformers import Qwen3_5MoeConfig as Qwen3_5Config
+        from transformers import Qwen3_5MoeForConditionalGeneration as Qwen3_5ForConditionalGeneration
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig as Qwen3_5TextConfig
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeVisionConfig as Qwen3_5VisionConfig
+    else:
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+        from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
+
+    rotary = int(head_dim * QWEN3_5_ROTARY_FRACTION)  # partial rotary, as released
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": interleaved_mrope_section(rotary), "mrope_interleaved": True,
+            "partial_rotary_factor": QWEN3_5_ROTARY_FRACTION}
     text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
+    if moe:  # every layer is MoE; the shared expert is as wide as a routed one
+        text.pop("intermediate_size")
+        text.update({k: v for k, v in TINY_MOE.items() if k != "mlp_only_layers"}, shared_expert_intermediate_size=TINY_MOE["moe_intermediate_size"])
     layers = text["num_hidden_layers"]
     heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
     text_config = Qwen3_5TextConfig(
@@ -672,6 +684,7 @@ __all__ = [
     "QWEN_FAMILIES",
     "QWEN3_VL_FAMILIES",
     "QWEN3_5_FAMILIES",
+    "QWEN3_5_ROTARY_FRACTION",
     "TINY_MOE",
     "build_tokenizer",
     "interleaved_mrope_section",

@@ -86,13 +86,18 @@ def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
-    """Apply ``x -> x / s`` in the producer and ``W -> W diag(s)`` in every consumer (exact in real arithmetic)."""
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor, offset: float = 0.0) -> None:
+    """Apply ``x -> x / s`` in the producer and ``W -> W diag(s)`` in every consumer (exact in real arithmetic).
+
+    ``offset``: the producer is a norm that multiplies by ``offset + weight`` (Qwen3.5's ``1 + w``).
+    """
     if isinstance(prev, nn.Linear):
         sv = s.to(prev.weight)
         prev.weight.div_(sv[:, None])
         if prev.bias is not None:
             prev.bias.div_(sv)
+    elif offset:
+        prev.weight.copy_((prev.weight.double() + offset).div_(s.double().to(prev.weight.device)).sub_(offset).to(prev.weight.dtype))
     else:
         prev.weight.div_(s.to(prev.weight))
     for lin in linears:
@@ -138,11 +143,14 @@ class SearchResult:
 
 
 @torch.no_grad()
-def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: ChannelStats, alphas: list[float], loss_fn: Callable[[], float]) -> SearchResult:
+def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: ChannelStats, alphas: list[float], loss_fn: Callable[[], float],
+                  passive: list[nn.Module] = (), offset: float = 0.0) -> SearchResult:
     """Try each exponent (applied by :func:`candidate_applied`), let ``loss_fn`` quantize-and-measure; fold the best.
 
     ``loss_fn`` must leave the weights as it found them (it may fake-quantize temporarily). The
     unscaled configuration is always a candidate, so the search never makes the loss worse.
+    ``passive`` modules read ``prev``'s output too and stay unquantized: the fold includes them (see
+    :func:`fold_scales` for ``offset``).
     """
     baseline = loss_fn()
     if not math.isfinite(baseline):  # a candidate's NaN merely loses; the unscaled model's means bad inputs
@@ -158,7 +166,7 @@ def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: C
     if best_alpha is not None:
         scales = candidate_scales(kind, best_alpha, stats, linears)
         check_finite(scales, "the chosen smoothing scales", "the channel statistics hold NaN/Inf or zeros; " + dtype_hint(scales.dtype))
-        fold_scales(prev, linears, scales)
+        fold_scales(prev, [*linears, *passive], scales, offset)
     return SearchResult(alpha=float("nan") if best_alpha is None else best_alpha, loss=best_loss, baseline_loss=baseline, losses=losses)
 
 

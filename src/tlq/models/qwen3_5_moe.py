@@ -1,0 +1,56 @@
+"""Qwen3.5 MoE (e.g. Qwen3.5-35B-A3B): Qwen3.5's hybrid decoder with a routed-plus-shared MoE block in
+every layer.
+
+* Routed experts: fused in memory (``experts.gate_up_proj`` / ``down_proj``), stored per expert in the
+  released checkpoints (transformers merges them at load). Calibrated and exported per expert, as for
+  Qwen3-VL MoE (:mod:`tlq.models.moe`); a streamed run reads the per-expert tensors as they are stored.
+* The shared expert (``mlp.shared_expert``: gate/up/down, sees every token) is a plain MLP; its sigmoid
+  gate ``mlp.shared_expert_gate`` (one output) and the router ``mlp.gate`` stay 16-bit.
+* Scale migration: attention per layer kind as Qwen3.5; per routed expert and for the shared expert
+  ``up_proj -> down_proj``. ``post_attention_layernorm -> experts`` is not applied (it feeds the router).
+  The MoE block's output is added to the layer output unchanged and maps each token on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlq.models.base import SmoothMapping
+from tlq.models.moe import unfuse_experts
+from tlq.models.qwen3_5 import QWEN3_5, SMOOTHING_BY_LAYER_TYPE, Qwen3_5Adapter
+from tlq.models.qwen3_vl_moe import ROUTER_IGNORE, is_fused_experts
+
+QWEN3_5_MOE = replace(
+    QWEN3_5,
+    family="qwen3_5_moe",
+    model_types=("qwen3_5_moe",),
+    model_class="Qwen3_5MoeForConditionalGeneration",
+    ignore=(*QWEN3_5.ignore, ROUTER_IGNORE, "re:.*mlp[.]shared_expert_gate$"),
+)
+
+
+def _moe_mappings(kind_mappings: tuple[SmoothMapping, ...], num_experts: int) -> tuple[SmoothMapping, ...]:
+    attention = tuple(m for m in kind_mappings if not m.prev.startswith(("post_attention_layernorm", "mlp.")))
+    up_down = [("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")]
+    up_down += [(f"mlp.experts.{e}.up_proj", f"mlp.experts.{e}.down_proj") for e in range(num_experts)]
+    return attention + tuple(SmoothMapping(up, (down,), block="mlp", block_ends_layer=True, rowwise=True) for up, down in up_down)
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5's masks and per-kind mappings; experts unfused at load."""
+
+    def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+        model, processor = super().load(model_dir, device, dtype)
+        self.unfuse(model)
+        return model, processor
+
+    def unfuse(self, model: nn.Module) -> list[str]:
+        return unfuse_experts(self.decoder_layers(model), is_fused_experts)
+
+    def smooth_mappings(self, layer: nn.Module) -> tuple[SmoothMapping, ...]:
+        return _moe_mappings(SMOOTHING_BY_LAYER_TYPE[layer.block_type], len(layer.mlp.experts))
