@@ -36,7 +36,7 @@ from _report import write_report
 from streaming_memory import add_checkpoint_args, write_deep_checkpoint
 from tlq.api import build_config, calibrate
 from tlq.builtin import resolve_model_dir
-from tlq.engine.layerwise import LayerwiseEngine
+from tlq.engine import smoothing
 
 SETTINGS = ("whole layer", "layer", "block")
 
@@ -44,15 +44,15 @@ SETTINGS = ("whole layer", "layer", "block")
 def run_setting(model: Path, setting: str, args: argparse.Namespace) -> dict:
     scope = "layer" if setting == "whole layer" else setting
     cfg = build_config(args.scheme, args.method, num_samples=args.num_samples, search_grid=args.search_grid, search_scope=scope, device="cpu")
-    original = LayerwiseEngine._loss_module
+    original = smoothing.loss_module
     if setting == "whole layer":
-        LayerwiseEngine._loss_module = lambda self, mapping: ""  # type: ignore[method-assign]
+        smoothing.loss_module = lambda config, mapping: ""  # every candidate through the whole layer
     try:
         t0 = time.perf_counter()
         run = calibrate(model, resolve_model_dir("builtin:digits-qwen2vl") / "calib.jsonl", cfg, progress=False)
         total = time.perf_counter() - t0
     finally:
-        LayerwiseEngine._loss_module = original  # type: ignore[method-assign]
+        smoothing.loss_module = original
     layers = run.result.layers
     codes = {name: qw.codes for name, qw in run.result.quantized.items()}
     return {"setting": setting, "seconds_total": total, "seconds_per_layer": sum(la.seconds for la in layers) / len(layers),

@@ -374,16 +374,14 @@ def test_per_linear_weights_reach_each_linear(tiny_vlm_dir, tiny_calib_jsonl):
     json.dumps(tcs.summary())
     # the engine asks per linear: record what each linear's Hessian was fed
     seen: dict[str, torch.Tensor] = {}
-    engine = LayerwiseEngine(adapter, model, build_config("w4a16", "gptq"), torch.device("cpu"), token_weights=fn, progress=False)
-    real = engine._weights
 
     def spy(index, sample, linear=None):
-        w = real(index, sample, linear)
+        w = fn(index, sample) if linear is None else fn(index, sample, linear)
         if index == 1 and sample == 0 and linear is not None:
             seen[linear] = w
         return w
 
-    engine._weights = spy
+    engine = LayerwiseEngine(adapter, model, build_config("w4a16", "gptq"), torch.device("cpu"), token_weights=spy, progress=False)
     engine.calibrate(samples)
     assert set(seen) == set(names)
     for name in names:

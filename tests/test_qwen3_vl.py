@@ -132,10 +132,12 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_recaptures_what_goes_between_layers(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
+@pytest.mark.parametrize("family", [FAMILY, "qwen3_vl_moe"])
+def test_resume_recaptures_what_goes_between_layers(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, family):
     """A run stopped after layer 0 resumes from the saved streams and recaptured layer-0 inputs (DeepStack
-    included: it is added after layer 1 of 3) and ends with the codes of an uninterrupted run."""
-    model_dir = tiny_vlm_dir(FAMILY, num_layers=3)
+    included: it is added after layer 1 of 3) and ends with the codes of an uninterrupted run; MoE: with
+    the restored per-expert layer and the same per-expert token counts."""
+    model_dir = tiny_vlm_dir(family, num_layers=3)
     cfg = build_config("w4a16", "gptq", num_samples=4, device="cpu")
     ref = calibrate(model_dir, tiny_calib_jsonl, cfg, progress=False)
 
@@ -158,4 +160,5 @@ def test_resume_recaptures_what_goes_between_layers(tiny_vlm_dir, tiny_calib_jso
     for name, qw in ref.result.quantized.items():
         assert torch.equal(qw.codes, resumed.result.quantized[name].codes), name
     assert [r.rel_error for r in resumed.result.layers] == pytest.approx([r.rel_error for r in ref.result.layers], rel=1e-6)
+    assert [r.routed_tokens for r in resumed.result.layers] == [r.routed_tokens for r in ref.result.layers]
     resumed.resume.cleanup()

@@ -1,6 +1,6 @@
 """Qwen3-VL MoE: per-expert calibration of fused experts (routed rows only), the RTN rule for rarely
-routed experts, exact per-expert scale folds, export in vLLM's per-expert layout and its reload, resume,
-two ranks.
+routed experts, exact per-expert scale folds, export in vLLM's per-expert layout and its reload, two
+ranks (resume: tests/test_qwen3_vl.py).
 
 The family-generic invariants (replay, gradients vs full back-propagation, streaming) run for
 ``qwen3_vl_moe`` through ``FAMILIES`` in the other test files; this file tests what only MoE has.
@@ -25,7 +25,7 @@ from tlq.export.reload import load_quantized
 from tlq.models.moe import RoutedLinear, UnfusedExperts, rows_of
 from tlq.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 from tlq.models.tiny import TINY_MOE
-from tlq.pipeline import RunOptions, load_model, write_output
+from tlq.pipeline import load_model, write_output
 from tlq.quant.scale_search import can_fold, fold_scales
 
 FAMILY = "qwen3_vl_moe"
@@ -178,34 +178,6 @@ def test_quantize_report_lists_per_expert_token_counts(tiny_vlm_dir, tiny_calib_
     counts = report.layers[0].routed_tokens
     assert set(counts) == {f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
     assert 0 < sum(counts.values())  # token selection keeps a budget of rows, so fewer than all tokens
-
-
-class _Crash(Exception):
-    pass
-
-
-def test_resume_continues_an_interrupted_moe_run(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):
-    model_dir = tiny_vlm_dir(FAMILY, num_layers=3)
-    cfg = build_config("w4a16", "gptq", num_samples=4, device="cpu")
-    ref = calibrate(model_dir, tiny_calib_jsonl, cfg, progress=False)
-
-    def crash_after_layer0(*_args):
-        def sink(index, _layer, _quantized):
-            if index == 0:
-                raise _Crash
-
-        return sink
-
-    options = RunOptions(progress=False, resume_dir=tmp_path / "resume")
-    states: list = []
-    with pytest.raises(_Crash):
-        calibrate(model_dir, tiny_calib_jsonl, cfg, options=options, sink_factory=crash_after_layer0, opened=states.append)
-    states[0].close()
-    resumed = calibrate(model_dir, tiny_calib_jsonl, cfg, options=options)
-    assert ref.result.quantized.keys() == resumed.result.quantized.keys()
-    assert all(torch.equal(qw.codes, resumed.result.quantized[n].codes) for n, qw in ref.result.quantized.items())
-    assert [r.routed_tokens for r in resumed.result.layers] == [r.routed_tokens for r in ref.result.layers]
-    resumed.resume.cleanup()
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_candidate_applied_matches_folding_and_restores_weights():
 
 
 def _record_searches(monkeypatch) -> list:
-    import tlq.engine.layerwise as lw
+    import tlq.engine.smoothing as sm
 
     seen = []
 
@@ -137,14 +137,14 @@ def _record_searches(monkeypatch) -> list:
         seen.append(result)
         return result
 
-    monkeypatch.setattr(lw, "search_scales", recording)
+    monkeypatch.setattr(sm, "search_scales", recording)
     return seen
 
 
 def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
     """The MLP's output is added unchanged to the layer output, so measuring MLP mappings on the MLP
     alone (what the layer scope does) must give the whole layer's losses and the same exponents."""
-    import tlq.engine.layerwise as lw
+    import tlq.engine.smoothing as sm
 
     adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
     samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
@@ -154,7 +154,7 @@ def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_
         _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
         seen = _record_searches(monkeypatch)
         if how == "whole layer":  # the reference: every candidate run through the whole decoder layer
-            monkeypatch.setattr(lw.LayerwiseEngine, "_loss_module", lambda self, mapping: "")
+            monkeypatch.setattr(sm, "loss_module", lambda config, mapping: "")
         result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
         runs[how] = (seen, result)
         monkeypatch.undo()

@@ -228,3 +228,10 @@ def sweep_stale_spill_dirs(spill_dir: str | Path | None = None) -> list[Path]:
 
 
 __all__ = ["ActivationStore", "MemoryBudget", "activation_list", "sweep_stale_spill_dirs"]
+
+
+def release_store(store: object, keep: tuple = ()) -> None:
+    """Close a spilling store (removing its files) unless it is still in use (one of ``keep``); a plain
+    list or ``None`` needs nothing."""
+    if isinstance(store, ActivationStore) and not any(store is k for k in keep):
+        store.close()

@@ -10,6 +10,9 @@ Each layer collects its statistics on ``X_q`` (plain FP-input calibration, as AW
 ablation), is solved, and then produces the next ``X_q``. Inside a layer the linears are solved in
 execution order, group by group (linears that read the same tensor, e.g. q/k/v, form one group), so a
 later group sees the error of the earlier ones ("true sequential").
+
+A layer's steps, in order: FP stream, scale search (:mod:`tlq.engine.smoothing`), statistics and solve
+(GPTQ/RTN, per group), quantized stream. They share one :class:`tlq.engine.context.LayerContext`.
 """
 
 from __future__ import annotations
@@ -30,24 +33,20 @@ from tqdm.auto import tqdm
 
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
-from tlq.engine.activations import ActivationStore, MemoryBudget, activation_list
+from tlq.engine.activations import MemoryBudget, activation_list, release_store
+from tlq.engine.context import LayerContext, TokenWeightFn
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.utils.finite import NonFiniteError, dtype_hint, is_finite
 from tlq.utils.timing import PhaseClock
-from tlq.models.base import LayerInputs, ModelAdapter, SmoothMapping, main_output, run_layer, tree_to
+from tlq.engine.smoothing import search_layer_scales
+from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
 from tlq.models.moe import RoutedLinear, rows_of
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
-from tlq.quant.rtn import rtn_quantize
-from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
 from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
-# Per-token weights for one layer's statistics: (layer index, global sample id[, linear name within the
-# layer]) -> [seq] or None. Without a linear name: the weights of the layer's output, which are also
-# every linear's unless the importance is per linear.
-TokenWeightFn = Callable[..., Tensor | None]
 # Called once per finished layer (also for layers restored from a resume state), while it is loaded:
 # (layer index, layer module, {module name: QuantizedWeight}). A streamed export writes the layer here.
 LayerSink = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
@@ -208,7 +207,7 @@ class LayerwiseEngine:
             first = resume.completed_layers()
             self._restore(resume, first, result)
             streams = resume.load_streams(first - 1, container=lambda _name: self._store([]))
-            _release(x_fp)
+            release_store(x_fp)
             x_fp, x_q = streams["x_fp"], streams["x_q"]
         num_layers = len(self.layers)
         bar = tqdm(range(first, num_layers), desc="calibrating layers", unit="layer", disable=not self.progress or not self.ctx.is_main, initial=first, total=num_layers)
@@ -222,31 +221,31 @@ class LayerwiseEngine:
                     _fault_injection(i)
                 self._finish_layer(i, layer, quantized, result)
                 bar.set_postfix(rel_err=f"{report.rel_error:.2e}")
-                _release(x_fp, keep=(fp_out, q_out))
-                _release(x_q, keep=(fp_out, q_out))
+                release_store(x_fp, keep=(fp_out, q_out))
+                release_store(x_q, keep=(fp_out, q_out))
                 x_fp, x_q = fp_out, q_out
         finally:
-            _release(x_fp)
-            _release(x_q)
+            release_store(x_fp)
+            release_store(x_q)
         return result
 
     def _layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
         start = time.perf_counter()
-        kwargs = [self.adapter.layer_kwargs(i, kw, b) for kw, b in zip(kwargs, between)]  # this layer's own (e.g. its mask)
+        ctx = self._context(i, layer, kwargs, between)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.clock("FP stream"):
             fp_out = self._advance(i, layer, x_fp, kwargs, between)
         stats_in = x_q if self.config.quantized_inputs else x_fp
         with self.clock("scale search"):
-            alphas = self._search_scales(i, layer, stats_in, kwargs)
+            alphas = search_layer_scales(ctx, stats_in)
         # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
         # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's;
         # passed without a local name here, so that _calibrate_layer can free it as soon as it is done
         routed: dict[str, int] = {}
         fallback: list[str] = []
         with self.clock("statistics + solve (GPTQ/RTN, FP target)"):
-            quantized = self._calibrate_layer(i, layer, stats_in, kwargs, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None, routed, fallback)
+            quantized = self._calibrate_layer(ctx, stats_in, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None, routed, fallback)
         with self.clock("quantized stream"):
             q_out = self._advance(i, layer, x_q, kwargs, between)
         num, den = squared_error_sums(q_out, fp_out)
@@ -302,6 +301,11 @@ class LayerwiseEngine:
         return activation_list(tensors, self.budget, self.spill_dir)
 
     # --- internals -------------------------------------------------------------------------------
+    def _context(self, index: int, layer: nn.Module, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> LayerContext:
+        """What this layer's steps share; its keyword arguments are the layer's own (e.g. its mask)."""
+        own = [self.adapter.layer_kwargs(index, kw, b) for kw, b in zip(kwargs, between)]
+        return LayerContext(index, layer, own, self.config, self.adapter, self.device, self.scale_dtype, self.sample_ids, self.token_weights, self._store)
+
     def _dev(self, x: Any) -> Any:
         return tree_to(x, self.device)
 
@@ -311,19 +315,13 @@ class LayerwiseEngine:
         model does before the next one). The streams are what the next layer sees, so they take the step."""
         return self._store([self.adapter.layer_step(index, layer, self._dev(x), self._dev(kw), b).to("cpu") for x, kw, b in zip(xs, kwargs, between)])
 
-    @torch.no_grad()
-    def _run(self, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]]) -> Any:
-        """The layer's own outputs, without what the model adds between layers: the targets a replay of
-        the layer alone (``_BlockCalls.of_layer``) is compared with. Never a stream (see :meth:`_advance`)."""
-        return self._store([run_layer(layer, self._dev(x), self._dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)])
-
     def _wants_fp_inputs(self) -> bool:
         return self.config.solver == "gptq" and self.config.gptq.target == "fp"
 
-    def _calibrate_layer(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None, routed: dict[str, int] | None = None, fallback: list[str] | None = None) -> dict[str, QuantizedWeight]:
+    def _calibrate_layer(self, ctx: LayerContext, xs: list[Tensor], fp_ref: tuple[nn.Module, Any] | None = None, routed: dict[str, int] | None = None, fallback: list[str] | None = None) -> dict[str, QuantizedWeight]:
         """Solve the layer's linears group by group; ``routed``/``fallback`` receive the routed linears'
         token counts and the names solved by RTN for lack of rows (see :meth:`_calibrator`)."""
-        prefix = self.adapter.decoder_layer_prefix(index)
+        layer, kwargs, prefix = ctx.layer, ctx.kwargs, ctx.prefix
         scheme = self.config.scheme
         out: dict[str, QuantizedWeight] = {}
         groups = linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0]), lambda n: self.adapter.keeps_16bit(f"{prefix}.{n}")) if len(xs) else None
@@ -336,7 +334,7 @@ class LayerwiseEngine:
                 self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
             cals = {n: self._calibrator(m) for n, m in mods.items()}
             if any(c.needs_inputs for c in cals.values()):
-                self._observe(index, layer, mods, cals, xs, kwargs, fp_ref)
+                self._observe(ctx, mods, cals, xs, fp_ref)
                 for cal in cals.values():
                     cal.reduce(self.ctx)
             if group is groups[-1]:
@@ -365,7 +363,7 @@ class LayerwiseEngine:
         return make_calibrator(self.config.solver, module.weight, self.config.scheme, gptq, self.scale_dtype, self.device)
 
     @torch.no_grad()
-    def _observe(self, index: int, layer: nn.Module, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], kwargs: list[dict[str, Any]], fp_ref: tuple[nn.Module, Any] | None = None) -> None:
+    def _observe(self, ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], fp_ref: tuple[nn.Module, Any] | None = None) -> None:
         """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
         forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens."""
         current: dict[str, Tensor | None] = {}
@@ -388,152 +386,16 @@ class LayerwiseEngine:
         if wants_fp:
             handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods if cals[n].needs_fp_inputs]
         try:
-            for s, (x, kw) in enumerate(zip(xs, kwargs)):
+            for s, (x, kw) in enumerate(zip(xs, ctx.kwargs)):
                 for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
-                    w = self._weights(index, s, None if isinstance(mod, RoutedLinear) else name)
+                    w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
                     current[name] = None if w is None else w.to(self.device).reshape(1, -1)
                 if wants_fp:
                     run_layer(fp_ref[0], self._dev(fp_ref[1][s]), self._dev(kw))
-                run_layer(layer, self._dev(x), self._dev(kw))
+                run_layer(ctx.layer, self._dev(x), self._dev(kw))
         finally:
             for h in handles:
                 h.remove()
-
-    # --- scale search (AWQ / SmoothQuant / MBQ / TLQ) -------------------------------------------
-    def _search_scales(self, index: int, layer: nn.Module, xs: list[Tensor], kwargs: list[dict[str, Any]]) -> dict[str, float]:
-        """Migrate per-channel scales for each producer->linears mapping of the adapter, in order.
-
-        The loss of a candidate is the token-weighted error, with the mapping's linears fake-quantized
-        (weights and, for W-A schemes, activations), against the FP layer on the same inputs: of the
-        layer output (scope "layer"; it isolates this layer's own quantization error) or of the
-        mapping's block (scope "block", AWQ's loss). A block whose output is added unchanged to the
-        layer output has the layer's error, so the layer scope measures such mappings on the block
-        alone (:meth:`_loss_module`): the same number for a fraction of the work.
-        """
-        search = self.config.search
-        if search.kind == "none":
-            return {}
-        # the globally first max_samples samples, wherever they live: this rank's share is a prefix
-        n = sum(1 for sid in self.sample_ids if sid < search.max_samples)
-        xs, kwargs = _Prefix(xs, n), kwargs[:n]
-        weights = [self._weights(index, s) for s in range(n)]
-        layer_targets = None  # the FP layer's outputs, computed once if a mapping needs them
-        alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
-        chosen: dict[str, float] = {}
-        for mapping in self.adapter.smooth_mappings(layer):
-            prev = layer.get_submodule(mapping.prev)
-            linears = [layer.get_submodule(name) for name in mapping.linears]
-            passive = [layer.get_submodule(name) for name in mapping.passive]
-            if not can_fold(prev, linears + passive):
-                continue
-            block = self._loss_module(mapping)
-            rowwise = bool(block) and mapping.rowwise
-            stats, calls, call_weights = self._record_mapping(layer, linears[0], block, xs, kwargs, weights, rowwise)
-            if stats is None:  # no token reached the linears (an expert no search sample was routed to)
-                chosen[mapping.prev] = math.nan
-                if calls is not None:
-                    calls.release()
-                continue
-            if calls is None and layer_targets is None:
-                layer_targets = self._run(layer, xs, kwargs)
-            if calls is None:
-                calls = _BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
-
-            def loss_fn(linears: list[nn.Linear] = linears, calls: _BlockCalls = calls, w: list[Tensor | None] = call_weights) -> float:
-                return self._quantized_loss(linears, calls, w)
-
-            if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
-                fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
-                chosen[mapping.prev] = search.fixed_alpha
-            else:
-                chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn, passive, mapping.prev_offset).alpha
-            calls.release()
-        _release(layer_targets)
-        return chosen
-
-    def _loss_module(self, mapping: SmoothMapping) -> str:
-        """The module (name within the layer; "" = the layer) whose output error a candidate is judged by."""
-        if self.config.search.scope == "block" or mapping.block_ends_layer:
-            return mapping.block
-        return ""
-
-    def _weights(self, index: int, sample: int, linear: str | None = None) -> Tensor | None:
-        """Token weights of this rank's ``sample``-th sample (the weight function takes global ids), for
-        the inputs of ``linear`` (a name within the layer) or, without one, for the layer's output."""
-        if self.token_weights is None:
-            return None
-        gid = self.sample_ids[sample]
-        return self.token_weights(index, gid) if linear is None else self.token_weights(index, gid, linear)
-
-    @torch.no_grad()
-    def _record_mapping(self, layer: nn.Module, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats | None, _BlockCalls | None, list[Tensor | None]]:
-        """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
-        other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
-        the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
-        non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
-        evaluating candidates on the kept rows gives the same loss for a fraction of the work."""
-        acc = ChannelStatsAccumulator(first.in_features)
-        current: dict[str, Tensor | None] = {"w": None}
-        mains: list[Tensor] = []
-        rests: list[tuple[tuple, dict[str, Any]]] = []
-        outputs: list[Tensor] = []
-        keyword: list[str | None] = [None]
-
-        kept: list[Tensor | None] = []
-
-        def record(_m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
-            if args:
-                main, rest = args[0], (args[1:], kw)
-            else:  # called by keyword, as transformers calls its attention modules
-                keyword[0] = "hidden_states"
-                rest_kw = dict(kw)
-                main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
-            out, w = main_output(out), current["w"]
-            if rowwise and w is not None:
-                rows = (w > 0).nonzero().reshape(-1).to(main.device)
-                main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
-            mains.append(main.detach().to("cpu"))
-            rests.append(tree_to(rest, "cpu"))
-            outputs.append(out.detach().to("cpu"))
-            kept.append(w)
-
-        handles = [first.register_forward_hook(lambda m, args, _o: acc.add(args[0], rows_of(m, current["w"])))]
-        if block:
-            handles.append(layer.get_submodule(block).register_forward_hook(record, with_kwargs=True))
-        try:
-            for x, kw, w in zip(xs, kwargs, weights):
-                current["w"] = w
-                run_layer(layer, self._dev(x), self._dev(kw))
-        finally:
-            for h in handles:
-                h.remove()
-        D.reduce_channel_stats_(acc)
-        stats = acc.result() if acc.total > 0 else None  # reduced: every rank agrees
-        if not block:
-            return stats, None, weights
-        return stats, _BlockCalls(layer.get_submodule(block), self._store(mains), rests, keyword[0], self._store(outputs)), kept
-
-    @torch.no_grad()
-    def _quantized_loss(self, linears: list[nn.Linear], calls: _BlockCalls, weights: list[Tensor | None]) -> float:
-        scheme = self.config.scheme
-        saved = [lin.weight.detach().clone() for lin in linears]
-        hooks = []
-        try:
-            for lin in linears:
-                qw = rtn_quantize(lin.weight, scheme.weights, scale_dtype=self.scale_dtype)
-                lin.weight.copy_(qw.dequantize(lin.weight.dtype))
-                if scheme.activations is not None:
-                    hooks.append(add_input_quantizer(lin, scheme.activations))
-            total = 0.0
-            for i, w in enumerate(weights):
-                err = (calls.run(i, self._dev).float().cpu() - calls.targets[i].float()).pow(2).sum(-1)[0]
-                total += float((err * w.cpu()).sum() if w is not None else err.sum())
-            return D.all_reduce_scalar_sum(total)
-        finally:
-            for h in hooks:
-                h.remove()
-            for lin, w0 in zip(linears, saved):
-                lin.weight.copy_(w0)
 
     def remove_activation_quantizers(self) -> None:
         for h in self.act_hooks:
@@ -572,57 +434,3 @@ def _fault_injection(index: int) -> None:
     """
     if os.environ.get(FAULT_ENV) == str(index):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _BlockCalls:
-    """Recorded FP calls of one module, per sample: replaying them under changed weights gives the
-    module's output on the same inputs, which is what a scale candidate is compared on.
-
-    The main input (the activation, which can be large) lives in an activation store like the
-    engine's own, so ``--max-cpu-memory`` bounds it; the other arguments (position embeddings, masks)
-    are kept as they came. ``keyword`` names the main input when the module was called with it by name.
-    """
-
-    def __init__(self, module: nn.Module, mains: Any, rests: list[tuple[tuple, dict[str, Any]]], keyword: str | None, targets: Any, owned: bool = True) -> None:
-        self.module, self.mains, self.rests, self.keyword, self.targets = module, mains, rests, keyword, targets
-        self.owned = owned  # whether the stores are this object's to release
-
-    @classmethod
-    def of_layer(cls, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]], targets: Any) -> "_BlockCalls":
-        """The decoder layer itself, on the engine's stored inputs and FP outputs (nothing copied)."""
-        return cls(layer, xs, [((), kw) for kw in kwargs], None, targets, owned=False)
-
-    def run(self, i: int, to_device: Callable[[Any], Any]) -> Tensor:
-        main = to_device(self.mains[i])
-        args, kw = to_device(self.rests[i])
-        out = self.module(*args, **{**kw, self.keyword: main}) if self.keyword else self.module(main, *args, **kw)
-        return main_output(out)
-
-    def release(self) -> None:
-        if self.owned:
-            _release(self.mains)
-            _release(self.targets)
-
-
-class _Prefix:
-    """The first ``n`` items of a sequence, without copying (a spilling store stays on disk)."""
-
-    def __init__(self, seq: Any, n: int) -> None:
-        self.seq, self.n = seq, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.seq[i]
-
-    def __iter__(self) -> Any:
-        return (self.seq[i] for i in range(self.n))
-
-
-def _release(store: Any, keep: tuple = ()) -> None:
-    """Close a spilling store (removing its files) unless it is still in use."""
-    if isinstance(store, ActivationStore) and not any(store is k for k in keep):
-        store.close()

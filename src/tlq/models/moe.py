@@ -19,10 +19,13 @@ rarely routed expert therefore gets a Hessian from few rows; the engine's rule f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from tlq.models.base import SmoothMapping
 
 
 class RoutedLinear(nn.Linear):
@@ -171,3 +174,36 @@ def unfuse_experts(root: nn.Module, is_fused: Callable[[nn.Module], bool]) -> li
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, UnfusedExperts.from_fused(getattr(parent, child)))
     return names
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 fused experts module (``gate_up_proj`` / ``down_proj`` parameters)."""
+    return isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+class RoutedExpertsAdapter:
+    """Adapter mixin of a MoE family: its fused experts become per-expert linears at load (and wherever
+    TLQ rebuilds the model: the streamed skeleton, the reload of an export). Put it before the family's
+    adapter class in the bases."""
+
+    def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+        model, processor = super().load(model_dir, device, dtype)  # type: ignore[misc]
+        self.unfuse(model)
+        return model, processor
+
+    def unfuse(self, model: nn.Module) -> list[str]:
+        return unfuse_experts(self.decoder_layers(model), is_fused_experts)  # type: ignore[attr-defined]
+
+
+def expert_smoothing(num_experts: int, extra_up_down: tuple[tuple[str, str], ...] = ()) -> tuple[SmoothMapping, ...]:
+    """``up_proj -> down_proj`` per routed expert (and any ``extra_up_down`` pairs, e.g. a shared
+    expert's), judged on the MoE block: its output is added to the layer output unchanged and maps each
+    token on its own (``block_ends_layer``, ``rowwise``)."""
+    pairs = (*extra_up_down, *((f"mlp.experts.{e}.up_proj", f"mlp.experts.{e}.down_proj") for e in range(num_experts)))
+    return tuple(SmoothMapping(up, (down,), block="mlp", block_ends_layer=True, rowwise=True) for up, down in pairs)
+
+
+def without_mlp(mappings: tuple[SmoothMapping, ...]) -> tuple[SmoothMapping, ...]:
+    """A dense layer's mappings minus its MLP's (what a MoE layer keeps: the attention ones).
+    ``post_attention_layernorm -> experts`` is never folded: that norm also feeds the router."""
+    return tuple(m for m in mappings if not m.prev.startswith(("post_attention_layernorm", "mlp.")))

@@ -14,16 +14,13 @@ every layer.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 
 from tlq.models.base import SmoothMapping
-from tlq.models.moe import unfuse_experts
+from tlq.models.moe import RoutedExpertsAdapter, expert_smoothing, without_mlp
 from tlq.models.qwen3_5 import QWEN3_5, SMOOTHING_BY_LAYER_TYPE, Qwen3_5Adapter
-from tlq.models.qwen3_vl_moe import ROUTER_IGNORE, is_fused_experts
+from tlq.models.qwen3_vl_moe import ROUTER_IGNORE
 
 QWEN3_5_MOE = replace(
     QWEN3_5,
@@ -34,23 +31,9 @@ QWEN3_5_MOE = replace(
 )
 
 
-def _moe_mappings(kind_mappings: tuple[SmoothMapping, ...], num_experts: int) -> tuple[SmoothMapping, ...]:
-    attention = tuple(m for m in kind_mappings if not m.prev.startswith(("post_attention_layernorm", "mlp.")))
-    up_down = [("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")]
-    up_down += [(f"mlp.experts.{e}.up_proj", f"mlp.experts.{e}.down_proj") for e in range(num_experts)]
-    return attention + tuple(SmoothMapping(up, (down,), block="mlp", block_ends_layer=True, rowwise=True) for up, down in up_down)
-
-
-class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+class Qwen3_5MoeAdapter(RoutedExpertsAdapter, Qwen3_5Adapter):
     """Qwen3.5's masks and per-kind mappings; experts unfused at load."""
 
-    def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-        model, processor = super().load(model_dir, device, dtype)
-        self.unfuse(model)
-        return model, processor
-
-    def unfuse(self, model: nn.Module) -> list[str]:
-        return unfuse_experts(self.decoder_layers(model), is_fused_experts)
-
     def smooth_mappings(self, layer: nn.Module) -> tuple[SmoothMapping, ...]:
-        return _moe_mappings(SMOOTHING_BY_LAYER_TYPE[layer.block_type], len(layer.mlp.experts))
+        shared = (("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),)
+        return without_mlp(SMOOTHING_BY_LAYER_TYPE[layer.block_type]) + expert_smoothing(len(layer.mlp.experts), shared)

@@ -21,14 +21,11 @@ What differs from dense Qwen3-VL, for TLQ:
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 
 from tlq.models.base import SmoothMapping
-from tlq.models.moe import UnfusedExperts, unfuse_experts
+from tlq.models.moe import RoutedExpertsAdapter, UnfusedExperts, expert_smoothing, without_mlp
 from tlq.models.qwen2_vl import QWEN2_DECODER_SMOOTHING, QWEN_IGNORE
 from tlq.models.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 
@@ -43,32 +40,11 @@ QWEN3_VL_MOE = replace(
     lmms_eval_model="qwen3_vl",  # lmms-eval's qwen3_vl model loads through AutoModelForImageTextToText
 )
 
-# The attention mappings of every layer (the Qwen2 ones before the MLP's).
-_ATTENTION_SMOOTHING = tuple(m for m in QWEN2_DECODER_SMOOTHING if not m.prev.startswith(("post_attention_layernorm", "mlp.")))
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers 5 fused experts module (``gate_up_proj`` / ``down_proj`` parameters)."""
-    return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and isinstance(getattr(module, "gate_up_proj"), nn.Parameter)
-
-
-class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+class Qwen3VLMoeAdapter(RoutedExpertsAdapter, Qwen3VLAdapter):
     """Qwen3-VL's walk; fused experts unfused at load; per-layer mappings (MoE or dense MLP)."""
-
-    def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-        model, processor = super().load(model_dir, device, dtype)
-        self.unfuse(model)
-        return model, processor
-
-    def unfuse(self, model: nn.Module) -> list[str]:
-        return unfuse_experts(self.decoder_layers(model), is_fused_experts)
 
     def smooth_mappings(self, layer: nn.Module) -> tuple[SmoothMapping, ...]:
         experts = getattr(layer.mlp, "experts", None)
         if not isinstance(experts, UnfusedExperts):  # a dense MLP layer (mlp_only_layers)
             return QWEN2_DECODER_SMOOTHING
-        per_expert = tuple(
-            SmoothMapping(f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",), block="mlp", block_ends_layer=True, rowwise=True)
-            for e in range(len(experts))
-        )
-        return _ATTENTION_SMOOTHING + per_expert
+        return without_mlp(QWEN2_DECODER_SMOOTHING) + expert_smoothing(len(experts))

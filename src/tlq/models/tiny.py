@@ -396,12 +396,7 @@ def make_tiny_vlm(
         min_pixels = 28 * 28 if min_pixels is None else min_pixels
         max_pixels = (4 * image_size) ** 2 if max_pixels is None else max_pixels
         rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section(head_dim)}
-        special_ids = dict(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
+        special_ids = _qwen_vision_ids(ids)
         if family == "qwen2_vl":
             from transformers import (
                 Qwen2VLConfig as Cfg,
@@ -540,7 +535,7 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
     Kept apart from :func:`make_tiny_vlm` because everything differs in detail from Qwen2-VL: an explicit
     ``head_dim``, interleaved M-RoPE, 16-px patches, DeepStack blocks, and no ``max_window_layers``.
     """
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen3VLProcessor
 
     if moe:
         from transformers import Qwen3VLMoeConfig as Qwen3VLConfig
@@ -551,9 +546,6 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
         from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-    factor = _QWEN3_PATCH * _QWEN3_MERGE
-    min_pixels = factor * factor if min_pixels is None else min_pixels
-    max_pixels = (4 * image_size) ** 2 if max_pixels is None else max_pixels
     rope = {
         "rope_type": "default",
         "rope_theta": rope_theta,
@@ -567,35 +559,24 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
         text["mlp_only_layers"] = sorted({i % layers for i in TINY_MOE["mlp_only_layers"]} - {0} if layers > 1 else set())
     text_config = Qwen3VLTextConfig(head_dim=head_dim, rope_parameters=rope, **text)
     vision_config = Qwen3VLVisionConfig(
-        depth=vision_depth,
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_heads=vision_heads,
-        out_hidden_size=text_config.hidden_size,
-        patch_size=_QWEN3_PATCH,
-        spatial_merge_size=_QWEN3_MERGE,
-        num_position_embeddings=_QWEN3_POSITION_GRID**2,
-        deepstack_visual_indexes=list(deepstack),
+        **_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size), deepstack_visual_indexes=list(deepstack)
     )
     config = Qwen3VLConfig(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie_word_embeddings,
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), tie_word_embeddings=tie_word_embeddings, **_qwen_vision_ids(ids)
     )
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            size=size, patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE, image_mean=list(_SIGLIP_MEAN), image_std=list(_SIGLIP_STD)
-        ),
-        tokenizer=tok,
-        video_processor=Qwen3VLVideoProcessor(size=dict(size), patch_size=_QWEN3_PATCH, merge_size=_QWEN3_MERGE),
-        chat_template=_QWEN_CHAT_TEMPLATE,
-    )
-    return Qwen3VLForConditionalGeneration, config, processor
+    return Qwen3VLForConditionalGeneration, config, _qwen3_processor(tok, Qwen3VLProcessor, image_size, min_pixels, max_pixels)
+
+
+def _qwen3_vision(hidden: int, depth: int, heads: int, out_hidden: int) -> dict[str, Any]:
+    """The vision-config fields Qwen3-VL and Qwen3.5 share: 16-px patches merged 2x2, a learned position grid."""
+    return dict(depth=depth, hidden_size=hidden, intermediate_size=4 * hidden, num_heads=heads, out_hidden_size=out_hidden,
+                patch_size=_QWEN3_PATCH, spatial_merge_size=_QWEN3_MERGE, num_position_embeddings=_QWEN3_POSITION_GRID**2)
+
+
+def _qwen_vision_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The special-token ids of the Qwen vision format, as config fields."""
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
 def _qwen3_processor(tok: Any, processor_cls: type, image_size: int, min_pixels: int | None, max_pixels: int | None) -> Any:
@@ -650,25 +631,9 @@ def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], h
         linear_num_value_heads=heads,
         **text,
     )
-    vision_config = Qwen3_5VisionConfig(
-        depth=vision_depth,
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_heads=vision_heads,
-        out_hidden_size=text_config.hidden_size,
-        patch_size=_QWEN3_PATCH,
-        spatial_merge_size=_QWEN3_MERGE,
-        num_position_embeddings=_QWEN3_POSITION_GRID**2,
-    )
-    config = Qwen3_5Config(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=text["tie_word_embeddings"],
-    )
+    vision_config = Qwen3_5VisionConfig(**_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size))
+    config = Qwen3_5Config(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                           tie_word_embeddings=text["tie_word_embeddings"], **_qwen_vision_ids(ids))
     return Qwen3_5ForConditionalGeneration, config, _qwen3_processor(tok, Qwen3VLProcessor, image_size, min_pixels, max_pixels)
 
 

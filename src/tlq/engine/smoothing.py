@@ -1,0 +1,208 @@
+"""The scale-search step (AWQ / SmoothQuant / MBQ / TLQ): per-channel scales migrated between each
+producer and the linears that read it, chosen by a quantized loss, before the layer is solved.
+
+For each of the adapter's mappings of a layer (:meth:`ModelAdapter.smooth_mappings`), the step records
+the mapping's channel statistics and the FP calls of the module a candidate is judged on (the decoder
+layer, or a block that is enough: :func:`loss_module`), tries the exponent grid with the linears
+fake-quantized (weights and, for W-A schemes, activations), and folds the best scales
+(:mod:`tlq.quant.scale_search` holds the tensor algorithms; this module runs them on a layer).
+Token weights make the loss TLQ's (per token) or MBQ's (per modality); with the token-level calibration
+set, row-wise blocks are judged on the rows of the tokens inside the budget only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tlq.config import QuantizeConfig
+from tlq.engine import distributed as D
+from tlq.engine.activations import release_store
+from tlq.engine.context import LayerContext
+from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
+from tlq.models.moe import rows_of
+from tlq.quant.quantizer import add_input_quantizer
+from tlq.quant.rtn import rtn_quantize
+from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
+
+
+def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
+    """Migrate per-channel scales for each producer->linears mapping of the adapter, in order.
+
+    The loss of a candidate is the token-weighted error, with the mapping's linears fake-quantized
+    (weights and, for W-A schemes, activations), against the FP layer on the same inputs: of the
+    layer output (scope "layer"; it isolates this layer's own quantization error) or of the
+    mapping's block (scope "block", AWQ's loss). A block whose output is added unchanged to the
+    layer output has the layer's error, so the layer scope measures such mappings on the block
+    alone (:func:`loss_module`): the same number for a fraction of the work. ``xs`` are the inputs the
+    statistics come from (the quantized stream, or the FP one for the FP-input ablation).
+    """
+    search = ctx.config.search
+    layer, kwargs = ctx.layer, ctx.kwargs
+    if search.kind == "none":
+        return {}
+    # the globally first max_samples samples, wherever they live: this rank's share is a prefix
+    n = sum(1 for sid in ctx.sample_ids if sid < search.max_samples)
+    xs, kwargs = Prefix(xs, n), kwargs[:n]
+    weights = [ctx.weights(s) for s in range(n)]
+    layer_targets = None  # the FP layer's outputs, computed once if a mapping needs them
+    alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
+    chosen: dict[str, float] = {}
+    for mapping in ctx.adapter.smooth_mappings(layer):
+        prev = layer.get_submodule(mapping.prev)
+        linears = [layer.get_submodule(name) for name in mapping.linears]
+        passive = [layer.get_submodule(name) for name in mapping.passive]
+        if not can_fold(prev, linears + passive):
+            continue
+        block = loss_module(ctx.config, mapping)
+        rowwise = bool(block) and mapping.rowwise
+        stats, calls, call_weights = _record_mapping(ctx, linears[0], block, xs, kwargs, weights, rowwise)
+        if stats is None:  # no token reached the linears (an expert no search sample was routed to)
+            chosen[mapping.prev] = math.nan
+            if calls is not None:
+                calls.release()
+            continue
+        if calls is None and layer_targets is None:
+            layer_targets = ctx.run(xs, kwargs)
+        if calls is None:
+            calls = BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
+
+        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights) -> float:
+            return _quantized_loss(ctx, linears, calls, w)
+
+        if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
+            fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
+            chosen[mapping.prev] = search.fixed_alpha
+        else:
+            chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn, passive, mapping.prev_offset).alpha
+        calls.release()
+    release_store(layer_targets)
+    return chosen
+
+def loss_module(config: QuantizeConfig, mapping: SmoothMapping) -> str:
+    """The module (name within the layer; "" = the layer) whose output error a candidate is judged by."""
+    if config.search.scope == "block" or mapping.block_ends_layer:
+        return mapping.block
+    return ""
+
+@torch.no_grad()
+def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
+    """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
+    other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
+    the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
+    non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
+    evaluating candidates on the kept rows gives the same loss for a fraction of the work."""
+    layer = ctx.layer
+    acc = ChannelStatsAccumulator(first.in_features)
+    current: dict[str, Tensor | None] = {"w": None}
+    mains: list[Tensor] = []
+    rests: list[tuple[tuple, dict[str, Any]]] = []
+    outputs: list[Tensor] = []
+    keyword: list[str | None] = [None]
+
+    kept: list[Tensor | None] = []
+
+    def record(_m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
+        if args:
+            main, rest = args[0], (args[1:], kw)
+        else:  # called by keyword, as transformers calls its attention modules
+            keyword[0] = "hidden_states"
+            rest_kw = dict(kw)
+            main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
+        out, w = main_output(out), current["w"]
+        if rowwise and w is not None:
+            rows = (w > 0).nonzero().reshape(-1).to(main.device)
+            main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
+        mains.append(main.detach().to("cpu"))
+        rests.append(tree_to(rest, "cpu"))
+        outputs.append(out.detach().to("cpu"))
+        kept.append(w)
+
+    handles = [first.register_forward_hook(lambda m, args, _o: acc.add(args[0], rows_of(m, current["w"])))]
+    if block:
+        handles.append(layer.get_submodule(block).register_forward_hook(record, with_kwargs=True))
+    try:
+        for x, kw, w in zip(xs, kwargs, weights):
+            current["w"] = w
+            run_layer(layer, ctx.dev(x), ctx.dev(kw))
+    finally:
+        for h in handles:
+            h.remove()
+    D.reduce_channel_stats_(acc)
+    stats = acc.result() if acc.total > 0 else None  # reduced: every rank agrees
+    if not block:
+        return stats, None, weights
+    return stats, BlockCalls(layer.get_submodule(block), ctx.store(mains), rests, keyword[0], ctx.store(outputs)), kept
+
+@torch.no_grad()
+def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None]) -> float:
+    scheme = ctx.config.scheme
+    saved = [lin.weight.detach().clone() for lin in linears]
+    hooks = []
+    try:
+        for lin in linears:
+            qw = rtn_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
+            lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+            if scheme.activations is not None:
+                hooks.append(add_input_quantizer(lin, scheme.activations))
+        total = 0.0
+        for i, w in enumerate(weights):
+            err = (calls.run(i, ctx.dev).float().cpu() - calls.targets[i].float()).pow(2).sum(-1)[0]
+            total += float((err * w.cpu()).sum() if w is not None else err.sum())
+        return D.all_reduce_scalar_sum(total)
+    finally:
+        for h in hooks:
+            h.remove()
+        for lin, w0 in zip(linears, saved):
+            lin.weight.copy_(w0)
+
+
+class BlockCalls:
+    """Recorded FP calls of one module, per sample: replaying them under changed weights gives the
+    module's output on the same inputs, which is what a scale candidate is compared on.
+
+    The main input (the activation, which can be large) lives in an activation store like the
+    engine's own, so ``--max-cpu-memory`` bounds it; the other arguments (position embeddings, masks)
+    are kept as they came. ``keyword`` names the main input when the module was called with it by name.
+    """
+
+    def __init__(self, module: nn.Module, mains: Any, rests: list[tuple[tuple, dict[str, Any]]], keyword: str | None, targets: Any, owned: bool = True) -> None:
+        self.module, self.mains, self.rests, self.keyword, self.targets = module, mains, rests, keyword, targets
+        self.owned = owned  # whether the stores are this object's to release
+
+    @classmethod
+    def of_layer(cls, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]], targets: Any) -> "BlockCalls":
+        """The decoder layer itself, on the engine's stored inputs and FP outputs (nothing copied)."""
+        return cls(layer, xs, [((), kw) for kw in kwargs], None, targets, owned=False)
+
+    def run(self, i: int, to_device: Callable[[Any], Any]) -> Tensor:
+        main = to_device(self.mains[i])
+        args, kw = to_device(self.rests[i])
+        out = self.module(*args, **{**kw, self.keyword: main}) if self.keyword else self.module(main, *args, **kw)
+        return main_output(out)
+
+    def release(self) -> None:
+        if self.owned:
+            release_store(self.mains)
+            release_store(self.targets)
+
+
+class Prefix:
+    """The first ``n`` items of a sequence, without copying (a spilling store stays on disk)."""
+
+    def __init__(self, seq: Any, n: int) -> None:
+        self.seq, self.n = seq, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.seq[i]
+
+    def __iter__(self) -> Any:
+        return (self.seq[i] for i in range(self.n))
