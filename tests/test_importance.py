@@ -386,3 +386,21 @@ def test_per_linear_weights_reach_each_linear(tiny_vlm_dir, tiny_calib_jsonl):
     assert set(seen) == set(names)
     for name in names:
         assert torch.equal(seen[name], fn(1, 0, name))
+
+
+def test_tlq_runs_the_vision_tower_once_per_sample(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """The importance pass and the engine share each sample's layer-0 capture (vision tower, projector,
+    embeddings): the expensive part of both would otherwise run twice."""
+    from tlq.api import calibrate
+    from tlq.models.base import ModelAdapter
+
+    calls = []
+    real = ModelAdapter.capture_layer0_inputs
+
+    def counting(self, model, inputs):
+        calls.append(1)
+        return real(self, model, inputs)
+
+    monkeypatch.setattr(ModelAdapter, "capture_layer0_inputs", counting)
+    run = calibrate(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, build_config("w4a16", "tlq", num_samples=4, device="cpu", search_grid=2), progress=False)
+    assert run.token_set is not None and len(calls) == run.num_samples == 4

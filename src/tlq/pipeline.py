@@ -122,7 +122,7 @@ def check_scheme_fits(adapter: ModelAdapter, model: Any, config: QuantizeConfig)
 _WEIGHTING_KIND = {"uniform": "uniform", "modality": "modality"}
 
 
-def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list) -> Any:
+def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list | None = None) -> Any:
     """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
     from tlq.importance.calibset import build_token_calibration_set
 
@@ -131,7 +131,7 @@ def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, conf
     kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
     importance = dc_replace(config.importance, kind=kind)
     selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
-    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store)
+    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store, layer0=layer0)
 
 
 @dataclass
@@ -219,15 +219,18 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     show = options.progress and ctx.is_main
     budget = MemoryBudget(options.max_cpu_memory) if options.max_cpu_memory is not None else None
     store = functools.partial(activation_list, budget=budget, spill_dir=options.spill_dir)  # streamed importance inputs
+    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir, layers=layers, keep_codes=not options.stream, clock=clock)
+    # the vision tower and layer 0's inputs, once per sample: the importance pass and the engine share them
+    with clock("vision tower + layer-0 capture"):
+        layer0 = engine.capture_inputs(samples)
     with clock("importance pass"):
-        token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store)
-    weight_fn = _global_weight_fn(token_set, ids) if token_set is not None else None
+        token_set = token_calibration_set(adapter, hf_model, samples, config, dev, show, ids, layers=layers, store=store, layer0=layer0)
+    engine.token_weights = _global_weight_fn(token_set, ids) if token_set is not None else None
     resume = _open_resume(options, config, model_dir, Path(calib), ctx)
     if resume is not None and opened is not None:
         opened(resume)
-    sink = sink_factory(adapter, hf_model, model_dir) if sink_factory is not None else None
-    engine = LayerwiseEngine(adapter, hf_model, config, dev, scale_dtype=checkpoint_dtype(model_dir), token_weights=weight_fn, progress=show, ctx=ctx, budget=budget, spill_dir=options.spill_dir, layers=layers, sink=sink, keep_codes=not options.stream, clock=clock)
-    result = engine.calibrate(samples, sample_ids=ids, resume=resume)
+    engine.sink = sink_factory(adapter, hf_model, model_dir) if sink_factory is not None else None
+    result = engine.calibrate(samples, sample_ids=ids, resume=resume, inputs=layer0)  # takes layer0 over
     num_samples, num_tokens = all_reduce_scalars_sum([len(samples), sum(s.seq_len for s in samples)])  # no-op in one process
     return CalibratedModel(
         adapter=adapter,

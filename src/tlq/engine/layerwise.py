@@ -191,16 +191,19 @@ class LayerwiseEngine:
     def capture_inputs(self, samples: list[CalibSample]) -> list[LayerInputs]:
         return [self.adapter.capture_layer0_inputs(self.model, tree_to(s.inputs, self.device)) for s in samples]
 
-    def calibrate(self, samples: list[CalibSample], sample_ids: list[int] | None = None, resume: ResumeState | None = None) -> EngineResult:
-        """Calibrate every decoder layer; ``samples`` is this rank's shard (all of them in one process)."""
+    def calibrate(self, samples: list[CalibSample], sample_ids: list[int] | None = None, resume: ResumeState | None = None, inputs: list[LayerInputs] | None = None) -> EngineResult:
+        """Calibrate every decoder layer; ``samples`` is this rank's shard (all of them in one process).
+        ``inputs``: their layer-0 inputs (:meth:`capture_inputs`) when the caller captured them already;
+        the list is handed over (emptied here), so that layer 0's activations are freed with its stream."""
         self.sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
-        with self.clock("vision tower + layer-0 capture"):
-            inputs = self.capture_inputs(samples)
+        if inputs is None:
+            with self.clock("vision tower + layer-0 capture"):
+                inputs = self.capture_inputs(samples)
         kwargs = [li.kwargs for li in inputs]
         between = [li.between for li in inputs]
         x_fp = self._store([li.hidden_states for li in inputs])
         x_q = x_fp
-        del inputs
+        inputs.clear()
         result = EngineResult()
         first = 0
         if resume is not None and resume.completed_layers() > 0:

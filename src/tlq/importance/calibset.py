@@ -175,16 +175,17 @@ def sample_valid_mask(sample: CalibSample) -> Tensor:
     return torch.ones(sample.seq_len, dtype=torch.bool) if am is None else am.reshape(-1).to(torch.bool).cpu()
 
 
-def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list) -> TokenCalibrationSet:
+def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None) -> TokenCalibrationSet:
     """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` -> token budget.
 
     Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run; ``layers`` and
-    ``store`` stream the pass over a model whose layers are loaded one at a time (see there).
+    ``store`` stream the pass over a model whose layers are loaded one at a time (see there); ``layer0``
+    are the samples' layer-0 inputs if captured already.
     """
     importance = importance or ImportanceConfig()
     num_layers = len(adapter.decoder_layers(model))
     if gradients is None and importance.needs_gradients:
-        gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at, layers=layers, store=store)
+        gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at, layers=layers, store=store, layer0=layer0)
     raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
     names = gradients[0].linear_names if gradients else ()
     valids = [sample_valid_mask(s) for s in samples]

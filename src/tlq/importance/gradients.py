@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from tlq.config import GRAD_AT
 from tlq.data.calibration import CalibSample
-from tlq.models.base import ModelAdapter, get_submodule, tree_to
+from tlq.models.base import LayerInputs, ModelAdapter, get_submodule, tree_to
 from tlq.models.moe import RoutedLinear
 from tlq.models.streaming import LayerSource
 
@@ -143,7 +143,7 @@ def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Te
     return grads[""], rows
 
 
-def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output") -> TokenGradients:
+def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", layer0: LayerInputs | None = None) -> TokenGradients:
     """Per-layer, per-token gradient norms of one sample's answer loss, computed one layer at a time.
 
     ``squared=True`` (default) gives ``||g||^2`` (the importance TLQ uses), ``False`` gives ``||g||``.
@@ -166,7 +166,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
         warnings.warn("calibration sample has no answer token to score; its token gradients are zero", stacklevel=2)
         return TokenGradients(torch.zeros(shape), float("nan"), 0, names)
 
-    li = adapter.capture_layer0_inputs(model, tree_to(sample.inputs, dev))
+    li = layer0 if layer0 is not None else adapter.capture_layer0_inputs(model, tree_to(sample.inputs, dev))
     kwargs, between = tree_to(li.kwargs, dev), li.between
     grads = torch.zeros(shape, dtype=torch.float32)
 
@@ -205,21 +205,22 @@ def _norms(g: Tensor, squared: bool) -> Tensor:
     return (sq if squared else sq.sqrt()).to("cpu")
 
 
-def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: LayerSource | None = None, store: Callable[[list[Tensor]], Any] = list) -> list[TokenGradients]:
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: LayerSource | None = None, store: Callable[[list[Tensor]], Any] = list, layer0: list[LayerInputs] | None = None) -> list[TokenGradients]:
     """Token gradients of every sample, in order.
 
     With a loaded model (``layers`` None), sample by sample (:func:`layerwise_token_gradients`): one
     sample's layer inputs are held at a time. With a streamed layer source (``tlq.models.streaming``),
     layer by layer for all samples (:func:`streamed_token_gradients`): each layer is loaded once
-    forward and once backward. Both give the same gradients.
+    forward and once backward. Both give the same gradients. ``layer0``: the samples' layer-0 inputs when
+    the caller has them already (the engine needs the same ones), so the vision tower runs once per sample.
     """
     if layers is not None:
-        return streamed_token_gradients(adapter, model, layers, samples, squared=squared, device=device, at=at, store=store, progress=progress)
-    bar: Any = tqdm(samples, desc="token importance", unit="sample", disable=not progress)
-    return [layerwise_token_gradients(adapter, model, s, squared=squared, device=device, at=at) for s in bar]
+        return streamed_token_gradients(adapter, model, layers, samples, squared=squared, device=device, at=at, store=store, progress=progress, layer0=layer0)
+    bar: Any = tqdm(range(len(samples)), desc="token importance", unit="sample", disable=not progress)
+    return [layerwise_token_gradients(adapter, model, samples[i], squared=squared, device=device, at=at, layer0=None if layer0 is None else layer0[i]) for i in bar]
 
 
-def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: LayerSource, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False) -> list[TokenGradients]:
+def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: LayerSource, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False, layer0: list[LayerInputs] | None = None) -> list[TokenGradients]:
     """The layer-wise pass in layer-major order, for a model whose layers are loaded one at a time.
 
     ``layers`` hands out decoder layer ``i`` (``load(i)``) and takes it back (``release(i)``). Every
@@ -236,7 +237,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         warnings.warn(f"{len(samples) - len(scored)} calibration samples have no answer token to score; their token gradients are zero", stacklevel=2)
     names: tuple[str, ...] = ()
     losses = [float("nan")] * len(samples)
-    firsts = [adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
+    firsts = [layer0[i] if layer0 is not None else adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
     kwargs = [tree_to(f.kwargs, dev) for f in firsts]  # small (positions, mask): moved once, used 2L times
     between = [f.between for f in firsts]  # stays on CPU: the adapter's step moves what a layer uses
     bar: Any = tqdm(total=2 * num_layers, desc="token importance (streamed)", unit="layer", disable=not progress)
