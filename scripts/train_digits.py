@@ -410,7 +410,7 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.vision_steps, 20, args.vision_lr, args.vision_lr * 0.1)
             n = 2 * args.batch_size
-            samples = task.generate("train", n, start=10_000_000 + step * n)
+            samples = task.generate("train", n, start=10_000_000 + step * n, easy=args.vision_easy)
             enc = batcher.images(samples)
             loss, acc = aux.loss_acc(model, enc, samples)
             opt.zero_grad(set_to_none=True)
@@ -507,6 +507,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--vision-steps", type=int, default=600)
+    p.add_argument("--vision-easy", action="store_true", help="the vision stage trains on the curriculum's easy data too")
+    p.add_argument("--init-from", default="", help="start from this trained model directory (its outlier reparametrisation undone) instead of random weights")
     p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
     p.add_argument("--curriculum-option", action="append", default=[], metavar="FIELD=VALUE",
                    help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
@@ -584,6 +586,9 @@ def main(argv=None) -> int:
     from tlq.models.tiny import make_tiny_vlm
 
     torch.manual_seed(args.seed)
+    if args.init_from:
+        model, processor, init_info = init_from(Path(args.init_from), out)
+        return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv, init_info)
     log(f"building untrained {args.family} checkpoint in {out}")
     # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
     corpus = task.data.corpus(task.cfg) + ["user", "assistant", "system"] * 8
@@ -606,6 +611,27 @@ def main(argv=None) -> int:
         dtype=torch.float32,
     )
     model, processor = load(out)
+    return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv)
+
+
+def init_from(init: Path, out: Path):
+    """Start from a trained built-in: its files copied to ``out``, its outlier reparametrisation undone
+    (the run adds its own at the end). Returns model, processor and the starting model's info."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in init.iterdir():
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".jinja"):
+            shutil.copy2(f, out / f.name)
+    init_info = json.loads((init / "tlq_tiny.json").read_text())
+    model, processor = load(out)
+    undo_outliers(model, init_info.get("outlier_reparametrisation", {}))
+    log(f"starting from {init} ({init_info.get('command', '?')})")
+    return model, processor, init_info
+
+
+def finish_training(args, task, out: Path, info_path: Path, model, processor, test_split: str, test_n: int, argv, init_info: dict | None = None) -> int:
+    """Train ``model`` (vision stage, then joint), save it with its sets and measure it."""
     n_params = sum(p.numel() for p in model.parameters())
     n_dec = sum(p.numel() for p in decoder_layers(model).parameters())
     log(f"parameters: {n_params / 1e6:.2f}M total, {n_dec / 1e6:.2f}M in decoder layers")
@@ -637,6 +663,7 @@ def main(argv=None) -> int:
             "built_by": "scripts/train_digits.py",
             "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "args": vars(args),
+            "initialized_from": None if init_info is None else {"dir": args.init_from, "command": init_info.get("command")},
             "task": task.name,
             "data_config": _jsonable(task.cfg),
             "bench_data_config": _jsonable(task.bench_cfg),

@@ -73,3 +73,20 @@ def test_recipe_sets_are_generated_once_and_checked(tmp_path, monkeypatch, capsy
     (model_dir / SETS_FILE).write_text(json.dumps(recipe))
     with pytest.raises(ConfigError, match="does not match"):
         builtin_set(model_dir, "test")
+
+
+@pytest.mark.slow
+def test_needle_builtin_loads_and_its_calibration_set_reproduces(tmp_path, monkeypatch):
+    """builtin:needle-qwen2vl ships its sets as a recipe: the generator must still produce, byte for byte,
+    the calibration set the model was measured with (its digest), and the model must load."""
+    from tlq.builtin import SETS_FILE, builtin_set
+
+    monkeypatch.setenv("TLQ_CACHE_DIR", str(tmp_path / "cache"))
+    path = resolve_model_dir("builtin:needle-qwen2vl")
+    recipe = json.loads((path / SETS_FILE).read_text())
+    assert {k: v["samples"] for k, v in recipe["sets"].items()} == {"calib": 128, "val": 300, "test": 1000}
+    assert recipe["config"]["asked_colours"] == ["red"] and recipe["config"]["noise_std"] == 0.25
+    calib = read_jsonl(builtin_set(path, "calib"))  # generated here; refused on a digest mismatch
+    assert len(calib) == 128 and all(r.extra["relevant_tokens"] for r in calib)
+    adapter, model, *_ = load_model("builtin:needle-qwen2vl", device="cpu")
+    assert len(adapter.decoder_layers(model)) == 4
