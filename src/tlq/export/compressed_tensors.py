@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tlq.config import ConfigError, QuantScheme
+from tlq.config import ActQuantSpec, ConfigError, QuantScheme, WeightQuantSpec
 from tlq.quant.quantizer import QuantizedWeight
 from tlq.utils.finite import EXPORT_HINT, check_tensors_finite
 from tlq.utils.outputs import check_output_dir, staged_output
@@ -170,6 +170,14 @@ def build_ct_scheme(scheme: QuantScheme, targets: Iterable[str] = ("Linear",), c
             dynamic=True,
         )
     return QuantizationScheme(targets=list(targets), weights=weights, input_activations=inputs, format=ct_format)
+
+
+def quant_scheme_from_ct(ct_scheme) -> QuantScheme:
+    """The tlq scheme a ``compressed_tensors.QuantizationScheme`` stores (the inverse of
+    :func:`build_ct_scheme` for what tlq writes: int weights, optional dynamic per-token activations)."""
+    w, a = ct_scheme.weights, ct_scheme.input_activations
+    weights = WeightQuantSpec(bits=w.num_bits, group_size=w.group_size if w.strategy == "group" else None, symmetric=w.symmetric)
+    return QuantScheme("stored", weights, None if a is None else ActQuantSpec(bits=a.num_bits))
 
 
 def build_ct_config(scheme: QuantScheme, ignore: Iterable[str], ct_format: str | None = None):

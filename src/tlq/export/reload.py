@@ -15,6 +15,7 @@ translated with the renames ``from_pretrained`` itself applies to checkpoint key
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -88,12 +89,10 @@ def load_quantized(out_dir: Path, model_class: str, device: torch.device, dtype:
         # transformers warns that the passed config overrides the checkpoint's loading attributes:
         # that override (dequantize=True) is exactly the intent here.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
-        if adapter is not None and _has_routed_experts(out_dir):
-            # the per-expert keys are restored below; transformers' table of them as unexpected (and of the
-            # fused parameters as missing) is expected here, and restore_routed_experts checks every one
-            with _quiet_transformers():
-                model = cls.from_pretrained(str(out_dir), **kwargs)
-        else:
+        # per-expert keys are restored below: transformers' table of them as unexpected (and of the fused
+        # parameters as missing) is expected then, and restore_routed_experts checks every one
+        quiet = adapter is not None and _has_routed_experts(out_dir)
+        with _quiet_transformers() if quiet else contextlib.nullcontext():
             model = cls.from_pretrained(str(out_dir), **kwargs)
     decompress_now(model)
     per_token_on_flat_inputs(model)
@@ -175,8 +174,7 @@ def restore_routed_experts(model: nn.Module, out_dir: Path, adapter: Any) -> lis
     """
     from compressed_tensors.quantization import QuantizationConfig
 
-    from tlq.config import ActQuantSpec, WeightQuantSpec
-    from tlq.export.compressed_tensors import iter_stored_weights
+    from tlq.export.compressed_tensors import iter_stored_weights, quant_scheme_from_ct
     from tlq.models.moe import RoutedLinear
     from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 
@@ -184,10 +182,8 @@ def restore_routed_experts(model: nn.Module, out_dir: Path, adapter: Any) -> lis
         return []
     routed = {name: m for name, m in model.named_modules() if isinstance(m, RoutedLinear)}
     qcfg = QuantizationConfig.model_validate(json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"])
-    group = next(iter(qcfg.config_groups.values()))
-    w = group.weights
-    spec = WeightQuantSpec(bits=w.num_bits, group_size=w.group_size if w.strategy == "group" else None, symmetric=w.symmetric)
-    act = ActQuantSpec(bits=group.input_activations.num_bits) if group.input_activations is not None else None
+    scheme = quant_scheme_from_ct(next(iter(qcfg.config_groups.values())))
+    spec, act = scheme.weights, scheme.activations
     found = []
     for name, stored in iter_stored_weights(out_dir):
         mod = routed.get(name)

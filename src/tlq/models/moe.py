@@ -119,13 +119,6 @@ class UnfusedExperts(nn.ModuleList):
             out[f"{prefix}.{e}.down_proj.weight"] = FusedSlice(*down, e, None)
         return out
 
-    def fused_tensors(self) -> dict[str, Tensor]:
-        """The fused parameters these experts hold now (``gate_up_proj``, ``down_proj``), e.g. to write
-        a checkpoint in the model's own layout."""
-        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight], 0) for e in self])
-        down = torch.stack([e.down_proj.weight for e in self])
-        return {"gate_up_proj": gate_up.detach(), "down_proj": down.detach()}
-
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
