@@ -6,7 +6,8 @@ The checkpoints have random weights and the released widths (text and vision tow
 processor pixel bounds); depth is cut by ``--layers`` (the per-layer phases scale with it; load, vision
 tower and export do not). Calibration images are random RGB at the resolution given (448 px: 256 visual
 tokens for Qwen2-VL), with a short question and answer each. Every method runs as its own process
-(``/usr/bin/time -v`` gives the peak RSS, the report the phases), one after the other.
+(the OS's rusage gives its peak RSS, the report the phases and the peak GPU memory), one after
+the other. ``--device cuda`` runs every process on the GPU (compute in the checkpoint's bf16).
 
     python benchmarks/cost.py --shape qwen2-vl-2b --layers 2 --num-samples 4 --image-px 448 --methods gptq,tlq --out docs/cost
 """
@@ -26,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 from _report import write_report
-from streaming_memory import peak_rss_mib
 
 # Released widths (config.json of each Hugging Face release): text hidden / intermediate / layers / heads /
 # KV heads / vocab / tied embeddings; vision depth / width / heads; the Instruct image processors' pixel
@@ -67,26 +67,51 @@ def write_calibration(out: Path, n: int, px: int, seed: int = 0) -> Path:
     return out / "calib.jsonl"
 
 
+# A child's rusage counts the memory of whoever forked it (Linux carries the parent's resident set over
+# fork and exec into the child's maxrss), so the process that measures must be small: this probe, a bare
+# interpreter, forks and execs the command and reports the command's own peak (as /usr/bin/time does,
+# which GPU machines often lack).
+_RSS_PROBE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\n__tlq_peak_rss_kib__={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+_RSS_MARK = "__tlq_peak_rss_kib__"
+
+
 def _timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``; its wall seconds and its own peak RSS in MiB (the OS's figure, through ``_RSS_PROBE``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    proc = subprocess.run([sys.executable, "-S", "-c", _RSS_PROBE, *cmd], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
+    head, _sep, tail = proc.stderr.rpartition(f"\n{_RSS_MARK}=")
+    if not _sep:
+        raise RuntimeError(f"{' '.join(cmd)} did not start:\n{proc.stderr[-3000:]}")
+    proc.stderr = head
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return proc, seconds, peak_rss_mib(proc.stderr)
+    return proc, seconds, int(tail.strip()) / 1024  # Linux reports KiB
 
 
-def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path) -> dict[str, Any]:
+def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu") -> dict[str, Any]:
     report = work / f"{method}.json"
     cmd = [sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--calib", str(calib), "--out", str(work / f"out-{method}"),
-           "--scheme", scheme, "--method", method, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report)]
+           "--scheme", scheme, "--method", method, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report),
+           "--device", device]
     _proc, seconds, rss = _timed(cmd)
     rep = json.loads(report.read_text())
+    layers = rep["layers"]
     return {"method": method, "wall_seconds": seconds, "peak_rss_mib": rss, "phases": rep["phases"], "num_tokens": rep["num_tokens"],
-            "num_layers": len(rep["layers"]), "mean_rel_error": sum(r["rel_error"] for r in rep["layers"]) / len(rep["layers"])}
+            "num_layers": len(layers), "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
+            # on CUDA each layer's report holds the GPU's peak allocation during that layer
+            "peak_gpu_mib": max(r["peak_mem_mb"] for r in layers) if device.startswith("cuda") else None}
 
 
-def fp_forward_backward(model: str, calib: str, n: int) -> float:
+def fp_forward_backward(model: str, calib: str, n: int, device: str = "cpu") -> float:
     """Seconds of one plain FP forward + backward (answer-token cross-entropy) over the samples: what a
     full-model gradient costs, the yardstick of the layer-wise importance pass."""
     import torch
@@ -94,9 +119,10 @@ def fp_forward_backward(model: str, calib: str, n: int) -> float:
     from tlq.data.calibration import load_calibration
     from tlq.pipeline import load_model
 
-    adapter, hf_model, processor, *_ = load_model(model, "cpu", "auto")
+    adapter, hf_model, processor, _dir, dev, _dt = load_model(model, device, "auto")
     samples = load_calibration(calib, processor, adapter, hf_model, num_samples=n, max_seq_len=None, seed=0)
     hf_model.requires_grad_(False)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def leaf_input(_m: Any, args: tuple, kwargs: dict) -> tuple:
         """Differentiate w.r.t. layer 0's input, as the importance pass does: no weight gradients."""
@@ -107,10 +133,13 @@ def fp_forward_backward(model: str, calib: str, n: int) -> float:
     handle = adapter.decoder_layers(hf_model)[0].register_forward_pre_hook(leaf_input, with_kwargs=True)
     total = 0.0
     for s in samples:
-        labels = torch.where(s.answer_mask[None], s.inputs["input_ids"], torch.full_like(s.inputs["input_ids"], -100))
+        inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in s.inputs.items()}
+        labels = torch.where(s.answer_mask[None].to(dev), inputs["input_ids"], torch.full_like(inputs["input_ids"], -100))
+        sync()
         t0 = time.perf_counter()
-        loss = hf_model(**s.inputs, labels=labels, use_cache=False).loss
+        loss = hf_model(**inputs, labels=labels, use_cache=False).loss
         loss.backward()
+        sync()
         total += time.perf_counter() - t0
     handle.remove()
     return total
@@ -162,15 +191,18 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
     s = result["summary"]
     lines = [f"# Calibration cost: {result['shape']} widths, {result['layers']} decoder layer(s)", "",
              f"Command: `{result['command']}`", "",
-             f"Machine: {result['machine']}. Random bf16 weights at the released widths, compute in float32 on CPU, "
+             f"Machine: {result['machine']}. Random bf16 weights at the released widths, {result.get('compute', 'compute in float32 on CPU')}, "
              f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}; "
              "llm-compressor (if a row) ran its own Qwen2-VL GPTQ / AWQ recipe on the same checkpoint and the same encoded inputs. "
-             "Each method in its own process, one after the other; peak RSS from `/usr/bin/time -v`.", "",
+             "Each method in its own process, one after the other; peak RSS from the OS (rusage of each process)"
+             + ("; peak GPU memory: the largest per-layer `torch.cuda.max_memory_allocated` in tlq's report." if result.get("gpu") else "."), "",
              "| phase (s) | " + " | ".join(r["method"] for r in result["rows"]) + " |", "|---|" + "---:|" * len(result["rows"])]
     for p in phases:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.1f}" for r in result["rows"]) + " |")
     lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" if r.get("wall_seconds") else "failed" for r in result["rows"]) + " |")
     lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-" for r in result["rows"]) + " |")
+    if result.get("gpu"):
+        lines.append("| peak GPU memory (MiB) | " + " | ".join(f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-" for r in result["rows"]) + " |")
     lines += [f"\n{r['method']} failed: `{r['error']}`" for r in result["rows"] if r.get("error")]
     lines += ["", f"- TLQ / GPTQ whole run: {s['tlq_over_gptq_wall']:.2f}x" if s["tlq_over_gptq_wall"] else "- TLQ / GPTQ: not run",
               f"- importance pass / one FP forward+backward ({s['fp_forward_backward_seconds']:.1f} s): {s['importance_over_fwd_bwd']:.2f}x"
@@ -189,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="gptq,tlq")
     p.add_argument("--work", default="/tmp/tlq-cost")
     p.add_argument("--out", default="docs/cost")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: where every tlq process computes (cuda: in the checkpoint's bf16)")
     p.add_argument("--llmcompressor", default=None, metavar="VENV", help="also run llm-compressor from this venv (benchmarks/setup_llmcompressor.sh)")
     p.add_argument("--llmcompressor-methods", default="gptq,awq", help="llm-compressor recipes to run (gptq, awq)")
     p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child modes
     p.add_argument("--export-inputs", nargs=3, metavar=("MODEL", "CALIB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.fwd_bwd:
-        print(json.dumps({"seconds": fp_forward_backward(args.fwd_bwd[0], args.fwd_bwd[1], args.num_samples)}))
+        print(json.dumps({"seconds": fp_forward_backward(args.fwd_bwd[0], args.fwd_bwd[1], args.num_samples, args.device)}))
         return 0
     if args.export_inputs:
         export_inputs(*args.export_inputs, n=args.num_samples)
@@ -205,21 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
     rows = []
     for method in args.methods.split(","):
-        rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work))
+        rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work, args.device))
         print(json.dumps(rows[-1]), flush=True)
     for method in args.llmcompressor_methods.split(",") if args.llmcompressor else []:
         rows.append(run_llmcompressor(Path(args.llmcompressor), model, calib, args.num_samples, work, method))
         print(json.dumps(rows[-1]), flush=True)
-    proc, _s, _rss = _timed([sys.executable, __file__, "--fwd-bwd", str(model), str(calib), "--num-samples", str(args.num_samples)])
+    proc, _s, _rss = _timed([sys.executable, __file__, "--fwd-bwd", str(model), str(calib), "--num-samples", str(args.num_samples), "--device", args.device])
     fwd_bwd = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
     import platform
 
     import torch
 
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     result = {"command": "python benchmarks/cost.py " + " ".join(argv if argv is not None else sys.argv[1:]), "shape": args.shape,
               "layers": args.layers, "num_samples": args.num_samples, "image_px": args.image_px, "scheme": args.scheme,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}",
-              "rows": rows, "summary": summarize(rows, fwd_bwd)}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}"
+              + (f", {gpu}" if gpu else ""),
+              "rows": rows, "summary": summarize(rows, fwd_bwd), "gpu": gpu,
+              "compute": "compute in bf16 on the GPU" if gpu else "compute in float32 on CPU"}
     write_report(args.out, result, to_markdown(result))
     return 0
 

@@ -35,7 +35,9 @@ def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq") -> in
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     t0 = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    # As tlq computes: float32 on CPU, the checkpoint's bf16 on a GPU (where oneshot's sequential pipeline
+    # onloads each decoder layer to the device by itself).
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     samples = torch.load(inputs_path)
     ds = Dataset.from_list([{k: v.tolist() for k, v in s.items()} for s in samples])
     t_load = time.perf_counter() - t0

@@ -61,6 +61,22 @@ def test_a_fixed_cue_always_asks_that_colour_among_look_alikes():
     assert generate_samples("val", 1)[0].extra == generate_samples("val", 1, NeedleVQAConfig())[0].extra
 
 
+def test_overprinted_targets_blend_a_second_digit_and_keep_the_dominant_answer():
+    plain_cfg = NeedleVQAConfig(asked_colours=("red",), noise_std=0.0)
+    cfg = NeedleVQAConfig(asked_colours=("red",), noise_std=0.0, target_blend=(0.55, 0.7))
+    plain, blended = generate_samples("val", 12, plain_cfg), generate_samples("val", 12, cfg)
+    for p, b in zip(plain, blended):
+        assert 0.55 <= b.extra["blend"] <= 0.7 and "blend" not in p.extra
+        assert b.answer == p.answer and b.labels == p.labels  # the answer is the dominant digit
+        (target,) = b.extra["relevant_tokens"]
+        r, c = divmod(target, cfg.cols)
+        cell = (slice(r * cfg.cell_px, (r + 1) * cfg.cell_px), slice(c * cfg.cell_px, (c + 1) * cfg.cell_px))
+        assert not np.array_equal(np.asarray(b.image)[cell], np.asarray(p.image)[cell])  # a second digit is printed over it
+    # the full-weight default draws nothing extra: the samples equal a config without overprinting
+    same = generate_samples("val", 2, NeedleVQAConfig(target_blend=(1.0, 1.0)))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(same, generate_samples("val", 2)))
+
+
 def test_config_is_checked():
     with pytest.raises(ConfigError, match="do not fit"):
         NeedleVQAConfig(rows=2, cols=2)
@@ -68,6 +84,8 @@ def test_config_is_checked():
         NeedleVQAConfig(num_framed=5)
     with pytest.raises(ConfigError, match="asked_colours"):
         NeedleVQAConfig(asked_colours=("purple",))
+    with pytest.raises(ConfigError, match="target_blend"):
+        NeedleVQAConfig(target_blend=(0.3, 1.0))
 
 
 def test_jsonl_keeps_ground_truth_that_calibration_ignores(tmp_path):

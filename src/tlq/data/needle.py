@@ -28,6 +28,7 @@ on ``(seed, split, i)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,6 +95,11 @@ class NeedleVQAConfig(CellGrid):
         asked_colours: the frame colours a question may name; every image holds at least one of them and
             the other framed digits are look-alike distractors. One colour (e.g. ``("red",)``) makes the
             cue fixed, so the question's text no longer chooses the target.
+        target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
+            different digit at weight ``1 - a`` (the answer stays the dominant digit). Why: real images
+            are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
+            gives calibrated near-ties, the answers a quantizer flips first. ``(1.0, 1.0)`` (the default)
+            draws nothing extra, so the samples are those of a config without the field.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
     """
 
@@ -110,6 +116,7 @@ class NeedleVQAConfig(CellGrid):
     noise_std: float = 0.04
     preamble_range: tuple[int, int] = (2, 4)
     asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
+    target_blend: tuple[float, float] = (1.0, 1.0)
     test_fraction: float = 0.3
     seed: int = 0
 
@@ -128,6 +135,9 @@ class NeedleVQAConfig(CellGrid):
         unknown = sorted(set(self.asked_colours) - set(FRAME_COLOURS))
         if not self.asked_colours or unknown:
             raise ConfigError(f"asked_colours must be a non-empty subset of {list(FRAME_COLOURS)}, got {list(self.asked_colours)}")
+        b_lo, b_hi = self.target_blend
+        if not 0.5 <= b_lo <= b_hi <= 1.0:
+            raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
         lo, hi = self.preamble_range
         if not 0 <= lo <= hi <= len(PREAMBLE):
             raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {len(PREAMBLE)}, got {self.preamble_range}")
@@ -161,14 +171,25 @@ def _frame(rgb: np.ndarray, cell: int, colour: tuple[int, int, int], cfg: Needle
 
 
 def _render(
-    cells: dict[int, tuple[int, float]], frames: dict[int, str], fragments: dict[int, int], cfg: NeedleVQAConfig, rng: np.random.Generator
+    cells: dict[int, tuple[int, float]],
+    frames: dict[int, str],
+    fragments: dict[int, int],
+    cfg: NeedleVQAConfig,
+    rng: np.random.Generator,
+    overprint: dict[int, tuple[int, float]] | None = None,
 ) -> Image.Image:
-    """cells: cell -> (scan id, brightness); frames: cell -> colour name; fragments: cell -> scan id."""
+    """cells: cell -> (scan id, brightness); frames: cell -> colour name; fragments: cell -> scan id;
+    overprint: cell -> (second scan id, weight of the cell's own digit)."""
     images, _ = load_scans()
     w, h = cfg.image_size
     ink = np.zeros((h, w), np.float32)
+    overprint = overprint or {}
     for cell, (sid, bright) in sorted(cells.items()):
-        _place(ink, _digit_patch(images[sid], cfg.digit_px) * bright, cell, cfg, rng)
+        patch = _digit_patch(images[sid], cfg.digit_px)
+        if cell in overprint:
+            other, weight = overprint[cell]
+            patch = weight * patch + (1.0 - weight) * _digit_patch(images[other], cfg.digit_px)
+        _place(ink, patch * bright, cell, cfg, rng)
     for cell, sid in sorted(fragments.items()):
         patch = _digit_patch(images[sid], cfg.digit_px)
         keep = rng.integers(0, 2, size=2)  # keep one half (top/bottom x left/right): a stroke, not a digit
@@ -219,9 +240,10 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
         colours[0] = free[int(img_rng.integers(len(free)))]
     frames = dict(zip(digit_cells[: cfg.num_framed], colours))
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
-    image = _render(cells, frames, fragments, cfg, img_rng)
-
     cell_label = dict(zip(digit_cells, labels))
+    overprint = _overprints(frames, cell_label, cfg, img_rng, scan)
+    image = _render(cells, frames, fragments, cfg, img_rng, overprint)
+
     framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
     framed = framed[first:] + framed[:first]
@@ -230,7 +252,23 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
     marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
     extra = {"relevant_tokens": [target], "token_grid": [cfg.rows, cfg.cols], "frame": framed[0][1]}
+    if target in overprint:
+        extra["blend"] = round(overprint[target][1], 4)
     return Sample(image, turns[0][0], turns[0][1], "needle", turns, grid_labels, extra=extra, marks=marks)
+
+
+def _overprints(
+    frames: dict[int, str], cell_label: dict[int, int], cfg: NeedleVQAConfig, rng: np.random.Generator, scan: Any
+) -> dict[int, tuple[int, float]]:
+    """Each askable framed cell -> (a scan of another digit, the weight of its own): ``cfg.target_blend``."""
+    lo, hi = cfg.target_blend
+    if lo == hi == 1.0:
+        return {}
+    out = {}
+    for cell in sorted(c for c, colour in frames.items() if colour in cfg.asked_colours):
+        other = (cell_label[cell] + 1 + int(rng.integers(9))) % 10
+        out[cell] = (scan(other), float(rng.uniform(lo, hi)))
+    return out
 
 
 def generate_samples(

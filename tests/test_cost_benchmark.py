@@ -1,0 +1,39 @@
+"""benchmarks/cost.py's process timing: peak RSS from the OS's rusage of the one child (no /usr/bin/time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _cost_module():
+    sys.path.insert(0, str(_BENCH))  # cost.py imports its sibling _report
+    try:
+        spec = importlib.util.spec_from_file_location("tlq_bench_cost", _BENCH / "cost.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(_BENCH))
+
+
+def test_timed_reads_each_childs_own_peak_rss_and_output():
+    cost = _cost_module()
+    big = [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok')"]
+    small = [sys.executable, "-c", "print('small')"]
+    proc, seconds, rss_big = cost._timed(big)
+    assert proc.stdout.strip() == "ok" and seconds > 0
+    assert rss_big >= 300  # MiB: the 300 MiB the child touched
+    _proc, _s, rss_small = cost._timed(small)
+    assert rss_small < rss_big - 250  # per child, not the running maximum over all children
+
+
+def test_timed_raises_with_the_childs_error():
+    cost = _cost_module()
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        cost._timed([sys.executable, "-c", "1 / 0"])
