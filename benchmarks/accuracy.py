@@ -76,6 +76,9 @@ VARIANTS.update({
     # AWQ and MBQ as they were before their presets took their papers' block-output loss
     "AWQ layer scope": ("awq", {"search_scope": "layer"}),
     "MBQ layer scope": ("mbq", {"search_scope": "layer"}),
+    # the coarse-to-fine scale search (docs/search_coarse.md): same grid, a third of it first
+    "TLQ coarse 3": ("tlq", {"search_coarse": 3}),
+    "AWQ coarse 3": ("awq", {"search_coarse": 3}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs

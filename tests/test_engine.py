@@ -7,7 +7,8 @@ import torch
 
 from tlq.api import build_config, load_model
 from tlq.data.calibration import load_calibration
-from tlq.engine.layerwise import LayerwiseEngine, linear_groups
+from tlq.engine.layerwise import LayerwiseEngine
+from tlq.engine.solve import linear_groups
 from tlq.models.base import run_layer
 from tlq.models.tiny import FAMILIES
 
@@ -126,3 +127,37 @@ def test_fp_target_follows_the_fp_model_more_closely(tiny_vlm_dir, tiny_calib_js
     assert q0 and torch.equal(plain.quantized[q0[0]].codes, fp.quantized[q0[0]].codes)
     assert fp.layers[-1].rel_error < plain.layers[-1].rel_error
     assert sum(r.rel_error for r in fp.layers[1:]) < sum(r.rel_error for r in plain.layers[1:])
+
+
+def test_engine_runs_the_steps_the_config_lists_in_that_order(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """The preset's step list drives the layer: a step left out does not run, and the order is kept."""
+    from dataclasses import replace
+
+    from tlq.config import ConfigError
+    from tlq.engine import steps as S
+
+    adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, n=2)
+    seen: list[tuple[int, str]] = []
+
+    def spy(name: str):
+        phase, step = S.STEPS[name]
+
+        def wrapped(ctx, state):
+            seen.append((ctx.index, name))
+            step(ctx, state)
+
+        return phase, wrapped
+
+    monkeypatch.setattr(S, "STEPS", {n: spy(n) for n in S.STEPS})
+    cfg = build_config("w4a16", "awq", num_samples=2, device="cpu")
+    assert cfg.steps == ("scale_search", "solve")
+    result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+    assert seen[:2] == [(0, "scale_search"), (0, "solve")] and len(seen) == 2 * len(result.layers)
+    assert all(r.search_alphas for r in result.layers)
+
+    seen.clear()
+    adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, n=2)
+    solve_only = LayerwiseEngine(adapter, model, replace(cfg, steps=("solve",)), dev, progress=False).calibrate(samples)
+    assert {name for _i, name in seen} == {"solve"} and not any(r.search_alphas for r in solve_only.layers)
+    with pytest.raises(ConfigError, match="autoround"):
+        LayerwiseEngine(adapter, model, replace(cfg, steps=("scale_search", "autoround")), dev, progress=False)

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 import tlq
 from tlq.api import build_config, calibrate
 from tlq.data.calibration import load_calibration
-from tlq.engine.layerwise import _merge_expert_stages
+from tlq.engine.solve import _merge_expert_stages
 from tlq.export.compressed_tensors import read_stored_weights
 from tlq.export.reload import load_quantized
 from tlq.models.moe import RoutedLinear, UnfusedExperts, rows_of

@@ -17,6 +17,7 @@ from tlq.quant.scale_search import (
     candidate_applied,
     can_fold,
     candidate_scales,
+    coarse_to_fine,
     fold_scales,
     search_scales,
 )
@@ -185,6 +186,39 @@ def test_block_scope_judges_attention_mappings_without_the_mlp(tiny_vlm_dir, tin
     # with "layer", per layer and sample, the q/k/v mapping's 7 losses (baseline + 6 exponents) and the
     # FP layer targets they are compared with ran the MLP; "block" needs neither
     assert calls["layer"] - calls["block"] == n_layers * (7 + 1) * 3
+
+
+def test_coarse_to_fine_tries_a_third_then_the_neighbours_of_the_best():
+    alphas = alpha_grid(20)
+    calls: list[int] = []
+
+    def loss_at(alpha: float) -> float:
+        calls.append(round(alpha * 20))
+        return (alpha - 0.55) ** 2  # smooth, minimum between grid points 10 and 11
+
+    tried = coarse_to_fine(alphas, 3, loss_at)
+    assert sorted(calls) == sorted(tried) and len(calls) == len(set(calls))  # each exponent at most once
+    assert calls[:7] == [0, 3, 6, 9, 12, 15, 18]  # the coarse pass first
+    assert set(calls[7:]) == {10, 11, 13, 14}  # best coarse point 12 (0.60): its 2 neighbours on each side
+    assert min(tried, key=tried.get) == 11  # what the full grid picks
+    assert len(coarse_to_fine(alphas, 1, loss_at)) == 20
+
+
+def test_coarse_to_fine_ignores_nan_losses_and_keeps_grid_order_on_ties():
+    alphas = alpha_grid(10)
+    tried = coarse_to_fine(alphas, 3, lambda a: float("nan") if a < 0.5 else 1.0)
+    assert all(tried[i] == 1.0 for i in (6, 9)) and 5 in tried and 7 in tried  # refined around 6, the first finite best
+    with pytest.raises(ValueError, match="coarse"):
+        coarse_to_fine(alphas, 0, lambda a: 0.0)
+
+
+def test_search_coarse_is_an_option_that_survives_a_change_of_search_kind():
+    from tlq.config import ConfigError
+
+    cfg = build_config("w4a16", "tlq", search_coarse=3, scale_search="smoothquant")
+    assert cfg.search.coarse == 3 and cfg.search.kind == "smoothquant" and cfg.search.fixed_alpha is None
+    with pytest.raises(ConfigError, match="search-coarse"):
+        build_config("w4a16", "tlq", search_coarse=0)
 
 
 def test_unknown_search_scope_is_refused():

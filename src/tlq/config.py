@@ -194,6 +194,7 @@ class ScaleSearchConfig:
 
     kind: str = "none"  # none | awq | smoothquant
     grid: int = 20  # exponents tried: i / grid for i in range(grid) (AWQ's grid)
+    coarse: int = 1  # 1 = every exponent; k > 1 = every k-th, then the k-1 on each side of the best (coarse-to-fine)
     fixed_alpha: float | None = None  # skip the search and use this exponent (plain SmoothQuant: 0.5)
     max_samples: int = 64  # calibration samples the search loss runs on (cost grows with grid x samples)
     # What a candidate's loss compares: "layer" = the decoder layer's output (an attention error is seen
@@ -209,6 +210,8 @@ class ScaleSearchConfig:
             raise ConfigError(f"unknown scale search scope {self.scope!r}; choose one of {', '.join(SEARCH_SCOPES)}")
         if self.grid < 1 or self.max_samples < 1:
             raise ConfigError(f"--search-grid and --search-samples must be positive, got {self.grid} and {self.max_samples}")
+        if self.coarse < 1:
+            raise ConfigError(f"--search-coarse must be >= 1 (1 = try every exponent), got {self.coarse}")
 
 
 SOLVERS = ("rtn", "gptq")
@@ -301,6 +304,9 @@ class QuantizeConfig:
     # Feed each layer the outputs of the already-quantized layers (weights and activations).
     # False = FP-input calibration (what AWQ/MBQ do).
     quantized_inputs: bool = True
+    # The calibration steps run on each layer, in order (names of tlq.engine.steps.STEPS). Every preset
+    # searches scales, then solves; the search does nothing when ``search.kind`` is "none".
+    steps: tuple[str, ...] = ("scale_search", "solve")
     device: str = "auto"  # "auto" = cuda if available else cpu
     dtype: str = "auto"  # compute dtype: "auto" = float32 on CPU, the checkpoint's dtype on GPU
 
@@ -393,13 +399,14 @@ def _get_path(obj: Any, path: str) -> Any:
 
 def _set_scale_search(cfg: QuantizeConfig, kind: str) -> QuantizeConfig:
     """A different search kind starts from that kind's defaults (plain SmoothQuant's fixed 0.5 does not
-    carry over) but keeps the scope, grid and sample count; ``auto`` = AWQ weight-only, SmoothQuant W-A."""
+    carry over) but keeps the scope, grid, coarse-to-fine step and sample count; ``auto`` = AWQ weight-only,
+    SmoothQuant W-A."""
     if kind == "auto":
         kind = "smoothquant" if cfg.scheme.quantizes_activations else "awq"
     if kind == cfg.search.kind:
         return cfg
     s = cfg.search
-    return replace(cfg, search=ScaleSearchConfig(kind=kind, scope=s.scope, grid=s.grid, max_samples=s.max_samples))
+    return replace(cfg, search=replace(s, kind=kind, fixed_alpha=None))  # every other search knob carries over
 
 
 @dataclass(frozen=True)
@@ -461,6 +468,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("scale_search", "search.kind", "per-channel scale migration before solving (auto: awq for weight-only, smoothquant for W-A)",
            group=_PARTS, choices=("none", "awq", "smoothquant", "auto"), apply=_set_scale_search),
     Option("search_grid", "search.grid", "exponents tried by the scale search", group=_PARTS, type=int),
+    Option("search_coarse", "search.coarse", "scale search coarse-to-fine: every k-th exponent, then the k-1 on each side of the best (1: all)", group=_PARTS, type=int),
     Option("search_scope", "search.scope", "what a scale candidate is judged by: the decoder layer's output error (layer: tlq's preset) or "
            "its block's, attention or MLP (block: AWQ's own loss, cheaper; the awq and mbq presets')", group=_PARTS, choices=SEARCH_SCOPES),
     Option("search_samples", "search.max_samples", "samples the scale-search loss runs on", group=_PARTS, type=int),

@@ -190,8 +190,10 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     """
     from tlq.engine.activations import MemoryBudget, activation_list
     from tlq.engine.distributed import DistContext, shard_indices
+    from tlq.engine.steps import check_steps
     from tlq.models.streaming import StreamedLayers
 
+    check_steps(config.steps)  # a misspelt step costs seconds, not a model load
     options = options or RunOptions(progress=progress)
     ctx = ctx or DistContext()
     t0 = time.perf_counter()

@@ -11,20 +11,20 @@ ablation), is solved, and then produces the next ``X_q``. Inside a layer the lin
 execution order, group by group (linears that read the same tensor, e.g. q/k/v, form one group), so a
 later group sees the error of the earlier ones ("true sequential").
 
-A layer's steps, in order: FP stream, scale search (:mod:`tlq.engine.smoothing`), statistics and solve
-(GPTQ/RTN, per group), quantized stream. They share one :class:`tlq.engine.context.LayerContext`.
+A layer, in order: the FP stream, the method's steps (``QuantizeConfig.steps``, :mod:`tlq.engine.steps`:
+scale search in :mod:`tlq.engine.smoothing`, statistics and solve in :mod:`tlq.engine.solve`), the
+quantized stream. The steps share one :class:`tlq.engine.context.LayerContext` and hand their results on
+in a :class:`tlq.engine.context.LayerState`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import re
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass, field, replace as dc_replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,18 +34,16 @@ from tqdm.auto import tqdm
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import MemoryBudget, activation_list, release_store
-from tlq.engine.context import LayerContext, TokenWeightFn
+from tlq.engine.context import LayerContext, LayerState, TokenWeightFn
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
 from tlq.data.calibration import CalibSample
 from tlq.utils.finite import NonFiniteError, dtype_hint, is_finite
 from tlq.utils.timing import PhaseClock
-from tlq.engine.smoothing import search_layer_scales
-from tlq.models.base import LayerInputs, ModelAdapter, run_layer, tree_to
-from tlq.models.moe import RoutedLinear, rows_of
+from tlq.engine.steps import check_steps
+from tlq.models.base import LayerInputs, ModelAdapter, tree_to
 from tlq.models.streaming import LayerSource, ResidentLayers
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
-from tlq.quant.solvers import LinearCalibrator, make_calibrator
 
 # Called once per finished layer (also for layers restored from a resume state), while it is loaded:
 # (layer index, layer module, {module name: QuantizedWeight}). A streamed export writes the layer here.
@@ -80,81 +78,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], skip: Callable[[str], bool] = lambda _n: False) -> list[list[str]]:
-    """Linears of ``layer`` in execution order, grouped by the tensor they read, without those ``skip``
-    names (the adapter's 16-bit modules, e.g. Qwen3.5's ``in_proj_a/b``).
-
-    Found by running the layer once with hooks, so no architecture needs listing. Inputs are kept
-    referenced during the pass so that tensor identity cannot be confused by memory reuse.
-    """
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
-    seen: list[tuple[str, Tensor]] = []
-    handles = [
-        m.register_forward_hook(lambda _m, args, _o, n=n: seen.append((n, args[0]))) for n, m in linears.items()
-    ]
-    try:
-        with torch.no_grad():
-            run_layer(layer, hidden, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    owners: list[Tensor] = []
-    for name, x in seen:
-        for g, owner in zip(groups, owners):
-            if owner is x:
-                if name not in g:
-                    g.append(name)
-                break
-        else:
-            if not any(name in g for g in groups):
-                groups.append([name])
-                owners.append(x)
-    return _merge_expert_stages(groups, linears)
-
-
-def _expert_stage(name: str) -> str:
-    """``mlp.experts.3.gate_proj`` -> ``mlp.experts.*.gate_proj``: the same linear of every expert."""
-    return re.sub(r"\.\d+\.", ".*.", name)
-
-
-def _merge_expert_stages(groups: list[list[str]], linears: dict[str, nn.Module]) -> list[list[str]]:
-    """One group per stage of a MoE block instead of one per expert, and every expert in it.
-
-    Experts are independent of one another (each reads the block's input rows routed to it), so all
-    experts' ``gate/up`` form one group and all ``down`` the next, in execution order: one observation
-    pass per stage instead of one per expert, with the same statistics. Experts the discovery sample
-    did not route to join their stage (or, with no routed expert at all, a group of their own at the
-    end), so that every expert is calibrated.
-    """
-    out: list[list[str]] = []
-    stage_of: dict[str, list[str]] = {}
-    for group in groups:
-        if not all(isinstance(linears[n], RoutedLinear) for n in group):
-            out.append(group)
-            continue
-        key = " ".join(sorted(_expert_stage(n) for n in group))
-        if key in stage_of:
-            stage_of[key].extend(group)
-        else:
-            stage_of[key] = list(group)
-            out.append(stage_of[key])
-    placed = {n for g in out for n in g}
-    by_linear = {stage: g for key, g in stage_of.items() for stage in key.split()}
-    for name in linears:
-        if name in placed or not isinstance(linears[name], RoutedLinear):
-            continue
-        group = by_linear.get(_expert_stage(name))
-        if group is None:
-            group = [name]
-            out.append(group)
-            by_linear[_expert_stage(name)] = group
-        else:
-            group.append(name)
-        placed.add(name)
-    return out
-
-
 class LayerwiseEngine:
     """Runs the two-stream, layer-by-layer calibration over a loaded model.
 
@@ -186,6 +109,7 @@ class LayerwiseEngine:
         self.clock = clock or PhaseClock()  # the run's phase times (QuantizeReport.phases)
         self.sample_ids: list[int] = []
         self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.steps = check_steps(config.steps)  # (phase, step) in the preset's order
 
     # --- public ------------------------------------------------------------------------------------
     def capture_inputs(self, samples: list[CalibSample]) -> list[LayerInputs]:
@@ -239,16 +163,10 @@ class LayerwiseEngine:
             torch.cuda.reset_peak_memory_stats(self.device)
         with self.clock("FP stream"):
             fp_out = self._advance(i, layer, x_fp, kwargs, between)
-        stats_in = x_q if self.config.quantized_inputs else x_fp
-        with self.clock("scale search"):
-            alphas = search_layer_scales(ctx, stats_in)
-        # the FP target reads every linear's FP inputs from an FP copy taken after the (function-preserving)
-        # scale folding, so that its inputs are in the same scaled coordinates as the quantized layer's;
-        # passed without a local name here, so that _calibrate_layer can free it as soon as it is done
-        routed: dict[str, int] = {}
-        fallback: list[str] = []
-        with self.clock("statistics + solve (GPTQ/RTN, FP target)"):
-            quantized = self._calibrate_layer(ctx, stats_in, (_fp_copy(layer), x_fp) if self._wants_fp_inputs() else None, routed, fallback)
+        state = LayerState(x_fp, x_q)
+        for phase, step in self.steps:
+            with self.clock(phase):
+                step(ctx, state)
         with self.clock("quantized stream"):
             q_out = self._advance(i, layer, x_q, kwargs, between)
         num, den = squared_error_sums(q_out, fp_out)
@@ -260,12 +178,12 @@ class LayerwiseEngine:
             rel_error=num / max(den, 1e-30),
             seconds=time.perf_counter() - start,
             peak_mem_mb=float(peak[0]),
-            num_linears=len(quantized),
-            search_alphas=alphas,
-            routed_tokens=routed,
-            rtn_fallback=fallback,
+            num_linears=len(state.quantized),
+            search_alphas=state.search_alphas,
+            routed_tokens=state.routed_tokens,
+            rtn_fallback=state.rtn_fallback,
         )
-        return fp_out, q_out, quantized, report
+        return fp_out, q_out, state.quantized, report
 
     def _checked_layer(self, i: int, layer: nn.Module, x_fp: Any, x_q: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> tuple[Any, Any, dict[str, QuantizedWeight], LayerReport]:
         """:meth:`_layer`, with a NaN/Inf anywhere in it (Hessian, scales, outputs) named by its layer: it
@@ -307,7 +225,8 @@ class LayerwiseEngine:
     def _context(self, index: int, layer: nn.Module, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> LayerContext:
         """What this layer's steps share; its keyword arguments are the layer's own (e.g. its mask)."""
         own = [self.adapter.layer_kwargs(index, kw, b) for kw, b in zip(kwargs, between)]
-        return LayerContext(index, layer, own, self.config, self.adapter, self.device, self.scale_dtype, self.sample_ids, self.token_weights, self._store)
+        return LayerContext(index, layer, own, self.config, self.adapter, self.device, self.scale_dtype, self.sample_ids, self.token_weights, self._store,
+                            self.ctx, self.act_hooks)
 
     def _dev(self, x: Any) -> Any:
         return tree_to(x, self.device)
@@ -318,105 +237,10 @@ class LayerwiseEngine:
         model does before the next one). The streams are what the next layer sees, so they take the step."""
         return self._store([self.adapter.layer_step(index, layer, self._dev(x), self._dev(kw), b).to("cpu") for x, kw, b in zip(xs, kwargs, between)])
 
-    def _wants_fp_inputs(self) -> bool:
-        return self.config.solver == "gptq" and self.config.gptq.target == "fp"
-
-    def _calibrate_layer(self, ctx: LayerContext, xs: list[Tensor], fp_ref: tuple[nn.Module, Any] | None = None, routed: dict[str, int] | None = None, fallback: list[str] | None = None) -> dict[str, QuantizedWeight]:
-        """Solve the layer's linears group by group; ``routed``/``fallback`` receive the routed linears'
-        token counts and the names solved by RTN for lack of rows (see :meth:`_calibrator`)."""
-        layer, kwargs, prefix = ctx.layer, ctx.kwargs, ctx.prefix
-        scheme = self.config.scheme
-        out: dict[str, QuantizedWeight] = {}
-        groups = linear_groups(layer, self._dev(xs[0]), self._dev(kwargs[0]), lambda n: self.adapter.keeps_16bit(f"{prefix}.{n}")) if len(xs) else None
-        if self.ctx.enabled:  # a rank with no samples cannot discover them; rank 0 always has samples
-            groups = D.broadcast_object(groups)
-        for group in groups:
-            mods = {n: layer.get_submodule(n) for n in group}
-            if scheme.activations is not None:
-                # The group's own inputs are quantized at inference too: calibrate on what it will see.
-                self.act_hooks += [add_input_quantizer(m, scheme.activations) for m in mods.values()]
-            cals = {n: self._calibrator(m) for n, m in mods.items()}
-            if any(c.needs_inputs for c in cals.values()):
-                self._observe(ctx, mods, cals, xs, fp_ref)
-                for cal in cals.values():
-                    cal.reduce(self.ctx)
-            if group is groups[-1]:
-                fp_ref = None  # the FP copy (one layer) is done with: free it before the last, widest solve
-            for n, m in mods.items():
-                if isinstance(m, RoutedLinear) and cals[n].needs_inputs:
-                    seen = cals[n].num_tokens
-                    if routed is not None:
-                        routed[n] = seen
-                    if seen < self.config.gptq.min_tokens:
-                        cals[n] = make_calibrator("rtn", m.weight, scheme, self.config.gptq, self.scale_dtype, self.device)
-                        if fallback is not None:
-                            fallback.append(n)
-                qw = cals[n].solve(m.weight.data)
-                m.weight.data.copy_(qw.dequantize(m.weight.dtype))
-                out[f"{prefix}.{n}"] = _to_cpu(qw)
-        return out
-
-    def _calibrator(self, module: nn.Module) -> LinearCalibrator:
-        """The solver of one linear. A routed linear (one MoE expert's) gets the plain target: the FP
-        copy routes the FP inputs by its own router, so its expert sees other tokens than this one, and
-        ``W X_fp`` has no row-by-row pairing with ``W X_q`` there."""
-        gptq = self.config.gptq
-        if isinstance(module, RoutedLinear) and gptq.target == "fp":
-            gptq = dc_replace(gptq, target="quantized")
-        return make_calibrator(self.config.solver, module.weight, self.config.scheme, gptq, self.scale_dtype, self.device)
-
-    @torch.no_grad()
-    def _observe(self, ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: list[Tensor], fp_ref: tuple[nn.Module, Any] | None = None) -> None:
-        """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
-        forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens."""
-        current: dict[str, Tensor | None] = {}
-        fp_inputs: dict[str, Tensor] = {}
-        wants_fp = fp_ref is not None and any(c.needs_fp_inputs for c in cals.values())
-
-        def make_hook(name: str) -> Callable:
-            def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
-                cals[name].observe(args[0], rows_of(m, current[name], args[0]), x_fp=fp_inputs.pop(name, None))
-
-            return hook
-
-        def make_fp_hook(name: str) -> Callable:
-            def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
-                fp_inputs[name] = args[0]
-
-            return hook
-
-        handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
-        if wants_fp:
-            handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods if cals[n].needs_fp_inputs]
-        try:
-            for s, (x, kw) in enumerate(zip(xs, ctx.kwargs)):
-                for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
-                    w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
-                    current[name] = None if w is None else w.to(self.device).reshape(1, -1)
-                if wants_fp:
-                    run_layer(fp_ref[0], self._dev(fp_ref[1][s]), self._dev(kw))
-                run_layer(ctx.layer, self._dev(x), self._dev(kw))
-        finally:
-            for h in handles:
-                h.remove()
-
     def remove_activation_quantizers(self) -> None:
         for h in self.act_hooks:
             h.remove()
         self.act_hooks.clear()
-
-
-def _fp_copy(layer: nn.Module) -> nn.Module:
-    """A hook-free copy of ``layer`` as it is now (FP weights): the reference the FP target reads."""
-    ref = copy.deepcopy(layer)
-    for m in ref.modules():
-        m._forward_pre_hooks.clear()
-        m._forward_hooks.clear()
-    return ref
-
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero_point.cpu(), qw.spec)
 
 
 def squared_error_sums(out: Any, ref: Any) -> tuple[float, float]:

@@ -21,12 +21,17 @@ from torch import Tensor, nn
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
-from tlq.engine.context import LayerContext
+from tlq.engine.context import LayerContext, LayerState
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import rows_of
 from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
+
+
+def scale_search_step(ctx: LayerContext, state: LayerState) -> None:
+    """The step: scales searched on the layer's statistics inputs and folded (``state.search_alphas``)."""
+    state.search_alphas = search_layer_scales(ctx, state.inputs(ctx.config))
 
 
 def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
@@ -77,7 +82,7 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
             fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
             chosen[mapping.prev] = search.fixed_alpha
         else:
-            chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn, passive, mapping.prev_offset).alpha
+            chosen[mapping.prev] = search_scales(search.kind, prev, linears, stats, alphas, loss_fn, passive, mapping.prev_offset, search.coarse).alpha
         calls.release()
     release_store(layer_targets)
     return chosen
@@ -148,11 +153,15 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             if scheme.activations is not None:
                 hooks.append(add_input_quantizer(lin, scheme.activations))
-        total = 0.0
+        # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
+        # on a GPU a read per sample is a host round trip per sample and candidate
+        total = None
         for i, w in enumerate(weights):
-            err = (calls.run(i, ctx.dev).float().cpu() - calls.targets[i].float()).pow(2).sum(-1)[0]
-            total += float((err * w.cpu()).sum() if w is not None else err.sum())
-        return D.all_reduce_scalar_sum(total)
+            out = calls.run(i, ctx.dev).float()
+            err = (out - calls.targets[i].to(out.device).float()).pow(2).sum(-1)[0]
+            part = ((err * w.to(err.device)).sum() if w is not None else err.sum()).double()
+            total = part if total is None else total + part
+        return D.all_reduce_scalar_sum(0.0 if total is None else float(total))
     finally:
         for h in hooks:
             h.remove()

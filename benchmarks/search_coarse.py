@@ -1,0 +1,83 @@
+"""Does the coarse-to-fine scale search pick the exponents the full grid picks? In one run, per built-in
+model, scheme and method: the chosen exponent of every mapping of every layer, the integer codes that
+differ, and the scale-search seconds, full grid (``--search-coarse 1``) against coarse-to-fine.
+
+    python benchmarks/search_coarse.py --models digits-qwen2vl,digits-llavaov,needle-qwen2vl --out docs/search_coarse
+
+Accuracy and KL on the val split come from benchmarks/accuracy.py (variants "TLQ coarse 3", "AWQ coarse 3").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from _report import write_report
+from tlq.api import build_config, calibrate
+from tlq.builtin import builtin_set, resolve_model_dir
+
+
+def run(model: str, scheme: str, method: str, coarse: int, num_samples: int) -> dict[str, Any]:
+    """One in-memory calibration of ``model`` on its own calibration set."""
+    cfg = build_config(scheme, method, num_samples=num_samples, search_coarse=coarse, device="cpu")
+    name = f"builtin:{model}"
+    out = calibrate(name, builtin_set(resolve_model_dir(name), "calib"), cfg, progress=False)
+    return {"alphas": [la.search_alphas for la in out.result.layers], "seconds": out.clock.seconds.get("scale search", 0.0),
+            "codes": {k: qw.codes for k, qw in out.result.quantized.items()}}
+
+
+def compare(full: dict[str, Any], fine: dict[str, Any]) -> dict[str, Any]:
+    pairs = [(a, lb.get(k, math.nan)) for la, lb in zip(full["alphas"], fine["alphas"]) for k, a in la.items()]
+    same = sum(1 for a, b in pairs if a == b or (math.isnan(a) and math.isnan(b)))
+    return {"mappings": len(pairs), "same_exponent": same,
+            "codes_differing": sum(int((fine["codes"][k] != c).sum()) for k, c in full["codes"].items()),
+            "codes_total": sum(c.numel() for c in full["codes"].values()),
+            "search_seconds_full": full["seconds"], "search_seconds_coarse": fine["seconds"]}
+
+
+def to_markdown(result: dict[str, Any]) -> list[str]:
+    lines = ["# Scale search coarse-to-fine: same exponents as the full grid?", "", f"Command: `{result['command']}`", "",
+             f"Machine: {result['machine']}. Each built-in model calibrated in memory on its own calibration set "
+             f"({result['num_samples']} samples), grid 20, full grid against `--search-coarse {result['coarse']}`, one after the other.", "",
+             "| model | scheme | method | mappings with the same exponent | codes differing | scale search s (full -> coarse) | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = r["search_seconds_coarse"] / r["search_seconds_full"] if r["search_seconds_full"] else float("nan")
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['method']} | {r['same_exponent']} of {r['mappings']} | "
+                     f"{r['codes_differing']:,} of {r['codes_total']:,} | {r['search_seconds_full']:.1f} -> {r['search_seconds_coarse']:.1f} | {ratio:.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="digits-qwen2vl,digits-llavaov,needle-qwen2vl")
+    p.add_argument("--schemes", default="w3a16,w4a8")
+    p.add_argument("--methods", default="tlq,awq")
+    p.add_argument("--coarse", type=int, default=3)
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--out", default="docs/search_coarse")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    result = {"command": "python benchmarks/search_coarse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "coarse": args.coarse, "num_samples": args.num_samples, "rows": []}
+    for model in args.models.split(","):
+        for scheme in args.schemes.split(","):
+            for method in args.methods.split(","):
+                full = run(model, scheme, method, 1, args.num_samples)
+                fine = run(model, scheme, method, args.coarse, args.num_samples)
+                row = {"model": model, "scheme": scheme, "method": method, **compare(full, fine)}
+                result["rows"].append(row)
+                print(row, flush=True)
+                write_report(args.out, result, to_markdown(result))  # after every row
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

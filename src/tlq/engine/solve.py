@@ -1,0 +1,206 @@
+"""The solve step: each linear group's statistics on the layer's inputs, then its weights solved (GPTQ or
+RTN; GPTQ aimed at the FP model's outputs when ``gptq.target == "fp"``).
+
+Inside a layer the linears are solved in execution order, group by group (linears that read the same
+tensor, e.g. q/k/v, form one group; :func:`linear_groups`), so a later group sees
+the error of the earlier ones ("true sequential"). For W-A schemes each group's input quantizers go on
+before its statistics are taken: the group is calibrated on what it will see at inference. MoE experts
+(:class:`tlq.models.moe.RoutedLinear`) see only their routed rows, and fall back to RTN below
+``gptq.min_tokens`` of them (reported per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tlq.engine import distributed as D
+from tlq.engine.context import LayerContext, LayerState
+from tlq.models.base import run_layer
+from tlq.models.moe import RoutedLinear, rows_of
+from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
+from tlq.quant.solvers import LinearCalibrator, make_calibrator
+
+
+def solve_step(ctx: LayerContext, state: LayerState) -> None:
+    """Solve every linear of the layer (fills ``state.quantized``, ``routed_tokens``, ``rtn_fallback``).
+
+    The FP target reads every linear's FP inputs from an FP copy of the layer taken now, after the
+    (function-preserving) scale folding, so that its inputs are in the same scaled coordinates as the
+    quantized layer's; the copy is freed before the last, widest group is solved.
+    """
+    fp_ref = (_fp_copy(ctx.layer), state.x_fp) if wants_fp_inputs(ctx) else None
+    xs = state.inputs(ctx.config)
+    groups = _groups(ctx, xs)
+    for group in groups:
+        mods = {n: ctx.layer.get_submodule(n) for n in group}
+        if ctx.config.scheme.activations is not None:
+            ctx.act_hooks.extend(add_input_quantizer(m, ctx.config.scheme.activations) for m in mods.values())
+        cals = {n: _calibrator(ctx, m) for n, m in mods.items()}
+        if any(c.needs_inputs for c in cals.values()):
+            _observe(ctx, mods, cals, xs, fp_ref)
+            for cal in cals.values():
+                cal.reduce(ctx.dist)
+        if group is groups[-1]:
+            fp_ref = None  # the FP copy (one layer) is done with
+        for n, m in mods.items():
+            _solve_one(ctx, state, n, m, cals)
+
+
+def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], skip: Callable[[str], bool] = lambda _n: False) -> list[list[str]]:
+    """Linears of ``layer`` in execution order, grouped by the tensor they read, without those ``skip``
+    names (the adapter's 16-bit modules, e.g. Qwen3.5's ``in_proj_a/b``).
+
+    Found by running the layer once with hooks, so no architecture needs listing. Inputs are kept
+    referenced during the pass so that tensor identity cannot be confused by memory reuse.
+    """
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
+    seen: list[tuple[str, Tensor]] = []
+    handles = [
+        m.register_forward_hook(lambda _m, args, _o, n=n: seen.append((n, args[0]))) for n, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    owners: list[Tensor] = []
+    for name, x in seen:
+        for g, owner in zip(groups, owners):
+            if owner is x:
+                if name not in g:
+                    g.append(name)
+                break
+        else:
+            if not any(name in g for g in groups):
+                groups.append([name])
+                owners.append(x)
+    return _merge_expert_stages(groups, linears)
+
+
+def _expert_stage(name: str) -> str:
+    """``mlp.experts.3.gate_proj`` -> ``mlp.experts.*.gate_proj``: the same linear of every expert."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def _merge_expert_stages(groups: list[list[str]], linears: dict[str, nn.Module]) -> list[list[str]]:
+    """One group per stage of a MoE block instead of one per expert, and every expert in it.
+
+    Experts are independent of one another (each reads the block's input rows routed to it), so all
+    experts' ``gate/up`` form one group and all ``down`` the next, in execution order: one observation
+    pass per stage instead of one per expert, with the same statistics. Experts the discovery sample
+    did not route to join their stage (or, with no routed expert at all, a group of their own at the
+    end), so that every expert is calibrated.
+    """
+    out: list[list[str]] = []
+    stage_of: dict[str, list[str]] = {}
+    for group in groups:
+        if not all(isinstance(linears[n], RoutedLinear) for n in group):
+            out.append(group)
+            continue
+        key = " ".join(sorted(_expert_stage(n) for n in group))
+        if key in stage_of:
+            stage_of[key].extend(group)
+        else:
+            stage_of[key] = list(group)
+            out.append(stage_of[key])
+    placed = {n for g in out for n in g}
+    by_linear = {stage: g for key, g in stage_of.items() for stage in key.split()}
+    for name in linears:
+        if name in placed or not isinstance(linears[name], RoutedLinear):
+            continue
+        group = by_linear.get(_expert_stage(name))
+        if group is None:
+            group = [name]
+            out.append(group)
+            by_linear[_expert_stage(name)] = group
+        else:
+            group.append(name)
+        placed.add(name)
+    return out
+
+
+def wants_fp_inputs(ctx: LayerContext) -> bool:
+    return ctx.config.solver == "gptq" and ctx.config.gptq.target == "fp"
+
+
+def _groups(ctx: LayerContext, xs: Any) -> list[list[str]]:
+    """The layer's linear groups in execution order (discovered by rank 0 and shared: a rank with no
+    samples cannot run the layer)."""
+    groups = linear_groups(ctx.layer, ctx.dev(xs[0]), ctx.dev(ctx.kwargs[0]), lambda n: ctx.adapter.keeps_16bit(f"{ctx.prefix}.{n}")) if len(xs) else None
+    return D.broadcast_object(groups) if ctx.dist.enabled else groups
+
+
+def _solve_one(ctx: LayerContext, state: LayerState, name: str, module: nn.Module, cals: dict[str, LinearCalibrator]) -> None:
+    """Solve one linear; a routed linear with too few rows is solved by RTN (and reported)."""
+    cal = cals[name]
+    if isinstance(module, RoutedLinear) and cal.needs_inputs:
+        state.routed_tokens[name] = cal.num_tokens
+        if cal.num_tokens < ctx.config.gptq.min_tokens:
+            cal = make_calibrator("rtn", module.weight, ctx.config.scheme, ctx.config.gptq, ctx.scale_dtype, ctx.device)
+            state.rtn_fallback.append(name)
+    qw = cal.solve(module.weight.data)
+    module.weight.data.copy_(qw.dequantize(module.weight.dtype))
+    state.quantized[f"{ctx.prefix}.{name}"] = QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero_point.cpu(), qw.spec)
+
+
+def _calibrator(ctx: LayerContext, module: nn.Module) -> LinearCalibrator:
+    """The solver of one linear. A routed linear (one MoE expert's) gets the plain target: the FP
+    copy routes the FP inputs by its own router, so its expert sees other tokens than this one, and
+    ``W X_fp`` has no row-by-row pairing with ``W X_q`` there."""
+    gptq = ctx.config.gptq
+    if isinstance(module, RoutedLinear) and gptq.target == "fp":
+        gptq = replace(gptq, target="quantized")
+    return make_calibrator(ctx.config.solver, module.weight, ctx.config.scheme, gptq, ctx.scale_dtype, ctx.device)
+
+
+@torch.no_grad()
+def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: Any, fp_ref: tuple[nn.Module, Any] | None) -> None:
+    """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
+    forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens."""
+    current: dict[str, Tensor | None] = {}
+    fp_inputs: dict[str, Tensor] = {}
+    wants_fp = fp_ref is not None and any(c.needs_fp_inputs for c in cals.values())
+
+    def make_hook(name: str) -> Callable:
+        def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
+            cals[name].observe(args[0], rows_of(m, current[name], args[0]), x_fp=fp_inputs.pop(name, None))
+
+        return hook
+
+    def make_fp_hook(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple, _out: Tensor) -> None:
+            fp_inputs[name] = args[0]
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+    if wants_fp:
+        handles += [fp_ref[0].get_submodule(n).register_forward_hook(make_fp_hook(n)) for n in mods if cals[n].needs_fp_inputs]
+    try:
+        for s, (x, kw) in enumerate(zip(xs, ctx.kwargs)):
+            for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
+                w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
+                current[name] = None if w is None else w.to(ctx.device).reshape(1, -1)
+            if wants_fp:
+                run_layer(fp_ref[0], ctx.dev(fp_ref[1][s]), ctx.dev(kw))
+            run_layer(ctx.layer, ctx.dev(x), ctx.dev(kw))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fp_copy(layer: nn.Module) -> nn.Module:
+    """A hook-free copy of ``layer`` as it is now (FP weights): the reference the FP target reads."""
+    ref = copy.deepcopy(layer)
+    for m in ref.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return ref
