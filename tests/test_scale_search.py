@@ -9,6 +9,7 @@ from torch import nn
 from tlq.api import build_config, load_model
 from tlq.config import SCHEMES
 from tlq.data.calibration import load_calibration
+from tlq.engine import smoothing
 from tlq.engine.layerwise import LayerwiseEngine
 from tlq.quant.rtn import rtn_quantize
 from tlq.quant.scale_search import (
@@ -228,10 +229,12 @@ def test_unknown_search_scope_is_refused():
         build_config("w4a16", "awq", search_scope="model")
 
 
-def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+@pytest.mark.parametrize("scope", ["block", "layer"])
+def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, scope):
     """Tokens outside the calibration budget (weight 0) add nothing to a candidate's loss, so MLP and
-    o_proj candidates (row-wise blocks) run on the kept rows only: same losses, same exponents and codes
-    as running every row, and the MLP sees fewer rows."""
+    o_proj candidates (row-wise blocks) run on the kept rows only, and so does the MLP (and o_proj) when
+    an attention candidate is judged on the whole layer (scope "layer"): same losses, same exponents and
+    codes as running every row, and the MLP sees fewer rows."""
     from dataclasses import replace
 
     adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
@@ -242,16 +245,18 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
         w[::3] = 0.0  # a third of the tokens outside the budget
         return w
 
-    cfg = build_config("w3a16", "awq", search_grid=6, solver="rtn", search_scope="block")
+    cfg = build_config("w3a16", "awq", search_grid=6, solver="rtn", search_scope=scope)
     runs = {}
-    for how in ("kept rows", "every row"):
+    for how in ("kept rows", "every row", "whole layer calls uncut"):
         _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
         if how == "every row":
             spec = replace(adapter.spec, smooth_mappings=tuple(replace(m, rowwise=False) for m in adapter.spec.smooth_mappings))
             monkeypatch.setattr(adapter, "spec", spec)
+        if how == "whole layer calls uncut":
+            monkeypatch.setattr(smoothing, "_row_blocks", lambda ctx: [])
         rows = [0]
         for layer in adapter.decoder_layers(model):
-            layer.mlp.register_forward_hook(lambda _m, args, _o: rows.__setitem__(0, rows[0] + args[0].shape[1]))
+            layer.mlp.gate_proj.register_forward_hook(lambda _m, args, _o: rows.__setitem__(0, rows[0] + args[0].shape[1]))
         seen = _record_searches(monkeypatch)
         result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
         runs[how] = (seen, result, rows[0])
@@ -264,3 +269,36 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
     for name, qw in ref_res.quantized.items():
         assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
     assert fast_rows < ref_rows
+    _seen, _res, uncut_rows = runs["whole layer calls uncut"]
+    if scope == "layer":  # the attention candidates' whole-layer calls run the MLP on the kept rows too
+        assert fast_rows < uncut_rows
+    else:  # block scope never calls the whole layer
+        assert fast_rows == uncut_rows
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5", "llava_onevision"])
+def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_family(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
+    """TLQ's layer-scope attention candidates run the layer's row-wise blocks (MLP or MoE block, o_proj)
+    on the kept rows only: the losses and exponents equal those of full-layer calls, whatever the block."""
+    cfg = build_config("w4a8", "tlq", search_grid=5, solver="rtn", num_samples=2)
+    runs = []
+    for cut in (True, False):
+        adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
+        samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=2, max_seq_len=4096, seed=0)
+
+        def weights(layer: int, sample: int, linear: str | None = None, n=[s.seq_len for s in samples]) -> torch.Tensor:
+            w = torch.linspace(0.5, 1.5, n[sample])
+            w[1::2] = 0.0  # half the tokens outside the budget
+            return w
+
+        if not cut:
+            monkeypatch.setattr(smoothing, "_row_blocks", lambda ctx: [])
+        seen = _record_searches(monkeypatch)
+        result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
+        runs.append((seen, result))
+        monkeypatch.undo()
+    (fast, fast_res), (ref, ref_res) = runs
+    assert len(fast) == len(ref) > 0
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]

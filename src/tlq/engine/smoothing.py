@@ -75,8 +75,11 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         if calls is None:
             calls = BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
 
-        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights) -> float:
-            return _quantized_loss(ctx, linears, calls, w)
+        # a candidate judged on the whole layer still needs its row-wise blocks on the weighted rows only
+        cut = _row_blocks(ctx) if calls.module is layer else []
+
+        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, cut: list[nn.Module] = cut) -> float:
+            return _quantized_loss(ctx, linears, calls, w, cut)
 
         if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
             fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
@@ -143,20 +146,27 @@ def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kw
     return stats, BlockCalls(layer.get_submodule(block), ctx.store(mains), rests, keyword[0], ctx.store(outputs)), kept
 
 @torch.no_grad()
-def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None]) -> float:
+def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None], cut: list[nn.Module] = ()) -> float:
+    """The token-weighted squared error of the block's output with ``linears`` fake-quantized. ``cut``:
+    row-wise modules inside the block that compute only the rows of tokens with a positive weight (the
+    others weigh nothing in the loss), leaving zeros elsewhere: the same loss for less work."""
     scheme = ctx.config.scheme
     saved = [lin.weight.detach().clone() for lin in linears]
     hooks = []
+    rows: list[Tensor | None] = [None]
     try:
         for lin in linears:
             qw = rtn_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             if scheme.activations is not None:
                 hooks.append(add_input_quantizer(lin, scheme.activations))
+        hooks += [_RowsOnly(module, rows) for module in cut]
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
         # on a GPU a read per sample is a host round trip per sample and candidate
         total = None
         for i, w in enumerate(weights):
+            kept = None if w is None else (w > 0).nonzero().reshape(-1)
+            rows[0] = None if kept is None or kept.numel() == w.numel() else kept.to(ctx.device)
             out = calls.run(i, ctx.dev).float()
             err = (out - calls.targets[i].to(out.device).float()).pow(2).sum(-1)[0]
             part = ((err * w.to(err.device)).sum() if w is not None else err.sum()).double()
@@ -167,6 +177,39 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
             h.remove()
         for lin, w0 in zip(linears, saved):
             lin.weight.copy_(w0)
+
+
+def _row_blocks(ctx: LayerContext) -> list[nn.Module]:
+    """The layer's outermost row-wise blocks (the adapter's mappings say which: the MLP, ``o_proj``)."""
+    names = {m.block for m in ctx.adapter.smooth_mappings(ctx.layer) if m.rowwise and m.block}
+    outer = sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+    return [ctx.layer.get_submodule(n) for n in outer]
+
+
+class _RowsOnly:
+    """While installed, ``module`` maps only the rows in ``rows[0]`` of its ``[batch, seq, ...]`` input
+    and returns zeros in the others (``rows[0] = None``: every row). A module whose output is not one
+    tensor of the input's rows (a MoE block returning router logits too) runs whole."""
+
+    def __init__(self, module: nn.Module, rows: list[Tensor | None]) -> None:
+        self.module, self.rows, self.whole = module, rows, False
+        self.forward = module.forward
+        module.forward = self.__call__
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows = self.rows[0]
+        if rows is None or self.whole or x.dim() != 3:
+            return self.forward(x, *args, **kwargs)
+        part = self.forward(x[:, rows], *args, **kwargs)
+        if not isinstance(part, Tensor) or part.shape[:2] != (x.shape[0], rows.numel()):
+            self.whole = True
+            return self.forward(x, *args, **kwargs)
+        out = part.new_zeros(*x.shape[:2], *part.shape[2:])
+        out[:, rows] = part
+        return out
+
+    def remove(self) -> None:
+        del self.module.forward  # the class's forward again
 
 
 class BlockCalls:
