@@ -3,13 +3,17 @@ in one run on one machine, plus the ratios the method is judged by (TLQ / GPTQ, 
 forward+backward).
 
 The checkpoints have random weights and the released widths (text and vision towers, vocabulary, image
-processor pixel bounds); depth is cut by ``--layers`` (the per-layer phases scale with it; load, vision
-tower and export do not). Calibration images are random RGB at the resolution given (448 px: 256 visual
-tokens for Qwen2-VL), with a short question and answer each. Every method runs as its own process
-(the OS's rusage gives its peak RSS, the report the phases and the peak GPU memory), one after
-the other. ``--device cuda`` runs every process on the GPU (compute in the checkpoint's bf16).
+processor pixel bounds; MoE shapes: every routed expert); depth is cut by ``--layers`` (the per-layer phases
+scale with it; load, vision tower and export do not) and the vision tower's by ``--vision-depth``.
+Calibration images are random RGB at the resolution given (448 px: 256 visual tokens for Qwen2-VL, whose
+merged tokens are 28 px; 196 for Qwen3-VL / Qwen3.5, 32 px, whose processors also scale an image up to their
+65536-pixel minimum: 64 tokens at least), with a short question and answer each. Every method runs as its own
+process (the OS's rusage gives its peak RSS, the report the phases and the peak GPU memory), one after
+the other. ``--device cuda`` runs every process on the GPU (compute in the checkpoint's bf16); ``--stream``
+has tlq read decoder layers from disk one at a time, as for a model larger than memory.
 
     python benchmarks/cost.py --shape qwen2-vl-2b --layers 2 --num-samples 4 --image-px 448 --methods gptq,tlq --out docs/cost
+    python benchmarks/cost.py --shape qwen3.5-0.8b --layers 4 --vision-depth 1 --stream --out docs/cost-qwen3.5-0.8b
 """
 
 from __future__ import annotations
@@ -31,6 +35,30 @@ from _report import write_report
 # Released widths (config.json of each Hugging Face release): text hidden / intermediate / layers / heads /
 # KV heads / vocab / tied embeddings; vision depth / width / heads; the Instruct image processors' pixel
 # bounds. Only families whose vision tower tlq.models.tiny builds at its exact released width are listed.
+# Every key but "family" and "layers" (the released depth, cut by --layers) is a make_tiny_vlm keyword.
+#
+# Qwen3-VL / Qwen3.5 values are copies of the released config.json files found in other repositories (not
+# read from huggingface.co): Qwen3-VL-8B-Instruct from the vendored config in kohya-ss/musubi-tuner (agreeing
+# with InternLM/xtuner's presets), its pixel bounds from the preprocessor_config.json quoted in
+# QwenLM/Qwen3-VL#1836; Qwen3-VL-30B-A3B-Instruct from swedishembedded/brain crates/qwen3vlmoe/src/config.rs
+# (a verbatim copy at HF commit 1fc78ad; THUDM/slime scripts/models/qwen3-vl-30b-a3b.sh agrees); Qwen3.5-0.8B
+# from wlejon/brolm tests/test_qwen35_config.cpp (a mirror of its config.json; slime agrees); Qwen3.5-35B-A3B's
+# text from swedishembedded/brain crates/qwen35moe/src/config.rs (slime and xtuner agree). The builder's fixed
+# values equal all four releases': vision patch 16, spatial merge 2, temporal patch 2, RMSNorm eps 1e-6, and
+# transformers' defaults (activations, Qwen3.5's gated attention output, always-normalised top-k routing).
+# Not matched by the built checkpoints: the tokenizer (tlq's tiny BPE, so the special-token ids and the
+# tokens per word differ; the embedding rows are the released vocab), and Qwen3.5's multi-token-prediction
+# layer (mtp_num_hidden_layers 1), which transformers drops on load anyway.
+_QWEN3_VL_VISION = {"vision_depth": 27, "vision_hidden": 1152, "vision_intermediate_size": 4304, "vision_heads": 16,
+                    "vision_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}
+# Qwen3-VL-8B-Instruct's preprocessor_config.json; the 30B-A3B one was not found, the 8B's is assumed.
+_QWEN3_VL_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
+# No Qwen3.5 preprocessor_config.json of these two releases was found: the closest copy is Qwen3.5-2B-Base's
+# (the same bounds as Qwen3-VL-8B's; Qwen3.6-35B-A3B-FP8 is reported to ship them too).
+_QWEN3_5_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
+# Text values both Qwen3.5 releases share (rope, layer pattern, Gated DeltaNet head widths and conv kernel).
+_QWEN3_5_TEXT = {"rope_theta": 10_000_000.0, "mrope_split": [11, 11, 10], "partial_rotary_factor": 0.25, "full_attention_interval": 4,
+                 "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2-vl-2b": {"family": "qwen2_vl", "hidden_size": 1536, "intermediate_size": 8960, "layers": 28, "num_heads": 12, "num_kv_heads": 2,
                     "vocab_size": 151936, "tie_word_embeddings": True, "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16,
@@ -38,21 +66,60 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2-vl-7b": {"family": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944, "layers": 28, "num_heads": 28, "num_kv_heads": 4,
                     "vocab_size": 152064, "tie_word_embeddings": False, "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16,
                     "min_pixels": 3136, "max_pixels": 12845056, "max_position_embeddings": 32768},
+    "qwen3-vl-8b": {"family": "qwen3_vl", "hidden_size": 4096, "intermediate_size": 12288, "layers": 36, "num_heads": 32, "num_kv_heads": 8,
+                    "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False, "rope_theta": 5_000_000.0, "mrope_split": [24, 20, 20],
+                    "max_position_embeddings": 262144, **_QWEN3_VL_VISION, **_QWEN3_VL_PIXELS},
+    # intermediate_size: in the released config, but no layer is dense (mlp_only_layers [], decoder_sparse_step 1);
+    # no shared expert.
+    "qwen3-vl-30b-a3b": {"family": "qwen3_vl_moe", "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                         "num_experts": 128, "num_experts_per_tok": 8, "mlp_only_layers": [], "layers": 48, "num_heads": 32,
+                         "num_kv_heads": 4, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False, "rope_theta": 5_000_000.0,
+                         "mrope_split": [24, 20, 20], "max_position_embeddings": 262144, **_QWEN3_VL_VISION, **_QWEN3_VL_PIXELS},
+    # layer_types: [linear, linear, linear, full] x 6 (full_attention_interval 4); no DeepStack in Qwen3.5.
+    "qwen3.5-0.8b": {"family": "qwen3_5", "hidden_size": 1024, "intermediate_size": 3584, "layers": 24, "num_heads": 8, "num_kv_heads": 2,
+                     "head_dim": 256, "vocab_size": 248320, "tie_word_embeddings": True, "max_position_embeddings": 262144, **_QWEN3_5_TEXT,
+                     "linear_num_key_heads": 16, "linear_num_value_heads": 16, "vision_depth": 12, "vision_hidden": 768,
+                     "vision_intermediate_size": 3072, "vision_heads": 12, "vision_position_embeddings": 2304, **_QWEN3_5_PIXELS},
+    # No verbatim copy of this release's vision_config was found: its values come from transcriptions that call it
+    # Qwen3-VL's tower without DeepStack (swedishembedded/brain crates/qwen35moe/src/vl.rs), xtuner's
+    # Qwen3_5_VLMoE35BA3Config and derived checkpoints, all in agreement. The release has no intermediate_size.
+    "qwen3.5-35b-a3b": {"family": "qwen3_5_moe", "hidden_size": 2048, "moe_intermediate_size": 512, "num_experts": 256, "num_experts_per_tok": 8,
+                        "shared_expert_intermediate_size": 512, "layers": 40, "num_heads": 16, "num_kv_heads": 2, "head_dim": 256,
+                        "vocab_size": 248320, "tie_word_embeddings": False, "max_position_embeddings": 262144, **_QWEN3_5_TEXT,
+                        "linear_num_key_heads": 16, "linear_num_value_heads": 32, "vision_depth": 27, "vision_hidden": 1152,
+                        "vision_intermediate_size": 4304, "vision_heads": 16, "vision_position_embeddings": 2304, **_QWEN3_5_PIXELS},
 }
 
 
+def shape_kwargs(shape: str, layers: int, vision_depth: int | None = None) -> tuple[str, dict[str, Any]]:
+    """``shape``'s ``make_tiny_vlm`` family and keywords, cut to ``layers`` decoder layers and ``vision_depth``
+    ViT blocks (None: released). Widths, experts and heads stay as released: only depth is a cost knob.
+
+    A cut vision tower keeps DeepStack's taps at the same relative depths (block ``k`` of ``D`` becomes
+    ``k * d // D``; taps that land on one block merge), so a shallow tower still feeds DeepStack."""
+    s = dict(SHAPES[shape])
+    family, released = s.pop("family"), s.pop("layers")
+    if not 1 <= layers <= released:
+        raise ValueError(f"--layers {layers}: {shape} has 1..{released} decoder layers")
+    s["num_layers"] = layers
+    if vision_depth is not None:
+        full = s["vision_depth"]
+        if not 1 <= vision_depth <= full:
+            raise ValueError(f"--vision-depth {vision_depth}: {shape}'s vision tower has 1..{full} blocks")
+        if "deepstack_visual_indexes" in s:
+            s["deepstack_visual_indexes"] = sorted({k * vision_depth // full for k in s["deepstack_visual_indexes"]})
+        s["vision_depth"] = vision_depth
+    return family, s
+
+
 def build_checkpoint(shape: str, layers: int, vision_depth: int | None, out: Path) -> Path:
-    """A random-weight bf16 checkpoint of ``shape`` cut to ``layers`` decoder layers."""
+    """A random-weight bf16 checkpoint of ``shape`` cut to ``layers`` decoder layers (see :func:`shape_kwargs`)."""
     import torch
 
     from tlq.models.tiny import build_tokenizer, make_tiny_vlm
 
-    s = dict(SHAPES[shape])
-    family = s.pop("family")
-    s.pop("layers")
-    if vision_depth is not None:
-        s["vision_depth"] = vision_depth
-    return make_tiny_vlm(family, out, num_layers=layers, dtype=torch.bfloat16, tokenizer=build_tokenizer(None, family), **s)
+    family, kwargs = shape_kwargs(shape, layers, vision_depth)
+    return make_tiny_vlm(family, out, dtype=torch.bfloat16, tokenizer=build_tokenizer(None, family), **kwargs)
 
 
 def write_calibration(out: Path, n: int, px: int, seed: int = 0) -> Path:
@@ -76,6 +143,8 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
+if os.WIFSIGNALED(status):
+    sys.stderr.write(f"\\nkilled by signal {os.WTERMSIG(status)} (9: out of memory?)\\n")
 sys.stderr.write(f"\\n__tlq_peak_rss_kib__={usage.ru_maxrss}\\n")
 sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
@@ -97,11 +166,12 @@ def _timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     return proc, seconds, int(tail.strip()) / 1024  # Linux reports KiB
 
 
-def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu") -> dict[str, Any]:
+def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu", stream: bool = False) -> dict[str, Any]:
+    """One ``tlq quantize`` process (``stream``: decoder layers read from disk one at a time); its cost."""
     report = work / f"{method}.json"
     cmd = [sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--calib", str(calib), "--out", str(work / f"out-{method}"),
            "--scheme", scheme, "--method", method, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report),
-           "--device", device]
+           "--device", device] + (["--stream"] if stream else [])
     _proc, seconds, rss = _timed(cmd)
     rep = json.loads(report.read_text())
     layers = rep["layers"]
@@ -189,12 +259,14 @@ def summarize(rows: list[dict[str, Any]], fwd_bwd: float) -> dict[str, Any]:
 def to_markdown(result: dict[str, Any]) -> list[str]:
     phases = sorted({p for r in result["rows"] for p in r["phases"]}, key=lambda p: -max(r["phases"].get(p, 0) for r in result["rows"]))
     s = result["summary"]
-    lines = [f"# Calibration cost: {result['shape']} widths, {result['layers']} decoder layer(s)", "",
+    vision = f", vision tower cut to {result['vision_depth']} block(s)" if result.get("vision_depth") is not None else ""
+    lines = [f"# Calibration cost: {result['shape']} widths, {result['layers']} decoder layer(s){vision}", "",
              f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Random bf16 weights at the released widths, {result.get('compute', 'compute in float32 on CPU')}, "
              f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}; "
              "llm-compressor (if a row) ran its own Qwen2-VL GPTQ / AWQ recipe on the same checkpoint and the same encoded inputs. "
-             "Each method in its own process, one after the other; peak RSS from the OS (rusage of each process)"
+             + ("tlq streamed (`--stream`: decoder layers read from disk one at a time). " if result.get("stream") else "")
+             + "Each method in its own process, one after the other; peak RSS from the OS (rusage of each process)"
              + ("; peak GPU memory: the largest per-layer `torch.cuda.max_memory_allocated` in tlq's report." if result.get("gpu") else "."), "",
              "| phase (s) | " + " | ".join(r["method"] for r in result["rows"]) + " |", "|---|" + "---:|" * len(result["rows"])]
     for p in phases:
@@ -222,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/tlq-cost")
     p.add_argument("--out", default="docs/cost")
     p.add_argument("--device", default="cpu", help="cpu | cuda: where every tlq process computes (cuda: in the checkpoint's bf16)")
+    p.add_argument("--stream", action="store_true", help="run tlq quantize with --stream (decoder layers read from disk one at a time)")
     p.add_argument("--llmcompressor", default=None, metavar="VENV", help="also run llm-compressor from this venv (benchmarks/setup_llmcompressor.sh)")
     p.add_argument("--llmcompressor-methods", default="gptq,awq", help="llm-compressor recipes to run (gptq, awq)")
     p.add_argument("--fwd-bwd", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)  # child modes
@@ -234,11 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         export_inputs(*args.export_inputs, n=args.num_samples)
         return 0
     work = Path(args.work)
-    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}")
+    cut = f"-V{args.vision_depth}" if args.vision_depth is not None else ""
+    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}{cut}")
     calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
     rows = []
     for method in args.methods.split(","):
-        rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work, args.device))
+        rows.append(run_method(model, calib, args.scheme, method, args.num_samples, work, args.device, args.stream))
         print(json.dumps(rows[-1]), flush=True)
     for method in args.llmcompressor_methods.split(",") if args.llmcompressor else []:
         rows.append(run_llmcompressor(Path(args.llmcompressor), model, calib, args.num_samples, work, method))
@@ -251,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     result = {"command": "python benchmarks/cost.py " + " ".join(argv if argv is not None else sys.argv[1:]), "shape": args.shape,
-              "layers": args.layers, "num_samples": args.num_samples, "image_px": args.image_px, "scheme": args.scheme,
+              "layers": args.layers, "vision_depth": args.vision_depth, "stream": args.stream, "num_samples": args.num_samples, "image_px": args.image_px, "scheme": args.scheme,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}"
               + (f", {gpu}" if gpu else ""),
               "rows": rows, "summary": summarize(rows, fwd_bwd), "gpu": gpu,

@@ -9,6 +9,8 @@ Fixtures
 ``tiny_calib_jsonl``  session-scoped: writes 6 small deterministic RGB PNGs (four 56x56, one 84x56 and one
                       56x84 as WxH) and ``calib.jsonl`` with one ``{"image": "<path relative to the jsonl>",
                       "question": ..., "answer": ...}`` per line; returns the JSONL path.
+``benchmark``         session-scoped loader ``benchmark(name) -> module`` of ``benchmarks/<name>.py`` (they are
+                      scripts, not a package: loaded by path with their folder importable for their siblings).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,6 +38,29 @@ torch.set_num_threads(1)
 random.seed(0)
 np.random.seed(0)
 torch.manual_seed(0)
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark():
+    """``benchmark("cost")``: the module of ``benchmarks/cost.py``, loaded once per session."""
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            sys.path.insert(0, str(_BENCHMARKS))  # a benchmark may import its sibling helpers (_report)
+            try:
+                spec = importlib.util.spec_from_file_location(f"tlq_bench_{name}", _BENCHMARKS / f"{name}.py")
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                loaded[name] = mod
+            finally:
+                sys.path.remove(str(_BENCHMARKS))
+        return loaded[name]
+
+    return load
+
 
 # (width, height, background RGB, shape, shape RGB, question, answer)
 _CALIB_SAMPLES = (

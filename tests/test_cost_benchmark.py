@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _cost_module():
-    sys.path.insert(0, str(_BENCH))  # cost.py imports its sibling _report
-    try:
-        spec = importlib.util.spec_from_file_location("tlq_bench_cost", _BENCH / "cost.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(_BENCH))
-
-
-def test_timed_reads_each_childs_own_peak_rss_and_output():
-    cost = _cost_module()
+def test_timed_reads_each_childs_own_peak_rss_and_output(benchmark):
+    cost = benchmark("cost")
     big = [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok')"]
     small = [sys.executable, "-c", "print('small')"]
     proc, seconds, rss_big = cost._timed(big)
@@ -33,7 +18,7 @@ def test_timed_reads_each_childs_own_peak_rss_and_output():
     assert rss_small < rss_big - 250  # per child, not the running maximum over all children
 
 
-def test_timed_raises_with_the_childs_error():
-    cost = _cost_module()
+def test_timed_raises_with_the_childs_error(benchmark):
+    cost = benchmark("cost")
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         cost._timed([sys.executable, "-c", "1 / 0"])

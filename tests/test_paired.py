@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from tlq.eval.paired import mcnemar
-
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
-
-
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("tlq_bench_accuracy", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_mcnemar_exact_values():
     t = mcnemar([True] * 10, [False] * 10)
@@ -44,8 +31,8 @@ def _cell(variant: str, scheme: str, runs: list[tuple[int, str]]) -> dict:
             "kl": {"mean": 0.1, "std": 0.0, "n": len(runs)}, "runs": [{"seed": s, "correct": r} for s, r in runs]}
 
 
-def test_runs_pair_by_seed_and_a_deterministic_run_pairs_with_every_seed():
-    acc = _accuracy_module()
+def test_runs_pair_by_seed_and_a_deterministic_run_pairs_with_every_seed(benchmark):
+    acc = benchmark("accuracy")
     tlq = _cell("TLQ", "w3a16", [(0, "1100"), (1, "1110")])
     gptq = _cell("GPTQ", "w3a16", [(1, "0000"), (0, "1000")])
     t = acc.paired(tlq, gptq)  # seed 0: 1100 vs 1000 -> 1 win; seed 1: 1110 vs 0000 -> 3 wins
@@ -55,8 +42,8 @@ def test_runs_pair_by_seed_and_a_deterministic_run_pairs_with_every_seed():
     assert (t["wins"], t["losses"]) == (2 + 3, 1 + 1)
 
 
-def test_validity_bars_judge_fp16_and_baselines_only():
-    acc = _accuracy_module()
+def test_validity_bars_judge_fp16_and_baselines_only(benchmark):
+    acc = benchmark("accuracy")
     n = 1000
     fp = {"accuracy": 0.85, "margin": {"share_below_1": 0.2}, "num_samples": n}
     cells = {

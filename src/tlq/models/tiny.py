@@ -109,6 +109,7 @@ The builder seeds ``torch`` inside ``torch.random.fork_rng`` (the caller's RNG s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"
 QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 #: Families with Qwen3-VL's vision tower and DeepStack.
 QWEN3_VL_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+#: Families with routed experts.
+MOE_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
 #: Tiny Qwen3-VL MoE: routed experts per sparse layer, experts per token, expert width, and the layers
 #: that keep a dense MLP (the last one, so both kinds of layer are exercised by a 2-layer model).
 TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "mlp_only_layers": (-1,)}
@@ -311,6 +314,22 @@ def make_tiny_vlm(
     dtype: torch.dtype = torch.float32,
     tokenizer=None,
     deepstack_visual_indexes: list[int] | None = None,
+    vision_intermediate_size: int | None = None,
+    head_dim: int | None = None,
+    mrope_split: list[int] | None = None,
+    vision_position_embeddings: int | None = None,
+    partial_rotary_factor: float | None = None,
+    full_attention_interval: int | None = None,
+    linear_num_key_heads: int | None = None,
+    linear_num_value_heads: int | None = None,
+    linear_key_head_dim: int | None = None,
+    linear_value_head_dim: int | None = None,
+    linear_conv_kernel_dim: int | None = None,
+    num_experts: int | None = None,
+    num_experts_per_tok: int | None = None,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int | None = None,
+    mlp_only_layers: list[int] | None = None,
 ) -> Path:
     """Build a tiny random-weight VLM of ``family`` and save model, tokenizer, processor, chat template.
 
@@ -334,6 +353,21 @@ def make_tiny_vlm(
         tokenizer: a prebuilt tokenizer (from :func:`build_tokenizer`) to reuse instead of training one.
         deepstack_visual_indexes: Qwen3-VL: the vision blocks whose features are added after the first
             decoder layers (default ``[0, 1]``: after both layers of the default 2-layer decoder).
+        vision_intermediate_size: ViT MLP width (default ``4 * vision_hidden``; Qwen2-VL: as ``mlp_ratio``).
+
+    Released shapes (the keywords below default to the tiny values; each one a family would not use is refused,
+    so a built checkpoint never silently lacks a value it was asked for):
+        head_dim, mrope_split, vision_position_embeddings: Qwen3-VL / Qwen3.5 attention head width (default
+            ``hidden_size // num_heads``), the M-RoPE (t, h, w) split written as ``rope_parameters.mrope_section``
+            (default :func:`interleaved_mrope_section` of the rotary width), the learned vision position grid
+            (a square number; default ``8 * 8``).
+        partial_rotary_factor, full_attention_interval, linear_*: Qwen3.5: the rotated fraction of each head
+            (default :data:`QWEN3_5_ROTARY_FRACTION`), every how many layers one is full attention (default
+            :data:`TINY_FULL_ATTENTION_INTERVAL`), the Gated DeltaNet heads (defaults: ``num_kv_heads`` key heads,
+            ``num_heads`` value heads, ``head_dim`` wide each) and conv kernel (default: transformers').
+        num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size, mlp_only_layers:
+            MoE families (defaults :data:`TINY_MOE`; Qwen3.5's shared expert as wide as a routed one;
+            ``mlp_only_layers`` Qwen3-VL MoE only, as given, default the last layer but layer 0).
 
     Returns: ``Path(out_dir)``.
     """
@@ -355,6 +389,19 @@ def make_tiny_vlm(
         raise ValueError("vision_hidden must be divisible by vision_heads")
     if image_size % 14:
         raise ValueError("image_size must be a multiple of the patch size 14")
+    _refuse_unused(family, QWEN3_VL_FAMILIES + QWEN3_5_FAMILIES, head_dim=head_dim, mrope_split=mrope_split,
+                   vision_position_embeddings=vision_position_embeddings)
+    _refuse_unused(family, QWEN3_5_FAMILIES, partial_rotary_factor=partial_rotary_factor, full_attention_interval=full_attention_interval,
+                   linear_num_key_heads=linear_num_key_heads, linear_num_value_heads=linear_num_value_heads,
+                   linear_key_head_dim=linear_key_head_dim, linear_value_head_dim=linear_value_head_dim,
+                   linear_conv_kernel_dim=linear_conv_kernel_dim)
+    _refuse_unused(family, MOE_FAMILIES, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                   moe_intermediate_size=moe_intermediate_size)
+    _refuse_unused(family, ("qwen3_vl_moe",), mlp_only_layers=mlp_only_layers)
+    _refuse_unused(family, ("qwen3_5_moe",), shared_expert_intermediate_size=shared_expert_intermediate_size)
+    if vision_position_embeddings is not None and math.isqrt(vision_position_embeddings) ** 2 != vision_position_embeddings:
+        raise ValueError(f"vision_position_embeddings ({vision_position_embeddings}) must be a square (a learned position grid)")
+    vision_intermediate = 4 * vision_hidden if vision_intermediate_size is None else vision_intermediate_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -364,7 +411,12 @@ def make_tiny_vlm(
     vocab = tok.get_vocab()
     ids = {t: vocab[t] for t in QWEN_SPECIAL_TOKENS + LLAVA_OV_SPECIAL_TOKENS if t in vocab}
     eot, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
-    head_dim = hidden_size // num_heads
+    head_dim = hidden_size // num_heads if head_dim is None else head_dim
+    qwen3 = dict(mrope_split=mrope_split, vision_intermediate=vision_intermediate,
+                 vision_positions=_QWEN3_POSITION_GRID**2 if vision_position_embeddings is None else vision_position_embeddings,
+                 moe_fields=_moe_fields(family, num_layers, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                 moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size,
+                                 mlp_only_layers=mlp_only_layers))
 
     text_kwargs = dict(
         vocab_size=vocab_size,
@@ -383,12 +435,17 @@ def make_tiny_vlm(
     )
 
     if family in QWEN3_5_FAMILIES:
+        hybrid = dict(partial_rotary_factor=QWEN3_5_ROTARY_FRACTION if partial_rotary_factor is None else partial_rotary_factor,
+                      full_attention_interval=TINY_FULL_ATTENTION_INTERVAL if full_attention_interval is None else full_attention_interval,
+                      linear=_linear_attention_fields(head_dim, num_heads, num_kv_heads, linear_num_key_heads=linear_num_key_heads,
+                                                      linear_num_value_heads=linear_num_value_heads, linear_key_head_dim=linear_key_head_dim,
+                                                      linear_value_head_dim=linear_value_head_dim, linear_conv_kernel_dim=linear_conv_kernel_dim))
         Model, config, processor = _qwen3_5_parts(tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads,
-                                                  image_size, min_pixels, max_pixels, rope_theta, moe=family == "qwen3_5_moe")
+                                                  image_size, min_pixels, max_pixels, rope_theta, moe=family == "qwen3_5_moe", **qwen3, **hybrid)
     elif family in QWEN3_VL_FAMILIES:
         Model, config, processor = _qwen3_vl_parts(
             tok, ids, text_kwargs, head_dim, vision_hidden, vision_depth, vision_heads, deepstack,
-            image_size, min_pixels, max_pixels, rope_theta, tie_word_embeddings, moe=family == "qwen3_vl_moe",
+            image_size, min_pixels, max_pixels, rope_theta, tie_word_embeddings, moe=family == "qwen3_vl_moe", **qwen3,
         )
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -407,7 +464,8 @@ def make_tiny_vlm(
             )
 
             vision_config = VisCfg(
-                depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=vision_heads, mlp_ratio=4
+                depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden_size, num_heads=vision_heads,
+                mlp_ratio=vision_intermediate // vision_hidden if vision_intermediate % vision_hidden == 0 else vision_intermediate / vision_hidden
             )
         else:
             from transformers import (
@@ -423,7 +481,7 @@ def make_tiny_vlm(
             vision_config = VisCfg(
                 depth=vision_depth,
                 hidden_size=vision_hidden,
-                intermediate_size=4 * vision_hidden,
+                intermediate_size=vision_intermediate,
                 num_heads=vision_heads,
                 out_hidden_size=hidden_size,
                 window_size=112,
@@ -458,7 +516,7 @@ def make_tiny_vlm(
         pinpoints = [list(p) for p in (grid_pinpoints or [[s, s], [s, 2 * s], [2 * s, s]])]
         vision_config = SiglipVisionConfig(
             hidden_size=vision_hidden,
-            intermediate_size=4 * vision_hidden,
+            intermediate_size=vision_intermediate,
             num_hidden_layers=vision_depth,
             num_attention_heads=vision_heads,
             image_size=s,
@@ -528,7 +586,7 @@ def make_tiny_vlm(
     return out_dir
 
 
-def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, deepstack: list[int], image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, tie_word_embeddings: bool, moe: bool = False) -> tuple[type, Any, Any]:
+def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, deepstack: list[int], image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, tie_word_embeddings: bool, moe: bool = False, *, mrope_split: list[int] | None, vision_intermediate: int, vision_positions: int, moe_fields: dict[str, Any] | None = None) -> tuple[type, Any, Any]:
     """Model class, config and processor of a tiny Qwen3-VL (dense, or MoE with :data:`TINY_MOE`), as the
     hub checkpoints lay them out.
 
@@ -549,17 +607,16 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
     rope = {
         "rope_type": "default",
         "rope_theta": rope_theta,
-        "mrope_section": interleaved_mrope_section(head_dim),
+        "mrope_section": interleaved_mrope_section(head_dim) if mrope_split is None else list(mrope_split),
         "mrope_interleaved": True,
     }
     text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
     if moe:
-        layers = text["num_hidden_layers"]
-        text.update({k: v for k, v in TINY_MOE.items() if k != "mlp_only_layers"})
-        text["mlp_only_layers"] = sorted({i % layers for i in TINY_MOE["mlp_only_layers"]} - {0} if layers > 1 else set())
+        text.update(moe_fields)
     text_config = Qwen3VLTextConfig(head_dim=head_dim, rope_parameters=rope, **text)
     vision_config = Qwen3VLVisionConfig(
-        **_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size), deepstack_visual_indexes=list(deepstack)
+        **_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size, vision_intermediate, vision_positions),
+        deepstack_visual_indexes=list(deepstack),
     )
     config = Qwen3VLConfig(
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), tie_word_embeddings=tie_word_embeddings, **_qwen_vision_ids(ids)
@@ -567,10 +624,10 @@ def _qwen3_vl_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], 
     return Qwen3VLForConditionalGeneration, config, _qwen3_processor(tok, Qwen3VLProcessor, image_size, min_pixels, max_pixels)
 
 
-def _qwen3_vision(hidden: int, depth: int, heads: int, out_hidden: int) -> dict[str, Any]:
+def _qwen3_vision(hidden: int, depth: int, heads: int, out_hidden: int, intermediate: int, positions: int) -> dict[str, Any]:
     """The vision-config fields Qwen3-VL and Qwen3.5 share: 16-px patches merged 2x2, a learned position grid."""
-    return dict(depth=depth, hidden_size=hidden, intermediate_size=4 * hidden, num_heads=heads, out_hidden_size=out_hidden,
-                patch_size=_QWEN3_PATCH, spatial_merge_size=_QWEN3_MERGE, num_position_embeddings=_QWEN3_POSITION_GRID**2)
+    return dict(depth=depth, hidden_size=hidden, intermediate_size=intermediate, num_heads=heads, out_hidden_size=out_hidden,
+                patch_size=_QWEN3_PATCH, spatial_merge_size=_QWEN3_MERGE, num_position_embeddings=positions)
 
 
 def _qwen_vision_ids(ids: dict[str, int]) -> dict[str, int]:
@@ -596,11 +653,11 @@ def _qwen3_processor(tok: Any, processor_cls: type, image_size: int, min_pixels:
     )
 
 
-def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, moe: bool = False) -> tuple[type, Any, Any]:
+def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], head_dim: int, vision_hidden: int, vision_depth: int, vision_heads: int, image_size: int, min_pixels: int | None, max_pixels: int | None, rope_theta: float, moe: bool = False, *, mrope_split: list[int] | None, vision_intermediate: int, vision_positions: int, partial_rotary_factor: float, full_attention_interval: int, linear: dict[str, int], moe_fields: dict[str, Any] | None = None) -> tuple[type, Any, Any]:
     """Model class, config and processor of a tiny Qwen3.5 (dense, or MoE: :data:`TINY_MOE` routed experts
     plus a gated shared expert in every layer): Qwen3-VL's vision format without DeepStack, a hybrid
-    decoder (``layer_types``: Gated DeltaNet every layer but each :data:`TINY_FULL_ATTENTION_INTERVAL`-th,
-    which is gated full attention with partial rotary), and ``(1 + w)`` RMSNorms."""
+    decoder (``layer_types``: Gated DeltaNet every layer but each ``full_attention_interval``-th (tiny default
+    :data:`TINY_FULL_ATTENTION_INTERVAL`), which is gated full attention with partial rotary), and ``(1 + w)`` RMSNorms."""
     from transformers import Qwen3VLProcessor
 
     if moe:
@@ -612,29 +669,61 @@ def _qwen3_5_parts(tok: Any, ids: dict[str, int], text_kwargs: dict[str, Any], h
         from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
         from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig, Qwen3_5VisionConfig
 
-    rotary = int(head_dim * QWEN3_5_ROTARY_FRACTION)  # partial rotary, as released
-    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": interleaved_mrope_section(rotary), "mrope_interleaved": True,
-            "partial_rotary_factor": QWEN3_5_ROTARY_FRACTION}
+    rotary = int(head_dim * partial_rotary_factor)  # partial rotary, as released
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_interleaved": True, "partial_rotary_factor": partial_rotary_factor,
+            "mrope_section": interleaved_mrope_section(rotary) if mrope_split is None else list(mrope_split)}
     text = {k: v for k, v in text_kwargs.items() if k != "max_window_layers"}
-    if moe:  # every layer is MoE; the shared expert is as wide as a routed one
+    if moe:  # every layer is MoE, with a shared expert
         text.pop("intermediate_size")
-        text.update({k: v for k, v in TINY_MOE.items() if k != "mlp_only_layers"}, shared_expert_intermediate_size=TINY_MOE["moe_intermediate_size"])
+        text.update(moe_fields)
     layers = text["num_hidden_layers"]
-    heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
     text_config = Qwen3_5TextConfig(
         head_dim=head_dim,
         rope_parameters=rope,
-        layer_types=["full_attention" if (i + 1) % TINY_FULL_ATTENTION_INTERVAL == 0 else "linear_attention" for i in range(layers)],
-        linear_key_head_dim=head_dim,
-        linear_value_head_dim=head_dim,
-        linear_num_key_heads=kv,
-        linear_num_value_heads=heads,
+        layer_types=["full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention" for i in range(layers)],
+        **linear,
         **text,
     )
-    vision_config = Qwen3_5VisionConfig(**_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size))
+    vision_config = Qwen3_5VisionConfig(
+        **_qwen3_vision(vision_hidden, vision_depth, vision_heads, text_config.hidden_size, vision_intermediate, vision_positions)
+    )
     config = Qwen3_5Config(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                            tie_word_embeddings=text["tie_word_embeddings"], **_qwen_vision_ids(ids))
     return Qwen3_5ForConditionalGeneration, config, _qwen3_processor(tok, Qwen3VLProcessor, image_size, min_pixels, max_pixels)
+
+
+def _refuse_unused(family: str, families: tuple[str, ...], **given: Any) -> None:
+    """A keyword ``family`` has no use for is an error: a silently dropped value would leave a checkpoint that
+    claims a shape it does not have."""
+    used = [k for k, v in given.items() if v is not None]
+    if used and family not in families:
+        raise ValueError(f"{', '.join(used)}: only for families {families}, not {family!r}")
+
+
+def _moe_fields(family: str, num_layers: int, **given: Any) -> dict[str, Any] | None:
+    """The MoE text-config fields of ``family`` (None for a dense one): :data:`TINY_MOE` where not ``given``.
+    Qwen3.5's shared expert defaults to the routed width; Qwen3-VL MoE's dense layers (``mlp_only_layers``)
+    are taken as given, else the tiny default's (the last, never layer 0, none in a 1-layer model)."""
+    if family not in MOE_FAMILIES:
+        return None
+    fields = {k: v if given.get(k) is None else given[k] for k, v in TINY_MOE.items() if k != "mlp_only_layers"}
+    if family == "qwen3_5_moe":
+        shared = given.get("shared_expert_intermediate_size")
+        fields["shared_expert_intermediate_size"] = fields["moe_intermediate_size"] if shared is None else shared
+    else:
+        dense = given.get("mlp_only_layers")
+        default = sorted({i % num_layers for i in TINY_MOE["mlp_only_layers"]} - {0} if num_layers > 1 else set())
+        fields["mlp_only_layers"] = default if dense is None else list(dense)
+    return fields
+
+
+def _linear_attention_fields(head_dim: int, num_heads: int, num_kv_heads: int, **given: int | None) -> dict[str, int]:
+    """Qwen3.5's Gated DeltaNet fields: the tiny defaults (key heads = KV heads, value heads = query heads, each
+    ``head_dim`` wide; transformers' conv kernel) where not ``given``."""
+    fields = {"linear_num_key_heads": num_kv_heads, "linear_num_value_heads": num_heads, "linear_key_head_dim": head_dim,
+              "linear_value_head_dim": head_dim}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    return fields
 
 
 def _check_family(family: str) -> None:
@@ -649,6 +738,7 @@ __all__ = [
     "QWEN_FAMILIES",
     "QWEN3_VL_FAMILIES",
     "QWEN3_5_FAMILIES",
+    "MOE_FAMILIES",
     "QWEN3_5_ROTARY_FRACTION",
     "TINY_MOE",
     "build_tokenizer",
