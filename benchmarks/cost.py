@@ -5,9 +5,10 @@ forward+backward).
 The checkpoints have random weights and the released widths (text and vision towers, vocabulary, image
 processor pixel bounds; MoE shapes: every routed expert); depth is cut by ``--layers`` (the per-layer phases
 scale with it; load, vision tower and export do not) and the vision tower's by ``--vision-depth``.
-Calibration images are random RGB at the resolution given (448 px: 256 visual tokens for Qwen2-VL, whose
-merged tokens are 28 px; 196 for Qwen3-VL / Qwen3.5, 32 px, whose processors also scale an image up to their
-65536-pixel minimum: 64 tokens at least), with a short question and answer each. Every method runs as its own
+Calibration images are random RGB at the resolution given (448 px: 256 visual tokens for Qwen2-VL / Qwen2.5-VL,
+whose merged tokens are 28 px; 196 for Qwen3-VL / Qwen3.5, 32 px, whose processors also scale an image up to their
+65536-pixel minimum: 64 tokens at least; 3699 for LLaVA-OneVision: the 384-px base tile's 729, and 2 x 2 anyres tiles'
+54 x 54 features plus 54 row newlines), with a short question and answer each. Every method runs as its own
 process (the OS's rusage gives its peak RSS, the report the phases and the peak GPU memory), one after
 the other. ``--device cuda`` runs every process on the GPU (compute in the checkpoint's bf16); ``--stream``
 has tlq read decoder layers from disk one at a time, as for a model larger than memory.
@@ -34,7 +35,8 @@ from _report import write_report
 
 # Released widths (config.json of each Hugging Face release): text hidden / intermediate / layers / heads /
 # KV heads / vocab / tied embeddings; vision depth / width / heads; the Instruct image processors' pixel
-# bounds. Only families whose vision tower tlq.models.tiny builds at its exact released width are listed.
+# bounds (LLaVA-OneVision: its tile size and anyres grid). Only families whose vision tower tlq.models.tiny builds at
+# its exact released width are listed.
 # Every key but "family" and "layers" (the released depth, cut by --layers) is a make_tiny_vlm keyword.
 #
 # Qwen3-VL / Qwen3.5 values are copies of the released config.json files found in other repositories (not
@@ -59,6 +61,39 @@ _QWEN3_5_PIXELS = {"min_pixels": 65536, "max_pixels": 16777216}
 # Text values both Qwen3.5 releases share (rope, layer pattern, Gated DeltaNet head widths and conv kernel).
 _QWEN3_5_TEXT = {"rope_theta": 10_000_000.0, "mrope_split": [11, 11, 10], "partial_rotary_factor": 0.25, "full_attention_interval": 4,
                  "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}
+# Qwen2.5-VL-3B-Instruct's config.json as released (transformers_version 4.41.2) is copied in whaler404/Hf-Learn
+# transfomers_learn/api/models/multimodal_models/qwen2.5_vl/qwen2.5_vl.md; Qwen2.5-VL-7B-Instruct's, re-saved by
+# transformers 4.53.1, in kohya-ss/sd-scripts library/hunyuan_image_text_encoder.py (QWEN2_5_VL_CONFIG_JSON), and
+# NVIDIA/TensorRT-LLM tests/unittest/_torch/modeling/test_modeling_qwen2_5vl.py (QWEN2_5_VL_7B_CONFIG, depths cut for
+# the test) agrees on every other value. Pixel bounds: the Qwen2.5-VL-7B-Instruct processor printed in
+# Jeremy-lf/MLLM-Application Qwen-02.md (from its preprocessor_config.json); the 3B's file was only seen in Hub copies
+# (Qwen/Qwen2.5-VL-3B-Instruct-AWQ, mlx-community conversions), with the same bounds. The builder's fixed values equal
+# both releases': patch 14, spatial merge 2, temporal patch 2, RMSNorm eps 1e-6, the merger's out_hidden_size = the text
+# width, and rope_scaling.mrope_section [16, 24, 24] (tiny.mrope_section of the released head width 128). Not matched:
+# vision tokens_per_second (released 2, transformers' default 4: only video frames' temporal positions differ),
+# max_window_layers / sliding_window (inert: use_sliding_window false), and the tokenizer, as above.
+_QWEN2_5_VL_VISION = {"vision_depth": 32, "vision_hidden": 1280, "vision_intermediate_size": 3420, "vision_heads": 16,
+                      "vision_window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "min_pixels": 3136, "max_pixels": 12845056}
+# LLaVA-OneVision (llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-ov-hf): no complete copy of either config.json was
+# found (stored Hub pages show only their start: the pinpoints below, image_token_index 151646, text_config
+# "Qwen/Qwen2-0.5B-Instruct"). The values are those of the script that wrote both releases, huggingface/transformers
+# src/transformers/models/llava_onevision/convert_llava_onevision_weights_to_hf.py: SiglipVisionConfig(hidden 1152,
+# image 384, intermediate 4304, 16 heads, num_hidden_layers=26 "drop the last layer", patch 14, no head) -- SigLIP
+# so400m-patch14-384 has 27 layers and the original LLaVA-OV reads layer -2, the release keeps 26 and reads the last
+# (vision_feature_layer -1) --; LlavaOnevisionConfig's defaults (vision_feature_layer -1, select strategy "full",
+# vision_aspect_ratio "anyres_max_9", the 36 image_grid_pinpoints [384 i, 384 j], i, j = 1..6, as in transformers'
+# configuration_llava_onevision.py and LlavaOnevisionImageProcessor, whose defaults the released processor takes); and
+# the text config of Qwen/Qwen2-0.5B-Instruct / Qwen/Qwen2-7B-Instruct (the 0.5B's from Hub copies of its config.json,
+# e.g. PrunaAI/Qwen-Qwen2-0.5B-Instruct-HQQ-4bit-smashed; the 7B's from the Qwen2Config printed in Retruth/deontic
+# nlp_models/qwen2/README.md), whose vocabulary the script grows by <image>, <video> and pads to a multiple of 64
+# (resize_token_embeddings(vocab + 2, pad_to_multiple_of=64)): 151936 -> 152000 and 152064 -> 152128, computed from
+# the script, not read from a released file. tie_word_embeddings is the text config's (0.5B true, 7B false), which
+# transformers applies to the whole model (the released top-level value was not seen). The builder's fixed values equal
+# the releases': select strategy "full", no SigLIP head, 729 tokens per 384-px tile, SigLIP mean / std 0.5, RMSNorm eps
+# 1e-6. Not matched: the tokenizer, as above (so image_token_index 151646 / video 151647 are the tiny tokenizer's ids).
+_LLAVA_OV_VISION = {"vision_depth": 26, "vision_hidden": 1152, "vision_intermediate_size": 4304, "vision_heads": 16, "image_size": 384,
+                    "vision_feature_layer": -1, "vision_aspect_ratio": "anyres_max_9",
+                    "grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]}
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2-vl-2b": {"family": "qwen2_vl", "hidden_size": 1536, "intermediate_size": 8960, "layers": 28, "num_heads": 12, "num_kv_heads": 2,
                     "vocab_size": 151936, "tie_word_embeddings": True, "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16,
@@ -88,6 +123,18 @@ SHAPES: dict[str, dict[str, Any]] = {
                         "vocab_size": 248320, "tie_word_embeddings": False, "max_position_embeddings": 262144, **_QWEN3_5_TEXT,
                         "linear_num_key_heads": 16, "linear_num_value_heads": 32, "vision_depth": 27, "vision_hidden": 1152,
                         "vision_intermediate_size": 4304, "vision_heads": 16, "vision_position_embeddings": 2304, **_QWEN3_5_PIXELS},
+    "qwen2.5-vl-3b": {"family": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "layers": 36, "num_heads": 16, "num_kv_heads": 2,
+                      "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1_000_000.0, "max_position_embeddings": 128000,
+                      **_QWEN2_5_VL_VISION},
+    "qwen2.5-vl-7b": {"family": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "layers": 28, "num_heads": 28, "num_kv_heads": 4,
+                      "vocab_size": 152064, "tie_word_embeddings": False, "rope_theta": 1_000_000.0, "max_position_embeddings": 128000,
+                      **_QWEN2_5_VL_VISION},
+    "llava-onevision-0.5b": {"family": "llava_onevision", "hidden_size": 896, "intermediate_size": 4864, "layers": 24, "num_heads": 14,
+                             "num_kv_heads": 2, "vocab_size": 152000, "tie_word_embeddings": True, "rope_theta": 1_000_000.0,
+                             "max_position_embeddings": 32768, **_LLAVA_OV_VISION},
+    "llava-onevision-7b": {"family": "llava_onevision", "hidden_size": 3584, "intermediate_size": 18944, "layers": 28, "num_heads": 28,
+                           "num_kv_heads": 4, "vocab_size": 152128, "tie_word_embeddings": False, "rope_theta": 1_000_000.0,
+                           "max_position_embeddings": 32768, **_LLAVA_OV_VISION},
 }
 
 
@@ -95,8 +142,9 @@ def shape_kwargs(shape: str, layers: int, vision_depth: int | None = None) -> tu
     """``shape``'s ``make_tiny_vlm`` family and keywords, cut to ``layers`` decoder layers and ``vision_depth``
     ViT blocks (None: released). Widths, experts and heads stay as released: only depth is a cost knob.
 
-    A cut vision tower keeps DeepStack's taps at the same relative depths (block ``k`` of ``D`` becomes
-    ``k * d // D``; taps that land on one block merge), so a shallow tower still feeds DeepStack."""
+    A cut vision tower keeps DeepStack's taps, and Qwen2.5-VL's full-attention blocks, at the same relative depths
+    (block ``k`` of ``D`` becomes ``k * d // D``; blocks that land on one merge), so a shallow tower still feeds
+    DeepStack and still has a full-attention block."""
     s = dict(SHAPES[shape])
     family, released = s.pop("family"), s.pop("layers")
     if not 1 <= layers <= released:
@@ -106,8 +154,9 @@ def shape_kwargs(shape: str, layers: int, vision_depth: int | None = None) -> tu
         full = s["vision_depth"]
         if not 1 <= vision_depth <= full:
             raise ValueError(f"--vision-depth {vision_depth}: {shape}'s vision tower has 1..{full} blocks")
-        if "deepstack_visual_indexes" in s:
-            s["deepstack_visual_indexes"] = sorted({k * vision_depth // full for k in s["deepstack_visual_indexes"]})
+        for key in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+            if key in s:
+                s[key] = sorted({k * vision_depth // full for k in s[key]})
         s["vision_depth"] = vision_depth
     return family, s
 

@@ -330,6 +330,10 @@ def make_tiny_vlm(
     moe_intermediate_size: int | None = None,
     shared_expert_intermediate_size: int | None = None,
     mlp_only_layers: list[int] | None = None,
+    vision_window_size: int | None = None,
+    fullatt_block_indexes: list[int] | None = None,
+    vision_feature_layer: int | None = None,
+    vision_aspect_ratio: str | None = None,
 ) -> Path:
     """Build a tiny random-weight VLM of ``family`` and save model, tokenizer, processor, chat template.
 
@@ -342,8 +346,10 @@ def make_tiny_vlm(
         vision_hidden, vision_depth, vision_heads: ViT width, number of blocks and heads (Qwen ViT / SigLIP).
             ``vision_depth`` defaults to 1 block, 3 for Qwen3-VL (so that DeepStack has intermediate blocks).
         corpus, vocab_size: tokenizer training text (``None`` = :func:`default_corpus`) and model vocab size.
-        image_size: LLaVA-OV: SigLIP input resolution = one anyres tile (multiple of 14). Qwen: sets the default
-            ``max_pixels = (4 * image_size) ** 2`` (224*224 -> at most 64 visual tokens per image).
+        image_size: LLaVA-OV: SigLIP input resolution = one anyres tile, ``(image_size // 14) ** 2`` patches (at least
+            14; a remainder is cut off by the patch convolution, as in SigLIP so400m-patch14-384: 384 px -> 27 x 27).
+            Qwen: a multiple of 14 that sets the default ``max_pixels = (4 * image_size) ** 2`` (224*224 -> at most
+            64 visual tokens per image).
         min_pixels, max_pixels: Qwen image/video processor pixel bounds (default ``28*28`` and the above).
         grid_pinpoints: LLaVA-OV anyres resolutions (default ``[[s, s], [s, 2s], [2s, s]]`` for ``s = image_size``:
             at most two tiles + the base image).
@@ -368,6 +374,12 @@ def make_tiny_vlm(
         num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size, mlp_only_layers:
             MoE families (defaults :data:`TINY_MOE`; Qwen3.5's shared expert as wide as a routed one;
             ``mlp_only_layers`` Qwen3-VL MoE only, as given, default the last layer but layer 0).
+        vision_window_size, fullatt_block_indexes: Qwen2.5-VL: the ViT's attention window in pixels (a multiple of the
+            28-px merged patch; default 112, as released) and the ViT blocks that attend over the whole image instead
+            (default ``[vision_depth - 1]``: the last block only).
+        vision_feature_layer, vision_aspect_ratio: LLaVA-OV: the SigLIP hidden state the projector reads (default -1:
+            the last block's output) and the anyres token budget ``"anyres_max_N"`` (default ``"anyres_max_9"``),
+            written to both the model config and the processor.
 
     Returns: ``Path(out_dir)``.
     """
@@ -387,7 +399,9 @@ def make_tiny_vlm(
         raise ValueError(f"deepstack_visual_indexes {deepstack} must name vision blocks 0..{vision_depth - 1}")
     if vision_hidden % vision_heads:
         raise ValueError("vision_hidden must be divisible by vision_heads")
-    if image_size % 14:
+    if family == "llava_onevision" and image_size < 14:
+        raise ValueError("image_size must be at least the patch size 14")
+    if family != "llava_onevision" and image_size % 14:
         raise ValueError("image_size must be a multiple of the patch size 14")
     _refuse_unused(family, QWEN3_VL_FAMILIES + QWEN3_5_FAMILIES, head_dim=head_dim, mrope_split=mrope_split,
                    vision_position_embeddings=vision_position_embeddings)
@@ -399,6 +413,16 @@ def make_tiny_vlm(
                    moe_intermediate_size=moe_intermediate_size)
     _refuse_unused(family, ("qwen3_vl_moe",), mlp_only_layers=mlp_only_layers)
     _refuse_unused(family, ("qwen3_5_moe",), shared_expert_intermediate_size=shared_expert_intermediate_size)
+    _refuse_unused(family, ("qwen2_5_vl",), vision_window_size=vision_window_size, fullatt_block_indexes=fullatt_block_indexes)
+    _refuse_unused(family, ("llava_onevision",), vision_feature_layer=vision_feature_layer, vision_aspect_ratio=vision_aspect_ratio)
+    if fullatt_block_indexes is not None and not all(0 <= k < vision_depth for k in fullatt_block_indexes):
+        raise ValueError(f"fullatt_block_indexes {list(fullatt_block_indexes)} must name vision blocks 0..{vision_depth - 1}")
+    if vision_window_size is not None and (vision_window_size <= 0 or vision_window_size % 28):
+        raise ValueError(f"vision_window_size ({vision_window_size}) must be a positive multiple of the 28-px merged patch")
+    if vision_feature_layer is not None and not -(vision_depth + 1) <= vision_feature_layer <= vision_depth:
+        raise ValueError(f"vision_feature_layer ({vision_feature_layer}) must index the {vision_depth + 1} SigLIP hidden states")
+    if vision_aspect_ratio is not None and not (vision_aspect_ratio.startswith("anyres_max_") and vision_aspect_ratio[11:].isdigit()):
+        raise ValueError(f"vision_aspect_ratio ({vision_aspect_ratio!r}) must be 'anyres_max_N'")
     if vision_position_embeddings is not None and math.isqrt(vision_position_embeddings) ** 2 != vision_position_embeddings:
         raise ValueError(f"vision_position_embeddings ({vision_position_embeddings}) must be a square (a learned position grid)")
     vision_intermediate = 4 * vision_hidden if vision_intermediate_size is None else vision_intermediate_size
@@ -484,8 +508,8 @@ def make_tiny_vlm(
                 intermediate_size=vision_intermediate,
                 num_heads=vision_heads,
                 out_hidden_size=hidden_size,
-                window_size=112,
-                fullatt_block_indexes=[vision_depth - 1],
+                window_size=112 if vision_window_size is None else vision_window_size,
+                fullatt_block_indexes=[vision_depth - 1] if fullatt_block_indexes is None else list(fullatt_block_indexes),
             )
         text_config = TextCfg(rope_parameters=rope, **text_kwargs)
         config = Cfg(
@@ -514,6 +538,7 @@ def make_tiny_vlm(
 
         s = image_size
         pinpoints = [list(p) for p in (grid_pinpoints or [[s, s], [s, 2 * s], [2 * s, s]])]
+        aspect = "anyres_max_9" if vision_aspect_ratio is None else vision_aspect_ratio
         vision_config = SiglipVisionConfig(
             hidden_size=vision_hidden,
             intermediate_size=vision_intermediate,
@@ -531,8 +556,8 @@ def make_tiny_vlm(
             video_token_index=ids["<video>"],
             image_grid_pinpoints=pinpoints,
             vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            vision_aspect_ratio="anyres_max_9",
+            vision_feature_layer=-1 if vision_feature_layer is None else vision_feature_layer,
+            vision_aspect_ratio=aspect,
             tie_word_embeddings=tie_word_embeddings,
         )
         processor = LlavaOnevisionProcessor(
@@ -549,7 +574,7 @@ def make_tiny_vlm(
             ),
             num_image_tokens=(s // 14) ** 2,
             vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
+            vision_aspect_ratio=aspect,
             chat_template=_LLAVA_OV_CHAT_TEMPLATE,
         )
 
