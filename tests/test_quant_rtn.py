@@ -15,7 +15,7 @@ from compressed_tensors.quantization.utils import calculate_qparams, compute_dyn
 
 from tlq.config import ActQuantSpec, ConfigError, WeightQuantSpec
 from tlq.quant.quantizer import compute_qparams, fake_quantize_activation, quantize_codes
-from tlq.quant.rtn import rtn_quantize
+from tlq.quant.rtn import rtn_fake_quantize, rtn_quantize
 
 SPECS = [
     WeightQuantSpec(bits=4, group_size=128, symmetric=True),
@@ -107,6 +107,22 @@ def test_rtn_bf16_scales_reproduce_dequant_exactly(spec: WeightQuantSpec) -> Non
     assert torch.equal(reloaded, qw.dequantize(torch.bfloat16))
     # and rounding the scale after the fact would not be exact: the bf16 path genuinely differs
     assert not torch.equal(rtn_quantize(w, spec).scale, qw.scale)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [None, torch.bfloat16])
+def test_fake_quantize_is_the_dequantized_rtn_weight_bit_for_bit(spec: WeightQuantSpec, dtype, scale_dtype) -> None:
+    """The scale search's codes-free path gives exactly what quantize-then-dequantize gives (ties, the
+    clamped outlier, the one-signed group and an all-zero group included)."""
+    w = _weight(seed=5)
+    w[7, 128:] = 0.0
+    w[9, :64] = 0.5 * (torch.arange(64) % 2)  # values on a tie of the grid
+    w = w.to(dtype)
+    expected = rtn_quantize(w, spec, scale_dtype=scale_dtype).dequantize(dtype)
+    got = rtn_fake_quantize(w, spec, scale_dtype=scale_dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    assert not torch.equal(got, w)  # it did quantize
 
 
 def test_group_size_must_divide_in_features() -> None:

@@ -22,10 +22,11 @@ from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
+from tlq.engine.rows import RowsOnly, query_cut
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import rows_of
 from tlq.quant.quantizer import add_input_quantizer
-from tlq.quant.rtn import rtn_quantize
+from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
 
 
@@ -75,11 +76,10 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         if calls is None:
             calls = BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
 
-        # a candidate judged on the whole layer still needs its row-wise blocks on the weighted rows only
-        cut = _row_blocks(ctx) if calls.module is layer else []
+        whole = calls.module is layer  # a candidate judged on the whole layer: cut to the weighted rows inside it
 
-        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, cut: list[nn.Module] = cut) -> float:
-            return _quantized_loss(ctx, linears, calls, w, cut)
+        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, whole: bool = whole) -> float:
+            return _quantized_loss(ctx, linears, calls, w, whole)
 
         if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
             fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
@@ -146,21 +146,22 @@ def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kw
     return stats, BlockCalls(layer.get_submodule(block), ctx.store(mains), rests, keyword[0], ctx.store(outputs)), kept
 
 @torch.no_grad()
-def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None], cut: list[nn.Module] = ()) -> float:
-    """The token-weighted squared error of the block's output with ``linears`` fake-quantized. ``cut``:
-    row-wise modules inside the block that compute only the rows of tokens with a positive weight (the
-    others weigh nothing in the loss), leaving zeros elsewhere: the same loss for less work."""
+def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None], whole: bool = False) -> float:
+    """The token-weighted squared error of the block's output with ``linears`` fake-quantized. ``whole``
+    (the block is the layer): the layer's row-wise blocks and attention queries compute only the rows of
+    tokens with a positive weight (the others weigh nothing in the loss): the same loss for less work."""
     scheme = ctx.config.scheme
-    saved = [lin.weight.detach().clone() for lin in linears]
+    # the fake-quantized weights are swapped in and the originals back (no copy of either)
+    originals = [lin.weight.data for lin in linears]
     hooks = []
     rows: list[Tensor | None] = [None]
     try:
         for lin in linears:
-            qw = rtn_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
-            lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+            lin.weight.data = rtn_fake_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
             if scheme.activations is not None:
                 hooks.append(add_input_quantizer(lin, scheme.activations))
-        hooks += [_RowsOnly(module, rows) for module in cut]
+        if whole:
+            hooks += _row_cuts(ctx, rows)
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
         # on a GPU a read per sample is a host round trip per sample and candidate
         total = None
@@ -175,41 +176,28 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
     finally:
         for h in hooks:
             h.remove()
-        for lin, w0 in zip(linears, saved):
-            lin.weight.copy_(w0)
+        for lin, w0 in zip(linears, originals):
+            lin.weight.data = w0
 
 
-def _row_blocks(ctx: LayerContext) -> list[nn.Module]:
-    """The layer's outermost row-wise blocks (the adapter's mappings say which: the MLP, ``o_proj``)."""
-    names = {m.block for m in ctx.adapter.smooth_mappings(ctx.layer) if m.rowwise and m.block}
+def _row_cuts(ctx: LayerContext, rows: list[Tensor | None]) -> list[Any]:
+    """Installed cuts for a candidate judged on the whole layer: its outermost row-wise blocks (the
+    adapter's mappings say which: the MLP, ``o_proj``) map the kept rows only, and its causal attention
+    (the spec's ``attention``) computes queries at the kept rows only (:mod:`tlq.engine.rows`)."""
+    layer = ctx.layer
+    names = {m.block for m in ctx.adapter.smooth_mappings(layer) if m.rowwise and m.block}
     outer = sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
-    return [ctx.layer.get_submodule(n) for n in outer]
+    cuts: list[Any] = [RowsOnly(layer.get_submodule(n), rows) for n in outer]
+    attention = query_cut(_submodule(layer, ctx.adapter.spec.attention), rows)
+    return cuts + ([attention] if attention is not None else [])
 
 
-class _RowsOnly:
-    """While installed, ``module`` maps only the rows in ``rows[0]`` of its ``[batch, seq, ...]`` input
-    and returns zeros in the others (``rows[0] = None``: every row). A module whose output is not one
-    tensor of the input's rows (a MoE block returning router logits too) runs whole."""
-
-    def __init__(self, module: nn.Module, rows: list[Tensor | None]) -> None:
-        self.module, self.rows, self.whole = module, rows, False
-        self.forward = module.forward
-        module.forward = self.__call__
-
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        rows = self.rows[0]
-        if rows is None or self.whole or x.dim() != 3:
-            return self.forward(x, *args, **kwargs)
-        part = self.forward(x[:, rows], *args, **kwargs)
-        if not isinstance(part, Tensor) or part.shape[:2] != (x.shape[0], rows.numel()):
-            self.whole = True
-            return self.forward(x, *args, **kwargs)
-        out = part.new_zeros(*x.shape[:2], *part.shape[2:])
-        out[:, rows] = part
-        return out
-
-    def remove(self) -> None:
-        del self.module.forward  # the class's forward again
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    """``layer``'s submodule ``name``, or None where this layer has none (a linear-attention layer)."""
+    try:
+        return layer.get_submodule(name) if name else None
+    except AttributeError:
+        return None
 
 
 class BlockCalls:

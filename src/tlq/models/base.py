@@ -64,6 +64,10 @@ class ModelSpec:
     # Regexes survive transformers' checkpoint-key renames; concrete names do not.
     ignore: tuple[str, ...]
     smooth_mappings: tuple[SmoothMapping, ...] = ()
+    # The decoder layer's causal self-attention (a transformers attention module; absent from a layer that
+    # has none, e.g. a linear-attention one): scale candidates judged on the whole layer compute its
+    # queries at the calibration set's rows only.
+    attention: str = "self_attn"
     lmms_eval_model: str | None = None  # lmms-eval's model class for these checkpoints (tlq eval --lmms-tasks)
 
 

@@ -1,0 +1,132 @@
+"""What the scale search's exact shortcuts save at a released shape, measured in one process.
+
+    python benchmarks/search_cuts.py --shape llava-onevision-0.5b --image-px 448 --out docs/search_cuts-llava-ov-0.5b
+
+A scale candidate judged on the whole decoder layer weighs each token's output row by its token weight;
+with the token-level calibration set half the rows weigh nothing. The search then computes attention
+queries only at the kept rows (``tlq.engine.rows.QueryRows``; keys and values for every token), and
+fake-quantizes each candidate's weights without forming integer codes (``rtn_fake_quantize``). Both
+give bit-identical losses, so the chosen exponents and codes must not change; what they save depends on
+the sequence length (attention grows with it) and the widths.
+
+One process calibrates the same checkpoint (random weights at the released widths, depth cut to
+``--layers``, vision tower to ``--vision-depth``) with TLQ (RTN solver: the solve is not what is timed)
+under each setting in turn, round after round (``--rounds``), so drift in the machine's speed hits every
+setting alike; it reports each setting's median scale-search seconds, the ratio to ``before`` per round,
+and whether the exponents and codes equal ``before``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from _report import write_report
+from cost import SHAPES, build_checkpoint, write_calibration
+from tlq.api import build_config, calibrate
+from tlq.engine import smoothing
+from tlq.quant.rtn import rtn_quantize
+
+SETTINGS = ("before", "query cut", "query cut + codes-free RTN")
+
+
+@contextlib.contextmanager
+def setting(name: str) -> Iterator[None]:
+    """``before``: queries at every row and RTN through integer codes (the search as it was); the others
+    switch the shortcuts on one after the other."""
+    saved = smoothing.query_cut, smoothing.rtn_fake_quantize
+    if name == "before":
+        smoothing.query_cut = lambda attn, rows: None
+    if name != "query cut + codes-free RTN":
+        smoothing.rtn_fake_quantize = lambda w, spec, scale_dtype=None: rtn_quantize(w, spec, scale_dtype).dequantize(w.dtype)
+    try:
+        yield
+    finally:
+        smoothing.query_cut, smoothing.rtn_fake_quantize = saved
+
+
+def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
+    cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu")
+    with setting(name):
+        run = calibrate(model, calib, cfg, progress=False)
+    return {"setting": name, "search_seconds": run.clock.seconds["scale search"], "num_tokens": run.num_tokens,
+            "alphas": [la.search_alphas for la in run.result.layers], "_codes": {k: q.codes for k, q in run.result.quantized.items()}}
+
+
+def summarize(runs: list[dict], rounds: int) -> list[dict]:
+    rows = []
+    for name in SETTINGS:
+        mine = [r for r in runs if r["setting"] == name]
+        if not mine:
+            continue
+        ratios = [m["search_seconds"] / b["search_seconds"] for m, b in zip(mine, [r for r in runs if r["setting"] == "before"])]
+        rows.append({"setting": name, "search_seconds": [m["search_seconds"] for m in mine],
+                     "median_seconds": statistics.median(m["search_seconds"] for m in mine),
+                     "ratio_to_before": ratios, "median_ratio": statistics.median(ratios) if ratios else None,
+                     "same_alphas": all(m["same_alphas"] for m in mine), "codes_differing": max(m["codes_differing"] for m in mine)})
+    return rows
+
+
+def to_markdown(result: dict) -> list[str]:
+    lines = ["# Scale search: what the exact shortcuts save", "", f"Command: `{result['command']}`", "",
+             f"Machine: {result['machine']}. Checkpoint: {result['shape']} widths (random weights), {result['layers']} decoder "
+             f"layer(s), vision tower cut to {result['vision_depth']} block(s); {result['num_samples']} sample(s) of "
+             f"{result['image_px']} px ({result['num_tokens']} tokens); TLQ at {result['scheme']} with the RTN solver; "
+             f"{result['rounds']} rounds, each setting once per round, in one process.", "",
+             "| setting | scale search, median s | per-round ratio to `before` (median) | exponents as `before` | codes differing |",
+             "|---|---:|---|---|---:|"]
+    for r in result["rows"]:
+        ratios = ", ".join(f"{x:.2f}" for x in r["ratio_to_before"])
+        lines.append(f"| {r['setting']} | {r['median_seconds']:.1f} | {ratios} ({r['median_ratio']:.2f}) | "
+                     f"{'yes' if r['same_alphas'] else 'no'} | {r['codes_differing']:,} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llava-onevision-0.5b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--vision-depth", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--image-px", type=int, default=448)
+    p.add_argument("--scheme", default="w4a16")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--work", default=None, help="where the checkpoint is built (default: a temporary folder)")
+    p.add_argument("--out", default="docs/search_cuts")
+    args = p.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="tlq-searchcuts-"))
+    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
+    calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
+    result = {"command": "python benchmarks/search_cuts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth, "num_samples": args.num_samples,
+              "image_px": args.image_px, "scheme": args.scheme, "rounds": args.rounds, "runs": [], "rows": []}
+    ref: dict | None = None
+    for _round in range(args.rounds):
+        for name in SETTINGS:
+            run = run_once(model, calib, name, args)
+            codes = run.pop("_codes")
+            if name == "before" and ref is None:
+                ref = {"alphas": run["alphas"], "codes": codes}
+            run["same_alphas"] = repr(run["alphas"]) == repr(ref["alphas"])
+            run["codes_differing"] = sum(int((codes[k] != ref["codes"][k]).sum()) for k in ref["codes"])
+            result["runs"].append(run)
+            result["num_tokens"] = run["num_tokens"]
+            result["rows"] = summarize(result["runs"], args.rounds)
+            print(json.dumps({k: v for k, v in run.items() if k != "alphas"}), flush=True)
+            write_report(args.out, result, to_markdown(result))  # after every run
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
