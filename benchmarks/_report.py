@@ -9,8 +9,12 @@ from tlq.utils.io import atomic_write_json, atomic_write_text
 
 
 def write_report(out: str | Path, result: dict[str, Any], markdown_lines: list[str]) -> None:
-    """``OUT.json`` (the measurements) and ``OUT.md`` (the table for docs/), then print the table."""
+    """``OUT.json`` (the measurements) and ``OUT.md`` (the table for docs/), then print the table.
+
+    ``OUT`` is a name without suffix (a ``.json`` or ``.md`` one is dropped); a dot inside it stays, as in
+    ``docs/cost-qwen3.5-0.8b``."""
     out = Path(out)
-    atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), "\n".join(markdown_lines) + "\n")
+    base = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    atomic_write_json(base.parent / f"{base.name}.json", result)
+    atomic_write_text(base.parent / f"{base.name}.md", "\n".join(markdown_lines) + "\n")
     print("\n".join(markdown_lines))

@@ -22,3 +22,12 @@ def test_timed_raises_with_the_childs_error(benchmark):
     cost = benchmark("cost")
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         cost._timed([sys.executable, "-c", "1 / 0"])
+
+
+def test_report_names_keep_their_dots(benchmark, tmp_path):
+    """``docs/cost-qwen3.5-0.8b`` is a name, not ``docs/cost-qwen3.5-0`` with a suffix."""
+    report = benchmark("_report")
+    report.write_report(tmp_path / "cost-qwen3.5-0.8b", {"x": 1}, ["| a |"])
+    report.write_report(tmp_path / "plain.json", {"y": 2}, ["| b |"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost-qwen3.5-0.8b.json", "cost-qwen3.5-0.8b.md", "plain.json", "plain.md"]
+    assert (tmp_path / "cost-qwen3.5-0.8b.md").read_text() == "| a |\n"

@@ -8,6 +8,7 @@ import torch
 
 from tlq.api import load_model
 from tlq.data.calibration import load_calibration
+from tlq.engine import rows as rows_module
 from tlq.engine.rows import QueryRows, RowsOnly, query_cut
 from tlq.models.base import get_submodule, run_layer
 from tlq.models.tiny import FAMILIES
@@ -22,21 +23,24 @@ def _layer_inputs(tiny_vlm_dir, tiny_calib_jsonl, family, attn_implementation=No
     return adapter, adapter.decoder_layers(model), li
 
 
-def _query_lengths(attn: torch.nn.Module, seen: list[int]):
-    """Record the query length every attention call of ``attn`` computes (the module's own implementation)."""
+def _query_lengths(attn: torch.nn.Module, seen: list[tuple[int, int]]):
+    """Record the (query, key) lengths of every attention call of ``attn`` (the module's own implementation)."""
     cut = attn._tlq_query_rows
     inner = cut.inner
 
-    def spy(module, query, *args, **kwargs):
-        seen.append(query.shape[2])
-        return inner(module, query, *args, **kwargs)
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[2]))
+        return inner(module, query, key, *args, **kwargs)
 
     cut.inner = spy
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_cut_layer_gives_the_same_outputs_at_the_kept_rows(tiny_vlm_dir, tiny_calib_jsonl, family):
+def test_cut_layer_gives_the_same_outputs_at_the_kept_rows(tiny_vlm_dir, tiny_calib_jsonl, family, monkeypatch):
+    """Row-wise blocks and attention queries at every third row: the kept rows' outputs are the layer's,
+    and the queries go in causal chunks, each reading the keys up to its own last row only."""
+    monkeypatch.setattr(rows_module, "_MIN_CHUNK", 4)  # several chunks even in a tiny sequence
     adapter, layers, li = _layer_inputs(tiny_vlm_dir, tiny_calib_jsonl, family)
     h = li.hidden_states
     seq = h.shape[1]
@@ -50,7 +54,7 @@ def test_cut_layer_gives_the_same_outputs_at_the_kept_rows(tiny_vlm_dir, tiny_ca
         outer = [n for n in names if not any(n.startswith(o + ".") for o in names)]
         cuts = [RowsOnly(layer.get_submodule(n), rows) for n in outer]
         q = query_cut(attn, rows)
-        seen: list[int] = []
+        seen: list[tuple[int, int]] = []
         if q is not None:
             _query_lengths(attn, seen)
             cuts.append(q)
@@ -61,7 +65,11 @@ def test_cut_layer_gives_the_same_outputs_at_the_kept_rows(tiny_vlm_dir, tiny_ca
             for c in cuts:
                 c.remove()
         torch.testing.assert_close(part[:, rows[0]], full[:, rows[0]], rtol=1e-5, atol=1e-6)
-        assert seen == ([rows[0].numel()] if q is not None else [])
+        if q is not None:
+            chunks = rows[0].split(max(4, -(-rows[0].numel() // rows_module._CHUNKS)))
+            assert len(chunks) > 1 and seen == [(c.numel(), int(c[-1]) + 1) for c in chunks]
+        else:
+            assert seen == []
         assert not hasattr(attn, "_tlq_query_rows") and (attn is None or attn.config._attn_implementation == "sdpa")
         h = adapter.layer_step(i, layer, h, li.kwargs, li.between)
     assert cut_any  # every family has at least one causal attention layer
