@@ -12,7 +12,7 @@ the sequence length (attention grows with it) and the widths.
 One process calibrates the same checkpoint (random weights at the released widths, depth cut to
 ``--layers``, vision tower to ``--vision-depth``) with TLQ (RTN solver: the solve is not what is timed)
 under each setting in turn, round after round (``--rounds``), so drift in the machine's speed hits every
-setting alike; it reports each setting's median scale-search seconds, the ratio to ``before`` per round,
+setting alike; it reports each setting's median scale-search CPU seconds (and wall), the ratio to ``before`` per round,
 and whether the exponents and codes equal ``before``'s.
 """
 
@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -55,11 +56,32 @@ def setting(name: str) -> Iterator[None]:
         smoothing.query_cut, smoothing.rtn_fake_quantize = saved
 
 
+@contextlib.contextmanager
+def cpu_clock(spent: list[float]) -> Iterator[None]:
+    """Add the process CPU seconds of every scale search to ``spent``: on a machine whose other core is
+    busy, CPU time moves far less than wall time (one torch thread: the process's CPU time is the search's)."""
+    search = smoothing.search_layer_scales
+
+    def timed(*a, **kw):
+        t0 = time.process_time()
+        try:
+            return search(*a, **kw)
+        finally:
+            spent.append(time.process_time() - t0)
+
+    smoothing.search_layer_scales = timed
+    try:
+        yield
+    finally:
+        smoothing.search_layer_scales = search
+
+
 def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
     cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu")
-    with setting(name):
+    spent: list[float] = []
+    with setting(name), cpu_clock(spent):
         run = calibrate(model, calib, cfg, progress=False)
-    return {"setting": name, "search_seconds": run.clock.seconds["scale search"], "num_tokens": run.num_tokens,
+    return {"setting": name, "search_seconds": sum(spent), "search_wall_seconds": run.clock.seconds["scale search"], "num_tokens": run.num_tokens,
             "alphas": [la.search_alphas for la in run.result.layers], "_codes": {k: q.codes for k, q in run.result.quantized.items()}}
 
 
@@ -71,6 +93,7 @@ def summarize(runs: list[dict], rounds: int) -> list[dict]:
             continue
         ratios = [m["search_seconds"] / b["search_seconds"] for m, b in zip(mine, [r for r in runs if r["setting"] == "before"])]
         rows.append({"setting": name, "search_seconds": [m["search_seconds"] for m in mine],
+                     "median_wall_seconds": statistics.median(m["search_wall_seconds"] for m in mine),
                      "median_seconds": statistics.median(m["search_seconds"] for m in mine),
                      "ratio_to_before": ratios, "median_ratio": statistics.median(ratios) if ratios else None,
                      "same_alphas": all(m["same_alphas"] for m in mine), "codes_differing": max(m["codes_differing"] for m in mine)})
@@ -83,11 +106,13 @@ def to_markdown(result: dict) -> list[str]:
              f"layer(s), vision tower cut to {result['vision_depth']} block(s); {result['num_samples']} sample(s) of "
              f"{result['image_px']} px ({result['num_tokens']} tokens); TLQ at {result['scheme']} with the RTN solver; "
              f"{result['rounds']} rounds, each setting once per round, in one process.", "",
-             "| setting | scale search, median s | per-round ratio to `before` (median) | exponents as `before` | codes differing |",
-             "|---|---:|---|---|---:|"]
+             "Seconds are the scale search's CPU time (one torch thread), which other work on the machine moves far less "
+             "than wall time; the median wall time is beside it.", "",
+             "| setting | scale search, median CPU s | median wall s | per-round CPU ratio to `before` (median) | exponents as `before` | codes differing |",
+             "|---|---:|---:|---|---|---:|"]
     for r in result["rows"]:
         ratios = ", ".join(f"{x:.2f}" for x in r["ratio_to_before"])
-        lines.append(f"| {r['setting']} | {r['median_seconds']:.1f} | {ratios} ({r['median_ratio']:.2f}) | "
+        lines.append(f"| {r['setting']} | {r['median_seconds']:.1f} | {r['median_wall_seconds']:.1f} | {ratios} ({r['median_ratio']:.2f}) | "
                      f"{'yes' if r['same_alphas'] else 'no'} | {r['codes_differing']:,} |")
     return lines
 

@@ -433,6 +433,20 @@ def test_target_shift_gives_the_least_squares_fit_of_the_fp_output(data):
     assert best < damped <= 1.1 * best  # measured 1.06x
 
 
+@pytest.mark.parametrize("n", [5, 512, 1300])
+def test_target_shift_skips_the_zero_half_of_the_factor_and_equals_the_dense_products(n):
+    """The blocked triangular products give ``shift @ U^T @ U`` (blocks that do not divide ``in`` included)
+    and never read below ``U``'s diagonal: garbage there changes nothing."""
+    g = torch.Generator().manual_seed(n)
+    u = torch.triu(torch.randn(n, n, generator=g)) / n**0.5
+    shift = torch.randn(300, n, generator=g)
+    w = torch.randn(300, n, generator=g)
+    dense = w + (shift.double() @ u.double().T @ u.double()).float()
+    garbage = u + torch.tril(torch.full((n, n), float("nan")), diagonal=-1)
+    got = apply_target_shift_(w.clone(), shift, garbage)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+
+
 def test_cross_accumulator_weights_tokens_like_the_hessian(data):
     _, w, _ = data
     x_fp, x_q = _fp_and_quantized_inputs()

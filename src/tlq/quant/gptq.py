@@ -194,8 +194,36 @@ def apply_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor) -> Te
     """
     u = hinv_upper.to(weight.dtype)
     for rows in _row_blocks(weight.shape[0]):
-        weight[rows] += (shift[rows].to(weight.dtype) @ u.T) @ u
+        weight[rows] += _times_upper(_times_upper_transposed(shift[rows].to(weight.dtype), u), u)
     return weight
+
+
+# Columns per step of the triangular products below: each step multiplies by a [_TRI_BLOCK, in] slab of
+# ``U`` cut to its non-zero part, so the two products cost ~(1/2 + _TRI_BLOCK / (2 in)) of dense ones.
+_TRI_BLOCK = 512
+
+
+def _times_upper_transposed(a: Tensor, u: Tensor) -> Tensor:
+    """``a @ u.T`` for an upper-triangular ``u`` (read on and above its diagonal only): output column block
+    ``J`` needs ``a``'s columns from ``J``'s start on only (``u.T`` is zero above its diagonal). Why: the FP target's shift is two products with
+    ``in x in`` factors, the largest arithmetic of its solve at 7B widths; skipping the zero half halves it."""
+    n = u.shape[0]
+    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
+    for j0 in range(0, n, _TRI_BLOCK):
+        j1 = min(j0 + _TRI_BLOCK, n)
+        out[:, j0:j1] = a[:, j0:j1] @ torch.triu(u[j0:j1, j0:j1]).T + a[:, j1:] @ u[j0:j1, j1:].T
+    return out
+
+
+def _times_upper(a: Tensor, u: Tensor) -> Tensor:
+    """``a @ u`` for an upper-triangular ``u``: output column block ``J`` needs ``a``'s columns up to ``J``'s
+    end only (``u`` is zero below its diagonal)."""
+    n = u.shape[0]
+    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
+    for j0 in range(0, n, _TRI_BLOCK):
+        j1 = min(j0 + _TRI_BLOCK, n)
+        out[:, j0:j1] = a[:, :j0] @ u[:j0, j0:j1] + a[:, j0:j1] @ torch.triu(u[j0:j1, j0:j1])
+    return out
 
 
 # Rows per step of the blocked helpers below: their temporaries are this many rows of an in x in matrix
