@@ -130,6 +130,35 @@ def test_expert_statistics_count_routed_rows_and_rare_experts_fall_back_to_rtn(t
     assert torch.equal(rtn.result.quantized[attn].codes, run.result.quantized[attn].codes)  # attention: GPTQ as before
 
 
+@pytest.mark.parametrize("method", ["gptq", "tlq"])
+def test_experts_observed_in_chunks_give_the_same_codes(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, method):
+    """A statistics budget below one stage's Hessians observes its experts in several passes (one per
+    chunk that fits), with the same codes as one pass: no expert's statistics depend on another's solve."""
+    from tlq.engine import solve
+
+    passes: list[list[str]] = []
+    observe = solve._observe
+    monkeypatch.setattr(solve, "_observe", lambda ctx, mods, *a: (passes.append(list(mods)), observe(ctx, mods, *a))[1])
+    whole = _calibrate(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, method)
+    one_pass = len(passes)
+    passes.clear()
+    hessian_gib = 128**2 * 8 / 2**30  # one tiny expert linear's (hidden 128 and moe_intermediate 128 inputs)
+    chunked = _calibrate(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, method, gptq_stats_memory=3 * hessian_gib)
+    expert_passes = [p for p in passes if "experts" in p[0]]
+    assert len(passes) > one_pass and expert_passes and all(len(p) <= 3 for p in expert_passes)
+    assert sorted(n for p in expert_passes for n in p) == sorted(n for n in whole.result.layers[0].routed_tokens)  # each once
+    assert whole.result.quantized.keys() == chunked.result.quantized.keys()
+    for name, qw in whole.result.quantized.items():
+        assert torch.equal(qw.codes, chunked.result.quantized[name].codes), name
+
+
+def test_stats_memory_must_be_positive():
+    from tlq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--gptq-stats-memory"):
+        build_config("w4a16", "gptq", gptq_stats_memory=0)
+
+
 @torch.no_grad()
 def test_per_expert_scale_folds_preserve_the_layer(tiny_vlm_dir, tiny_calib_jsonl):
     adapter, model, processor, *_ = load_model(tiny_vlm_dir(FAMILY), device="cpu")

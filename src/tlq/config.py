@@ -118,8 +118,15 @@ class GPTQConfig:
     # the compensation over the directions no row covered. Provisional (not yet chosen on a val split of
     # a trained MoE); dense linears see thousands of rows, so it never applies to them.
     min_tokens: int = 16
+    # The most memory the Hessians of one observation pass may hold (GiB). A MoE stage (every expert's
+    # gate/up, or every down) whose float64 Hessians exceed it is observed in several passes over the layer,
+    # a chunk of experts each: the same statistics (experts read the block's input independently) for one
+    # extra forward per chunk. Qwen3.5-35B-A3B's 512 gate/up linears would need 17 GiB in one pass.
+    stats_memory_gib: float = 4.0
 
     def __post_init__(self) -> None:
+        if not self.stats_memory_gib > 0:
+            raise ConfigError(f"--gptq-stats-memory must be a positive number of GiB (default 4), got {self.stats_memory_gib}")
         if self.min_tokens < 1:
             raise ConfigError(f"--gptq-min-tokens must be >= 1 (routed rows below which an expert falls back to RTN, default 16), got {self.min_tokens}")
         if not 0.0 <= self.damp_percent < 1.0:
@@ -462,6 +469,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("block_size", "gptq.block_size", "GPTQ lazy-batch block (columns)", group="GPTQ", type=int),
     Option("act_order", "gptq.act_order", "GPTQ: quantize columns by decreasing Hessian diagonal", group="GPTQ", type=bool),
     Option("gptq_min_tokens", "gptq.min_tokens", "GPTQ: a linear (MoE expert) that saw fewer routed token rows is quantized by RTN", group="GPTQ", type=int),
+    Option("gptq_stats_memory", "gptq.stats_memory_gib", "GPTQ: GiB the Hessians of one observation pass may hold; a MoE stage beyond it is "
+           "observed in several passes, a chunk of experts each (same result)", group="GPTQ", type=float),
     Option("solver", "solver", "per-linear solver", group=_PARTS, choices=SOLVERS),
     Option("gptq_target", "gptq.target", "GPTQ matches each linear's output to W X_q (quantized: plain GPTQ) or to the FP model's W X_fp "
            "(fp: also undoes the error of the layers and linears before it; GPTAQ-style)", group=_PARTS, choices=GPTQ_TARGETS),

@@ -36,7 +36,7 @@ def solve_step(ctx: LayerContext, state: LayerState) -> None:
     """
     fp_ref = (_fp_copy(ctx.layer), state.x_fp) if wants_fp_inputs(ctx) else None
     xs = state.inputs(ctx.config)
-    groups = _groups(ctx, xs)
+    groups = _bounded(ctx, _groups(ctx, xs))
     for group in groups:
         mods = {n: ctx.layer.get_submodule(n) for n in group}
         if ctx.config.scheme.activations is not None:
@@ -124,6 +124,33 @@ def _merge_expert_stages(groups: list[list[str]], linears: dict[str, nn.Module])
         else:
             group.append(name)
         placed.add(name)
+    return out
+
+
+def _bounded(ctx: LayerContext, groups: list[list[str]]) -> list[list[str]]:
+    """``groups`` with every MoE stage cut into chunks of experts whose GPTQ Hessians (``in x in`` float64
+    each) fit ``gptq.stats_memory_gib``. Exact: an expert's gate/up read the block's routed input rows and
+    its down its own gate/up's output, so no expert's statistics depend on another expert being solved
+    first. Deterministic from the shapes, so every rank cuts alike."""
+    if ctx.config.solver != "gptq":
+        return groups
+    budget = ctx.config.gptq.stats_memory_gib * 2**30
+    out: list[list[str]] = []
+    for group in groups:
+        mods = [ctx.layer.get_submodule(n) for n in group]
+        if not all(isinstance(m, RoutedLinear) for m in mods):
+            out.append(group)
+            continue
+        chunk: list[str] = []
+        used = 0.0
+        for name, mod in zip(group, mods):
+            need = mod.in_features**2 * 8
+            if chunk and used + need > budget:
+                out.append(chunk)
+                chunk, used = [], 0.0
+            chunk.append(name)
+            used += need
+        out.append(chunk)
     return out
 
 
