@@ -115,9 +115,11 @@ class GPTQConfig:
     target: str = "quantized"
     # A linear that saw fewer positive-weight token rows than this (a rarely routed MoE expert) is
     # quantized by RTN instead: a Hessian of a handful of rows fits the solve to those rows and spreads
-    # the compensation over the directions no row covered. Provisional (not yet chosen on a val split of
-    # a trained MoE); dense linears see thousands of rows, so it never applies to them.
-    min_tokens: int = 16
+    # the compensation over the directions no row covered. 64: the smallest count from which GPTQ's
+    # held-out error was not above RTN's beyond the spread for any linear of the trained built-ins, in two
+    # seeds (docs/moe-min-tokens.md; a proxy: dense linears fed n random rows, no trained MoE yet).
+    # Dense linears see thousands of rows, so it never applies to them.
+    min_tokens: int = 64
     # The most memory the Hessians of one observation pass may hold (GiB). A MoE stage (every expert's
     # gate/up, or every down) whose float64 Hessians exceed it is observed in several passes over the layer,
     # a chunk of experts each: the same statistics (experts read the block's input independently) for one
@@ -128,7 +130,7 @@ class GPTQConfig:
         if not self.stats_memory_gib > 0:
             raise ConfigError(f"--gptq-stats-memory must be a positive number of GiB (default 4), got {self.stats_memory_gib}")
         if self.min_tokens < 1:
-            raise ConfigError(f"--gptq-min-tokens must be >= 1 (routed rows below which an expert falls back to RTN, default 16), got {self.min_tokens}")
+            raise ConfigError(f"--gptq-min-tokens must be >= 1 (routed rows below which an expert falls back to RTN, default 64), got {self.min_tokens}")
         if not 0.0 <= self.damp_percent < 1.0:
             raise ConfigError(f"--damp must be in [0, 1) (a fraction of the mean Hessian diagonal, default 0.01), got {self.damp_percent}")
         if self.block_size < 1:
