@@ -302,3 +302,38 @@ def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_famil
     for a, b in zip(fast, ref):
         torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
     assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_expert_candidates_judged_with_their_expert_alone_give_the_same_losses(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
+    """An expert's up->down candidates run the MoE block with that expert alone (target and candidates):
+    the losses, exponents and codes equal those of running every routed expert, and the other experts
+    never run during them."""
+    import contextlib
+
+    from tlq.models.moe import UnfusedExperts
+
+    cfg = build_config("w4a16", "tlq", search_grid=5, solver="rtn", num_samples=2)
+    runs = []
+    for alone in (True, False):
+        adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
+        samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=2, max_seq_len=4096, seed=0)
+        if not alone:
+            monkeypatch.setattr(smoothing, "_one_expert", lambda layer, linears, block: contextlib.nullcontext())
+        experts_run: list[tuple[int, int]] = []
+        for mod in model.modules():
+            if isinstance(mod, UnfusedExperts):
+                for e, ex in enumerate(mod):
+                    ex.register_forward_hook(lambda _m, _a, _o, e=e, mod=mod: experts_run.append((e, mod.only)) if mod.only is not None else None)
+        seen = _record_searches(monkeypatch)
+        result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        runs.append((seen, result, experts_run))
+        monkeypatch.undo()
+    (fast, fast_res, fast_runs), (ref, ref_res, ref_runs) = runs
+    assert len(fast) == len(ref) > 0
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
+    for name, qw in ref_res.quantized.items():
+        assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+    assert fast_runs and all(e == only for e, only in fast_runs) and ref_runs == []  # alone: no other expert ran

@@ -12,6 +12,7 @@ set, row-wise blocks are judged on the rows of the tokens inside the budget only
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import RowsOnly, query_cut
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
-from tlq.models.moe import rows_of
+from tlq.models.moe import expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
@@ -65,7 +66,8 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
             continue
         block = loss_module(ctx.config, mapping)
         rowwise = bool(block) and mapping.rowwise
-        stats, calls, call_weights = _record_mapping(ctx, linears[0], block, xs, kwargs, weights, rowwise)
+        with _one_expert(layer, linears, block):
+            stats, calls, call_weights = _record_mapping(ctx, linears[0], block, xs, kwargs, weights, rowwise)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
             if calls is not None:
@@ -78,8 +80,10 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
 
         whole = calls.module is layer  # a candidate judged on the whole layer: cut to the weighted rows inside it
 
-        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, whole: bool = whole) -> float:
-            return _quantized_loss(ctx, linears, calls, w, whole)
+        def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, whole: bool = whole,
+                    block: str = block) -> float:
+            with _one_expert(layer, linears, block):
+                return _quantized_loss(ctx, linears, calls, w, whole)
 
         if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
             fold_scales(prev, linears + passive, candidate_scales(search.kind, search.fixed_alpha, stats, linears), mapping.prev_offset)
@@ -89,6 +93,15 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         calls.release()
     release_store(layer_targets)
     return chosen
+
+def _one_expert(layer: nn.Module, linears: list[nn.Module], block: str) -> Any:
+    """While a mapping inside one routed expert is recorded and judged on a block (the MoE block), that
+    expert alone runs in it (:meth:`UnfusedExperts.alone`): the same loss, both target and candidates
+    leaving out the other experts' unchanged contributions. Whole-layer judging keeps every expert (the
+    error passes on through the layer's nonlinear rest, where the others' outputs matter)."""
+    found = expert_of(layer.get_submodule(block), linears) if block else None
+    return found[0].alone(found[1]) if found is not None else contextlib.nullcontext()
+
 
 def loss_module(config: QuantizeConfig, mapping: SmoothMapping) -> str:
     """The module (name within the layer; "" = the layer) whose output error a candidate is judged by."""

@@ -18,9 +18,10 @@ rarely routed expert therefore gets a Hessian from few rows; the engine's rule f
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -119,10 +120,27 @@ class UnfusedExperts(nn.ModuleList):
             out[f"{prefix}.{e}.down_proj.weight"] = FusedSlice(*down, e, None)
         return out
 
+    #: While set (:meth:`alone`), the only expert that runs: the others add nothing to the output.
+    only: int | None = None
+
+    @contextlib.contextmanager
+    def alone(self, expert: int) -> Iterator[None]:
+        """Run expert ``expert`` only. Why: a scale candidate of one expert changes that expert's output
+        alone, so the block's error equals that expert's routed contribution's error: comparing the
+        block with the other experts left out, against a target recorded the same way, gives the same
+        loss without running them (one expert's rows instead of every routed row, per candidate)."""
+        self.only = expert
+        try:
+            yield
+        finally:
+            self.only = None
+
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()
+        if self.only is not None:
+            hit = [e for e in hit if e == self.only]
         for e in hit:
             pos, rows = torch.where((top_k_index == e).T)  # ordered by top-k slot, then token, as the fused loop
             y = self[e](hidden_states[rows], rows)
@@ -186,6 +204,18 @@ class RoutedExpertsAdapter:
 
     def unfuse(self, model: nn.Module) -> list[str]:
         return unfuse_experts(self.decoder_layers(model), is_fused_experts)  # type: ignore[attr-defined]
+
+
+def expert_of(root: nn.Module, linears: list[nn.Module]) -> tuple[UnfusedExperts, int] | None:
+    """The experts module under ``root`` and the index of the one expert that holds every one of
+    ``linears``; None when they are not all inside a single routed expert."""
+    for mod in root.modules():
+        if isinstance(mod, UnfusedExperts):
+            for e, expert in enumerate(mod):
+                inside = {id(m) for m in expert.modules()}
+                if all(id(lin) in inside for lin in linears):
+                    return mod, e
+    return None
 
 
 def expert_smoothing(num_experts: int, extra_up_down: tuple[tuple[str, str], ...] = ()) -> tuple[SmoothMapping, ...]:
