@@ -152,6 +152,30 @@ def test_experts_observed_in_chunks_give_the_same_codes(tiny_vlm_dir, tiny_calib
         assert torch.equal(qw.codes, chunked.result.quantized[name].codes), name
 
 
+def test_a_chunks_hessians_are_freed_before_the_next_chunks_are_allocated(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """The statistics budget bounds what is alive, also when experts fall back to RTN (their unused
+    Hessians are dropped at once), so the peak is one chunk's Hessians, not the stage's."""
+    import gc
+    import weakref
+
+    from tlq.quant import gptq
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+    init = gptq.HessianAccumulator.__init__
+
+    def tracked(self, *a, **kw):
+        gc.collect()
+        alive.add(self)
+        most[0] = max(most[0], len(alive))
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(gptq.HessianAccumulator, "__init__", tracked)
+    hessian_gib = 128**2 * 8 / 2**30
+    _calibrate(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, "gptq", gptq_stats_memory=2 * hessian_gib, gptq_min_tokens=10**9)
+    assert most[0] == 3  # q/k/v, the largest group that is not a stage of experts; a chunk holds 2
+
+
 def test_stats_memory_must_be_positive():
     from tlq.config import ConfigError
 

@@ -50,6 +50,7 @@ def solve_step(ctx: LayerContext, state: LayerState) -> None:
             fp_ref = None  # the FP copy (one layer) is done with
         for n, m in mods.items():
             _solve_one(ctx, state, n, m, cals)
+        del cals  # before the next group's statistics are allocated, not after
 
 
 def linear_groups(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], skip: Callable[[str], bool] = lambda _n: False) -> list[list[str]]:
@@ -171,7 +172,8 @@ def _solve_one(ctx: LayerContext, state: LayerState, name: str, module: nn.Modul
     if isinstance(module, RoutedLinear) and cal.needs_inputs:
         state.routed_tokens[name] = cal.num_tokens
         if cal.num_tokens < ctx.config.gptq.min_tokens:
-            cal = make_calibrator("rtn", module.weight, ctx.config.scheme, ctx.config.gptq, ctx.scale_dtype, ctx.device)
+            # replaced in ``cals`` too, so that the unused Hessian is freed now
+            cal = cals[name] = make_calibrator("rtn", module.weight, ctx.config.scheme, ctx.config.gptq, ctx.scale_dtype, ctx.device)
             state.rtn_fallback.append(name)
     qw = cal.solve(module.weight.data)
     module.weight.data.copy_(qw.dequantize(module.weight.dtype))
