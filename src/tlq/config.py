@@ -123,7 +123,7 @@ class GPTQConfig:
     # The most memory the Hessians of one observation pass may hold (GiB). A MoE stage (every expert's
     # gate/up, or every down) whose float64 Hessians exceed it is observed in several passes over the layer,
     # a chunk of experts each: the same statistics (experts read the block's input independently) for one
-    # extra forward per chunk. Qwen3.5-35B-A3B's 512 gate/up linears would need 17 GiB in one pass.
+    # extra forward per chunk. Qwen3.5-35B-A3B's 512 gate/up linears would need 16 GiB in one pass.
     stats_memory_gib: float = 4.0
 
     def __post_init__(self) -> None:
