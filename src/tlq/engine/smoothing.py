@@ -94,6 +94,7 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
     release_store(layer_targets)
     return chosen
 
+
 def _one_expert(layer: nn.Module, linears: list[nn.Module], block: str) -> Any:
     """While a mapping inside one routed expert is recorded and judged on a block (the MoE block), that
     expert alone runs in it (:meth:`UnfusedExperts.alone`): the same loss, both target and candidates

@@ -205,8 +205,10 @@ _TRI_BLOCK = 512
 
 def _times_upper_transposed(a: Tensor, u: Tensor) -> Tensor:
     """``a @ u.T`` for an upper-triangular ``u`` (read on and above its diagonal only): output column block
-    ``J`` needs ``a``'s columns from ``J``'s start on only (``u.T`` is zero above its diagonal). Why: the FP target's shift is two products with
-    ``in x in`` factors, the largest arithmetic of its solve at 7B widths; skipping the zero half halves it."""
+    ``J`` needs ``a``'s columns from ``J``'s start on only (``u.T`` is zero above its diagonal).
+
+    Why: the FP target's shift is two products with ``in x in`` factors, the largest arithmetic of its
+    solve at 7B widths; skipping the zero half halves it."""
     n = u.shape[0]
     out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
     for j0 in range(0, n, _TRI_BLOCK):
@@ -216,8 +218,8 @@ def _times_upper_transposed(a: Tensor, u: Tensor) -> Tensor:
 
 
 def _times_upper(a: Tensor, u: Tensor) -> Tensor:
-    """``a @ u`` for an upper-triangular ``u``: output column block ``J`` needs ``a``'s columns up to ``J``'s
-    end only (``u`` is zero below its diagonal)."""
+    """``a @ u`` for an upper-triangular ``u`` (read on and above its diagonal only): output column block
+    ``J`` needs ``a``'s columns up to ``J``'s end only (``u`` is zero below its diagonal)."""
     n = u.shape[0]
     out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
     for j0 in range(0, n, _TRI_BLOCK):
