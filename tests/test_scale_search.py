@@ -143,6 +143,17 @@ def _record_searches(monkeypatch) -> list:
     return seen
 
 
+def _assert_same_search(fast: list, fast_res, ref: list, ref_res, codes: bool = True) -> None:
+    """Two calibrations searched alike: the same losses (to 1e-4), exponents and, with ``codes``, codes."""
+    assert len(fast) == len(ref) > 0
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
+    if codes:
+        for name, qw in ref_res.quantized.items():
+            assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+
+
 def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
     """The MLP's output is added unchanged to the layer output, so measuring MLP mappings on the MLP
     alone (what the layer scope does) must give the whole layer's losses and the same exponents."""
@@ -262,12 +273,7 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
         runs[how] = (seen, result, rows[0])
         monkeypatch.undo()
     (fast, fast_res, fast_rows), (ref, ref_res, ref_rows) = runs["kept rows"], runs["every row"]
-    assert len(fast) == len(ref) > 0
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
-    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
-    for name, qw in ref_res.quantized.items():
-        assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+    _assert_same_search(fast, fast_res, ref, ref_res)
     assert fast_rows < ref_rows
     _seen, _res, uncut_rows = runs["whole layer calls uncut"]
     if scope == "layer":  # the attention candidates' whole-layer calls run the MLP on the kept rows too
@@ -298,10 +304,7 @@ def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_famil
         runs.append((seen, result))
         monkeypatch.undo()
     (fast, fast_res), (ref, ref_res) = runs
-    assert len(fast) == len(ref) > 0
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
-    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
+    _assert_same_search(fast, fast_res, ref, ref_res, codes=False)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
@@ -330,10 +333,5 @@ def test_expert_candidates_judged_with_their_expert_alone_give_the_same_losses(t
         runs.append((seen, result, experts_run))
         monkeypatch.undo()
     (fast, fast_res, fast_runs), (ref, ref_res, ref_runs) = runs
-    assert len(fast) == len(ref) > 0
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
-    assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
-    for name, qw in ref_res.quantized.items():
-        assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
+    _assert_same_search(fast, fast_res, ref, ref_res)
     assert fast_runs and all(e == only for e, only in fast_runs) and ref_runs == []  # alone: no other expert ran
