@@ -130,21 +130,25 @@ def run_parallel(args: argparse.Namespace, argv: list[str], models: list[str]) -
     return results
 
 
-def val_records(model_dir: Path, n: int) -> list[Any]:
-    """The first ``n`` samples of the model's held-out ``val`` split (disjoint from calibration and test):
-    its shipped ``val.jsonl`` if it has one, else the digits val split with the model's benchmark question
-    types, as JSONL records (written once into a temporary directory)."""
+def val_jsonl(model_dir: Path, n: int) -> Path:
+    """The model's held-out ``val`` split (disjoint from calibration and test) as a JSONL file: its shipped
+    (or recipe-generated) ``val.jsonl`` if it has one, else ``n`` samples of the digits val split with the
+    model's benchmark question types, written into a temporary directory."""
     import tempfile
 
     from tlq.data import digits
 
     val = builtin_set(model_dir, "val")
     if val is not None:
-        return read_jsonl(val)[:n]
+        return val
     info = json.loads((model_dir / "tlq_tiny.json").read_text())
     cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
-    out = Path(tempfile.mkdtemp(prefix="tlq-val-"))
-    return read_jsonl(digits.write_jsonl(digits.generate_samples("val", n, cfg), out, "val"))
+    return digits.write_jsonl(digits.generate_samples("val", n, cfg), Path(tempfile.mkdtemp(prefix="tlq-val-")), "val")
+
+
+def val_records(model_dir: Path, n: int) -> list[Any]:
+    """The first ``n`` samples of the model's held-out ``val`` split (:func:`val_jsonl`), as JSONL records."""
+    return read_jsonl(val_jsonl(model_dir, n))[:n]
 
 
 def answer_margins(logps: list[torch.Tensor]) -> dict[str, float]:

@@ -47,7 +47,12 @@ def capture_inputs(model_name: str, num_samples: int) -> dict[str, torch.Tensor]
 
 def energy_rank(x: torch.Tensor, share: float) -> int:
     """The fewest principal directions of ``x``'s rows that hold ``share`` of its energy."""
-    energy = torch.linalg.svdvals(x) ** 2
+    return rank_holding(torch.linalg.svdvals(x) ** 2, share)
+
+
+def rank_holding(energy: torch.Tensor, share: float) -> int:
+    """The fewest of the directions whose energies are ``energy`` (in decreasing order) holding ``share`` of
+    the total (``energy``: squared singular values of the rows, or the eigenvalues of ``sum x x^T``)."""
     return int((energy.cumsum(0) / energy.sum() < share).sum()) + 1
 
 

@@ -20,22 +20,21 @@ report). The vision tower and projector linears (16-bit in tlq) are measured too
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from _report import write_report
+from accuracy import val_jsonl
+from activation_rank import rank_holding
 from tlq.api import load_model
 from tlq.builtin import builtin_set, resolve_model_dir
 from tlq.config import SCHEMES, GPTQConfig, QuantScheme, WeightQuantSpec
@@ -52,25 +51,13 @@ SCALE_DTYPE = torch.float32  # the built-in checkpoints' dtype, which the engine
 # An input channel is "sparse" when its largest |x| over the calibration rows exceeds this multiple of its
 # median |x|: it is near zero on most tokens, so a draw of a few rows is likely to miss it.
 SPARSE_PEAK = 100.0
+# Samples generated for a digits model's val split (it ships none); --num-val of them are drawn.
+_DIGITS_VAL = 400
 
 
 # --------------------------------------------------------------------------------------------------
 # Recording the inputs
 # --------------------------------------------------------------------------------------------------
-def val_path(model_dir: Path) -> Path:
-    """The model's held-out val JSONL: shipped or generated from its recipe (needle), else the digits val
-    split with the model's benchmark question types (what benchmarks/accuracy.py scores on), written
-    once into a temporary directory."""
-    val = builtin_set(model_dir, "val")
-    if val is not None:
-        return val
-    from tlq.data import digits
-
-    info = json.loads((model_dir / "tlq_tiny.json").read_text())
-    cfg = digits.DigitsVQAConfig(seed=info["digits_config"]["seed"], question_types=tuple(info["bench_question_types"]))
-    return digits.write_jsonl(digits.generate_samples("val", 400, cfg), Path(tempfile.mkdtemp(prefix="tlq-val-")), "val")
-
-
 def kind_of(name: str, decoder_prefix: str) -> tuple[str, str]:
     """(part, kind): ``decoder``/``q_proj`` for a decoder linear, ``vision``/``visual.blocks.attn.qkv``
     (layer indices dropped) for a vision tower or projector linear."""
@@ -92,7 +79,7 @@ def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> d
         part, kind = kind_of(name, decoder_prefix)
         if part in parts:
             linears[name] = (m, part, kind)
-    sets = {"calib": (builtin_set(model_dir, "calib"), num_calib), "val": (val_path(model_dir), num_val)}
+    sets = {"calib": (builtin_set(model_dir, "calib"), num_calib), "val": (val_jsonl(model_dir, _DIGITS_VAL), num_val)}
     out = {name: {"part": part, "kind": kind, "weight": m.weight.detach().float().clone(), "calib": [],
                   "val_sum": torch.zeros(m.in_features, m.in_features, dtype=torch.float64), "val_rows": 0}
            for name, (m, part, kind) in linears.items()}
@@ -134,12 +121,6 @@ def effective_spec(spec: WeightQuantSpec, in_features: int) -> WeightQuantSpec:
     return spec
 
 
-def rank_at(eigs: torch.Tensor, share: float) -> int:
-    """The fewest principal directions holding ``share`` of the energy (eigenvalues of ``sum x x^T``)."""
-    e = eigs.clamp(min=0).flip(0)
-    return int((e.cumsum(0) / e.sum() < share).sum()) + 1
-
-
 def measure_linear(rec: dict[str, Any], schemes: dict[str, WeightQuantSpec], grid: list[int], draws: int, seed: int,
                    cfg: GPTQConfig) -> dict[str, Any]:
     """GPTQ / RTN held-out error ratios of one linear, per scheme, ``n`` and draw (``n = all``: the whole
@@ -152,7 +133,7 @@ def measure_linear(rec: dict[str, Any], schemes: dict[str, WeightQuantSpec], gri
     peak = xa.max(0).values / xa.median(0).values.clamp_min(1e-30)  # per input channel: largest |x| over its median
     result = {"part": rec["part"], "kind": rec["kind"], "in_features": in_f, "out_features": w.shape[0],
               "calib_rows": pool, "distinct_calib_rows": int(torch.unique(xc, dim=0).shape[0]), "val_rows": rec["val_rows"],
-              "val_rank90": rank_at(eigs, 0.90), "val_rank99": rank_at(eigs, 0.99),
+              "val_rank90": rank_holding(eigs.clamp(min=0).flip(0), 0.90), "val_rank99": rank_holding(eigs.clamp(min=0).flip(0), 0.99),
               "sparse_channels": int((peak > SPARSE_PEAK).sum()), "schemes": {}}
     solved: dict[tuple, dict[str, Any]] = {}  # effective spec -> result (w4a16 and w4 per-channel agree at width <= 128)
     for sname, spec in schemes.items():

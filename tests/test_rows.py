@@ -9,7 +9,7 @@ import torch
 from tlq.api import load_model
 from tlq.data.calibration import load_calibration
 from tlq.engine import rows as rows_module
-from tlq.engine.rows import QueryRows, RowsOnly, query_cut
+from tlq.engine.rows import QueryRows, RowsOnly, outermost_row_blocks, query_cut
 from tlq.models.base import get_submodule, run_layer
 from tlq.models.tiny import FAMILIES
 
@@ -50,9 +50,7 @@ def test_cut_layer_gives_the_same_outputs_at_the_kept_rows(tiny_vlm_dir, tiny_ca
         kwargs = adapter.layer_kwargs(i, li.kwargs, li.between)
         full = run_layer(layer, h, kwargs)
         attn = get_submodule(layer, adapter.spec.attention) if hasattr(layer, adapter.spec.attention) else None
-        names = sorted({m.block for m in adapter.smooth_mappings(layer) if m.rowwise and m.block})
-        outer = [n for n in names if not any(n.startswith(o + ".") for o in names)]
-        cuts = [RowsOnly(layer.get_submodule(n), rows) for n in outer]
+        cuts = [RowsOnly(layer.get_submodule(n), rows) for n in outermost_row_blocks(adapter.smooth_mappings(layer))]
         q = query_cut(attn, rows)
         seen: list[tuple[int, int]] = []
         if q is not None:

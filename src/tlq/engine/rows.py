@@ -33,6 +33,13 @@ _CHUNKS = 16
 _MIN_CHUNK = 32
 
 
+def outermost_row_blocks(mappings: Any) -> list[str]:
+    """The row-wise blocks named by a layer's smoothing mappings (``SmoothMapping.rowwise``: the MLP or MoE
+    block, ``o_proj``), without those inside another: cutting the outer one cuts what it contains."""
+    names = {m.block for m in mappings if m.rowwise and m.block}
+    return sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
+
+
 class RowsOnly:
     """While installed, ``module`` maps only the rows in ``rows[0]`` of its ``[batch, seq, ...]`` input
     and returns zeros in the others. A module whose output is not one tensor of the input's rows (a MoE

@@ -23,7 +23,7 @@ from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
-from tlq.engine.rows import RowsOnly, query_cut
+from tlq.engine.rows import RowsOnly, outermost_row_blocks, query_cut
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
@@ -66,7 +66,8 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
             continue
         block = loss_module(ctx.config, mapping)
         rowwise = bool(block) and mapping.rowwise
-        with _one_expert(layer, linears, block):
+        alone = _one_expert(layer, linears, block)  # found once per mapping, entered per pass
+        with alone():
             stats, calls, call_weights = _record_mapping(ctx, linears[0], block, xs, kwargs, weights, rowwise)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
@@ -81,8 +82,8 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         whole = calls.module is layer  # a candidate judged on the whole layer: cut to the weighted rows inside it
 
         def loss_fn(linears: list[nn.Linear] = linears, calls: BlockCalls = calls, w: list[Tensor | None] = call_weights, whole: bool = whole,
-                    block: str = block) -> float:
-            with _one_expert(layer, linears, block):
+                    alone: Callable[[], Any] = alone) -> float:
+            with alone():
                 return _quantized_loss(ctx, linears, calls, w, whole)
 
         if search.fixed_alpha is not None:  # plain SmoothQuant: no search, always migrate
@@ -95,13 +96,16 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
     return chosen
 
 
-def _one_expert(layer: nn.Module, linears: list[nn.Module], block: str) -> Any:
-    """While a mapping inside one routed expert is recorded and judged on a block (the MoE block), that
-    expert alone runs in it (:meth:`UnfusedExperts.alone`): the same loss, both target and candidates
-    leaving out the other experts' unchanged contributions. Whole-layer judging keeps every expert (the
-    error passes on through the layer's nonlinear rest, where the others' outputs matter)."""
+def _one_expert(layer: nn.Module, linears: list[nn.Module], block: str) -> Callable[[], Any]:
+    """A context factory: while a mapping inside one routed expert is recorded and judged on a block (the
+    MoE block), that expert alone runs in it (:meth:`UnfusedExperts.alone`): the same loss, both target
+    and candidates leaving out the other experts' unchanged contributions. Whole-layer judging keeps every
+    expert (the error passes on through the layer's nonlinear rest, where the others' outputs matter)."""
     found = expert_of(layer.get_submodule(block), linears) if block else None
-    return found[0].alone(found[1]) if found is not None else contextlib.nullcontext()
+    if found is None:
+        return contextlib.nullcontext
+    experts, index = found
+    return lambda: experts.alone(index)
 
 
 def loss_module(config: QuantizeConfig, mapping: SmoothMapping) -> str:
@@ -199,9 +203,7 @@ def _row_cuts(ctx: LayerContext, rows: list[Tensor | None]) -> list[Any]:
     adapter's mappings say which: the MLP, ``o_proj``) map the kept rows only, and its causal attention
     (the spec's ``attention``) computes queries at the kept rows only (:mod:`tlq.engine.rows`)."""
     layer = ctx.layer
-    names = {m.block for m in ctx.adapter.smooth_mappings(layer) if m.rowwise and m.block}
-    outer = sorted(n for n in names if not any(n.startswith(o + ".") for o in names))
-    cuts: list[Any] = [RowsOnly(layer.get_submodule(n), rows) for n in outer]
+    cuts: list[Any] = [RowsOnly(layer.get_submodule(n), rows) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(layer))]
     attention = query_cut(_submodule(layer, ctx.adapter.spec.attention), rows)
     return cuts + ([attention] if attention is not None else [])
 
