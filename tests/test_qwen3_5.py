@@ -75,6 +75,25 @@ def test_folds_respect_the_one_plus_w_norms_and_the_passive_gates(tiny_vlm_dir, 
         assert (run_layer(layer, li.hidden_states, kwargs) - want).abs().max() > 1e-3
 
 
+
+@torch.no_grad()
+def test_moe_norm_fold_scales_router_and_shared_gate_too(tiny_vlm_dir, tiny_calib_jsonl):
+    """Qwen3.5 MoE: ``post_attention_layernorm -> routed and shared experts`` folds exactly through the
+    (1 + w) norm with the router's and the shared-expert gate's columns scaled too (routing unchanged)."""
+    adapter, model, processor, *_ = load_model(tiny_vlm_dir("qwen3_5_moe"), device="cpu")
+    li = adapter.capture_layer0_inputs(model, _sample(adapter, model, processor, tiny_calib_jsonl).inputs)
+    g = torch.Generator().manual_seed(0)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        kwargs = adapter.layer_kwargs(index, li.kwargs, li.between)
+        want = run_layer(layer, li.hidden_states, kwargs)
+        (fold,) = [m for m in adapter.smooth_mappings(layer) if m.prev == "post_attention_layernorm"]
+        assert fold.passive == ("mlp.gate", "mlp.shared_expert_gate") and fold.prev_offset == 1.0 and fold.stats_from == "mlp.gate"
+        assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.experts.0.gate_proj"} <= set(fold.linears)
+        mods = [layer.get_submodule(n) for n in fold.linears + fold.passive]
+        assert can_fold(layer.post_attention_layernorm, mods)
+        fold_scales(layer.post_attention_layernorm, mods, torch.rand(mods[0].in_features, generator=g) * 2 + 0.5, fold.prev_offset)
+        torch.testing.assert_close(run_layer(layer, li.hidden_states, kwargs), want, rtol=1e-4, atol=1e-5)
+
 def test_linear_attention_gates_stay_16_bit(tiny_vlm_dir, tiny_calib_jsonl):
     model_dir = tiny_vlm_dir(FAMILY)
     cfg = build_config("w4a16", "awq", num_samples=4, device="cpu", search_grid=4)

@@ -68,7 +68,8 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         rowwise = bool(block) and mapping.rowwise
         alone = _one_expert(layer, linears, block)  # found once per mapping, entered per pass
         with alone():
-            stats, calls, call_weights = _record_mapping(ctx, linears[0], block, xs, kwargs, weights, rowwise)
+            first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
+            stats, calls, call_weights = _record_mapping(ctx, first, block, xs, kwargs, weights, rowwise)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
             if calls is not None:
@@ -122,7 +123,7 @@ def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kw
     non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
     evaluating candidates on the kept rows gives the same loss for a fraction of the work."""
     layer = ctx.layer
-    acc = ChannelStatsAccumulator(first.in_features)
+    acc = ChannelStatsAccumulator(first.weight.shape[-1])
     current: dict[str, Tensor | None] = {"w": None}
     mains: list[Tensor] = []
     rests: list[tuple[tuple, dict[str, Any]]] = []

@@ -48,6 +48,10 @@ class SmoothMapping:
     # A norm that multiplies by (offset + weight), e.g. Qwen3.5's (1 + w): folding 1/s then sets
     # weight = (offset + weight) / s - offset.
     prev_offset: float = 0.0
+    # The module whose input holds the mapping's channel statistics ("" = the first linear). Why: routed
+    # experts each see only their tokens, while the scale divides prev's output for every token; a
+    # MoE block's router reads them all.
+    stats_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,22 @@ def expert_smoothing(num_experts: int, extra_up_down: tuple[tuple[str, str], ...
 
 
 def without_mlp(mappings: tuple[SmoothMapping, ...]) -> tuple[SmoothMapping, ...]:
-    """A dense layer's mappings minus its MLP's (what a MoE layer keeps: the attention ones).
-    ``post_attention_layernorm -> experts`` is never folded: that norm also feeds the router."""
+    """A dense layer's mappings minus its MLP's (what a MoE layer keeps: the attention ones; the MoE
+    block's own come from :func:`router_fold` and :func:`expert_smoothing`)."""
     return tuple(m for m in mappings if not m.prev.startswith(("post_attention_layernorm", "mlp.")))
+
+
+def router_fold(num_experts: int, shared: tuple[str, ...] = (), passive: tuple[str, ...] = (), prev_offset: float = 0.0,
+                norm: str = "post_attention_layernorm", router: str = "mlp.gate") -> SmoothMapping:
+    """``norm -> every routed expert's gate/up`` (and the ``shared`` linears that read the norm too),
+    with the scale folded into the router's columns as well (``passive``, with any other 16-bit reader).
+
+    Why the router: it reads the same normed hidden states, so dividing the norm weight alone would
+    change every routing decision; scaling its columns by ``s`` keeps its logits (hence the routing)
+    exactly as they were, and the experts' inputs can be smoothed like a dense MLP's (for W-A schemes
+    the only way to migrate the norm's outlier channels out of the experts' activations). The channel
+    statistics come from the router's input (every token), not from one expert's routed rows; the
+    candidate is judged on the MoE block (its output is added to the layer output unchanged)."""
+    experts = tuple(f"mlp.experts.{e}.{p}" for e in range(num_experts) for p in ("gate_proj", "up_proj"))
+    return SmoothMapping(norm, (*shared, *experts), block="mlp", block_ends_layer=True, rowwise=True,
+                         passive=(router, *passive), prev_offset=prev_offset, stats_from=router)

@@ -10,12 +10,12 @@ What differs from dense Qwen3-VL, for TLQ:
   (``mlp.experts.{e}.{gate,up,down}_proj``).
 * The router stays 16-bit: it is not an ``nn.Linear`` in transformers (so no quantization target) and it
   is named in the ignore list for serving stacks that build it as one.
-* Scale migration: attention as in Qwen2; per expert, ``up_proj -> down_proj`` folds exactly (the
-  expert's own up rows and down columns). ``post_attention_layernorm -> every expert's gate/up`` is *not*
-  applied: dividing the norm weight would also change the router's input, hence the routing, unless the
-  router's columns were scaled too; not done yet. The MoE block's output is added unchanged to the layer
-  output and maps each token on its own, so a candidate's layer-scope loss is measured on the block
-  alone, on the rows of the tokens inside the budget (``block_ends_layer``, ``rowwise``).
+* Scale migration: attention as in Qwen2; ``post_attention_layernorm -> every expert's gate/up`` with
+  the router's columns scaled too, so routing is unchanged (:func:`tlq.models.moe.router_fold`); per
+  expert, ``up_proj -> down_proj`` folds exactly (the expert's own up rows and down columns). The MoE
+  block's output is added unchanged to the layer output and maps each token on its own, so a candidate's
+  layer-scope loss is measured on the block alone, on the rows of the tokens inside the budget
+  (``block_ends_layer``, ``rowwise``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import replace
 from torch import nn
 
 from tlq.models.base import SmoothMapping
-from tlq.models.moe import RoutedExpertsAdapter, UnfusedExperts, expert_smoothing, without_mlp
+from tlq.models.moe import RoutedExpertsAdapter, UnfusedExperts, expert_smoothing, router_fold, without_mlp
 from tlq.models.qwen2_vl import QWEN2_DECODER_SMOOTHING, QWEN_IGNORE
 from tlq.models.qwen3_vl import QWEN3_VL, Qwen3VLAdapter
 
@@ -47,4 +47,4 @@ class Qwen3VLMoeAdapter(RoutedExpertsAdapter, Qwen3VLAdapter):
         experts = getattr(layer.mlp, "experts", None)
         if not isinstance(experts, UnfusedExperts):  # a dense MLP layer (mlp_only_layers)
             return QWEN2_DECODER_SMOOTHING
-        return without_mlp(QWEN2_DECODER_SMOOTHING) + expert_smoothing(len(experts))
+        return (*without_mlp(QWEN2_DECODER_SMOOTHING), router_fold(len(experts)), *expert_smoothing(len(experts)))

@@ -75,9 +75,10 @@ def candidate_scales(kind: str, alpha: float, stats: ChannelStats, linears: list
 
 
 def can_fold(prev: nn.Module, linears: list[nn.Linear]) -> bool:
-    """Whether ``1/s`` can be folded into ``prev`` exactly (a norm weight, or a linear's output rows)."""
-    n = linears[0].in_features
-    if any(lin.in_features != n for lin in linears):
+    """Whether ``1/s`` can be folded into ``prev`` exactly (a norm weight, or a linear's output rows).
+    ``linears`` may hold any module with a ``[out, in]`` weight (a MoE router is one, not an nn.Linear)."""
+    n = linears[0].weight.shape[-1]
+    if any(lin.weight.shape[-1] != n for lin in linears):
         return False
     if isinstance(prev, nn.Linear):
         return prev.out_features == n
