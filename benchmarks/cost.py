@@ -282,8 +282,11 @@ def run_llmcompressor(venv: Path, model: Path, calib: Path, n: int, work: Path, 
     if not inputs.is_file():
         _timed([sys.executable, __file__, "--export-inputs", str(model), str(calib), str(inputs), "--num-samples", str(n)])
     runner = Path(__file__).with_name("llmcompressor_run.py")
+    from tlq.models.registry import adapter_for_dir
+
+    ignore = json.dumps(list(adapter_for_dir(model).spec.ignore))  # what tlq keeps 16-bit, the same for both tools
     try:
-        proc, seconds, rss = _timed([str(venv / "bin" / "python"), str(runner), str(model), str(inputs), str(work / f"out-llmcompressor-{method}"), method])
+        proc, seconds, rss = _timed([str(venv / "bin" / "python"), str(runner), str(model), str(inputs), str(work / f"out-llmcompressor-{method}"), method, ignore])
     except RuntimeError as exc:  # a peer tool's failure is a result to report, not a reason to lose the others
         errors = [line.strip() for line in str(exc).splitlines() if "Error" in line and ":" in line]
         last = errors[-1] if errors else str(exc).splitlines()[0]

@@ -4,9 +4,11 @@ Runs inside the llm-compressor venv (benchmarks/setup_llmcompressor.sh), never t
 its own torch and transformers. The inputs are the exact tensors tlq's processor made for the same
 calibration file (``torch.save``d by benchmarks/cost.py), so both tools see the same tokens. The recipe
 is llm-compressor's own Qwen2-VL example: GPTQ (or AWQ with its default Qwen2 mappings) on every decoder
-Linear, W4A16 (int4, group 128), vision tower and LM head ignored, one decoder layer per sequential step.
+Linear, W4A16 (int4, group 128), one decoder layer per sequential step, with the ignore list tlq's
+adapter keeps 16-bit for the model's family (vision tower, projector or merger, LM head; passed as JSON by
+benchmarks/cost.py): Qwen2-VL's example list, ``re:.*visual.*``, would quantize LLaVA-OneVision's tower.
 
-    .venv-llmcompressor/bin/python benchmarks/llmcompressor_run.py MODEL INPUTS.pt OUT [gptq|awq]
+    .venv-llmcompressor/bin/python benchmarks/llmcompressor_run.py MODEL INPUTS.pt OUT [gptq|awq] [IGNORE_JSON]
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import sys
 import time
 
 
-def recipe_for(method: str) -> list:
-    """llm-compressor's modifier for ``method``, as its Qwen2-VL examples configure it."""
-    ignore = ["lm_head", "re:.*visual.*"]
+def recipe_for(method: str, ignore: list[str]) -> list:
+    """llm-compressor's modifier for ``method``, as its Qwen2-VL examples configure it, ignoring ``ignore``."""
     if method == "awq":
         from llmcompressor.modifiers.awq import AWQModifier
 
@@ -28,7 +29,7 @@ def recipe_for(method: str) -> list:
     return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
 
 
-def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq") -> int:
+def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq", ignore_json: str = '["lm_head", "re:.*visual.*"]') -> int:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -47,7 +48,7 @@ def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq") -> in
         return {k: torch.tensor(v) for k, v in batch[0].items()}
 
     layer_class = type(model.model.language_model.layers[0]).__name__
-    recipe = recipe_for(method)
+    recipe = recipe_for(method, json.loads(ignore_json))
     t1 = time.perf_counter()
     # oneshot insists on a processor when given a dataset; the VLM processor needs torchvision, which this
     # venv's torch 2.13 has no wheel of here, and the inputs are encoded already: the tokenizer serves.
@@ -62,4 +63,4 @@ def main(model_dir: str, inputs_path: str, out: str, method: str = "gptq") -> in
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:5]))
+    sys.exit(main(*sys.argv[1:6]))
