@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tlq.api import build_config, calibrate, load_model
-from tlq.builtin import builtin_dir, builtin_set
+from tlq.builtin import builtin_set, resolve_model_dir
 from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
 from tlq.data.records import choose, read_jsonl
 from tlq.eval.paired import mcnemar
@@ -93,7 +93,8 @@ BASELINES = ("RTN", "SmoothQuant", "AWQ", "GPTQ", "MBQ")  # what TLQ is compared
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="digits-qwen2vl,digits-llavaov")
+    p.add_argument("--models", default="digits-qwen2vl,digits-llavaov",
+                   help="built-in names, or directories of trained candidates (a path with '/': scripts/train_digits.py --out)")
     p.add_argument("--schemes", default="w3a16,w4a16,w4a8", help="library schemes, or the stress schemes " + ", ".join(STRESS_SCHEMES))
     p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--data", choices=("test", "val"), default="test",
@@ -166,8 +167,8 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any]:
-    ref = f"builtin:{model}"
-    mdir = builtin_dir(ref)
+    ref = model if "/" in model else f"builtin:{model}"  # a directory: a candidate from scripts/train_digits.py --out
+    mdir = resolve_model_dir(ref)
     records = choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
     calib = builtin_set(mdir, "calib")  # resolved (and its digest checked) once, not per run
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")

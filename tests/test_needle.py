@@ -10,7 +10,7 @@ import torch
 
 from tlq.config import ConfigError
 from tlq.data.digits import write_jsonl
-from tlq.data.needle import FRAME_COLOURS, NeedleVQAConfig, generate_samples
+from tlq.data.needle import FRAME_COLOURS, PREAMBLE, QUESTION_TEMPLATES, NeedleVQAConfig, generate_samples
 from tlq.data.records import read_jsonl, relevant_visual_tokens
 from tlq.importance import ImportanceConfig, run_importance
 from tlq.importance.visualize import _enrichment
@@ -118,3 +118,20 @@ def test_importance_report_measures_target_enrichment(tiny_vlm_dir, tmp_path):
     assert all(v is None or v >= 0 for v in te["grad2_per_layer"])
     assert all(s["target_tokens"] and s["target_enrichment_per_layer"] for s in summary["samples"])
     assert (tmp_path / "imp" / "sample_000.png").is_file()
+
+
+def test_generated_preambles_are_varied_hint_free_and_leave_the_images_alone():
+    fixed = NeedleVQAConfig(asked_colours=("red",))
+    varied = NeedleVQAConfig(asked_colours=("red",), preamble="generated", preamble_range=(3, 6))
+    a, b = generate_samples("val", 20, fixed), generate_samples("val", 20, varied)
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) and x.answer == y.answer for x, y in zip(a, b))
+    words = {w.strip(".,").lower() for s in b for w in s.question.split()}
+    assert len(words) > 2 * len({w.strip(".,").lower() for s in a for w in s.question.split()})
+    for s in b:
+        (asked,) = [t.format(c="red") for t in QUESTION_TEMPLATES if s.question.endswith(t.format(c="red"))]
+        preamble = s.question[: -len(asked)].strip()
+        assert preamble.count(".") >= 3 and not any(sentence + "." in PREAMBLE for sentence in preamble.rstrip(".").split(". "))
+        assert not set(preamble.lower().replace(".", " ").replace(",", " ").split()) & {*FRAME_COLOURS, *map(str, range(10))}
+    assert [s.question for s in generate_samples("val", 5, varied)] == [s.question for s in b[:5]]  # deterministic
+    with pytest.raises(ConfigError, match="preamble must be one of"):
+        NeedleVQAConfig(preamble="lorem")

@@ -66,11 +66,36 @@ PREAMBLE: tuple[str, ...] = (
 )
 """Instruction sentences; each question is preceded by a few of them, none needed for the answer."""
 
+# Words of the generated preambles (``NeedleVQAConfig.preamble="generated"``): no colour, no digit, so
+# nothing in them hints at an answer.
+_NOUNS = ("archive", "bridge", "camera", "cabinet", "clerk", "engine", "garden", "harbour", "kitchen", "ledger", "library",
+          "market", "meadow", "office", "packet", "pilot", "printer", "river", "scanner", "station", "storm", "teacher",
+          "tower", "valley", "village", "window", "folder", "sensor", "manager", "student", "painter", "courier",
+          "signal", "tunnel", "farmer", "doctor", "lantern", "mirror", "journal", "compass")
+_VERBS = ("stores", "crosses", "watches", "repairs", "describes", "follows", "opens", "closes", "measures", "collects",
+          "explains", "prints", "carries", "checks", "covers", "guards", "sorts", "visits", "updates", "copies",
+          "reaches", "ignores", "answers", "protects", "lights", "moves", "marks", "reads", "builds", "cleans")
+_ADJECTIVES = ("quiet", "narrow", "ancient", "busy", "careful", "distant", "empty", "fragile", "gentle", "heavy", "hidden",
+               "honest", "large", "modern", "nervous", "patient", "rapid", "rough", "simple", "small", "steady", "strange",
+               "tidy", "useful", "warm", "wide", "wooden", "bright", "dusty", "early")
+_ADVERBS = ("slowly", "often", "rarely", "carefully", "quickly", "again", "today", "quietly", "always", "never",
+            "usually", "later", "openly", "twice", "gladly")
+_SENTENCE_FORMS = (
+    "The {a} {n} {v} the {b} {m}.",
+    "A {a} {n} {v} every {m} {d}.",
+    "Each {n} {v} a {b} {m} {d}.",
+    "The {n} near the {m} is {a} and {b}.",
+    "When the {n} {v} the {m}, the {o} is {a}.",
+    "Nobody {v} the {a} {n} {d}.",
+)
+
 QUESTION_TEMPLATES: tuple[str, ...] = (
     "What is the digit in the {c} frame?",
     "Which digit is framed in {c}?",
     "Read the digit inside the {c} box.",
 )
+
+PREAMBLE_SOURCES = ("fixed", "generated")
 
 DEFAULT_SIZES: dict[str, int] = {"calibration": 128, "val": 300, "test": 1000}
 """Sizes when ``n=None``: a 1,000-sample test set makes a 1-point difference measurable."""
@@ -92,6 +117,11 @@ class NeedleVQAConfig(CellGrid):
         intensity_range: a digit's brightness factor range.
         noise_std: Gaussian pixel noise (fraction of 255).
         preamble_range: (min, max) number of preamble sentences before each question.
+        preamble: where the preamble sentences come from: ``"fixed"`` = a few of the eight instructions of
+            ``PREAMBLE``; ``"generated"`` = sentences drawn from a small grammar over ~150 words (no colours,
+            no digits). Why: a real system prompt is varied text the answer never needs; eight recurring
+            sentences give the text positions a handful of activation patterns, varied text gives them
+            many, the way real prompts fill a model's width.
         asked_colours: the frame colours a question may name; every image holds at least one of them and
             the other framed digits are look-alike distractors. One colour (e.g. ``("red",)``) makes the
             cue fixed, so the question's text no longer chooses the target.
@@ -115,6 +145,7 @@ class NeedleVQAConfig(CellGrid):
     intensity_range: tuple[float, float] = (0.6, 1.0)
     noise_std: float = 0.04
     preamble_range: tuple[int, int] = (2, 4)
+    preamble: str = "fixed"
     asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
     target_blend: tuple[float, float] = (1.0, 1.0)
     test_fraction: float = 0.3
@@ -138,9 +169,12 @@ class NeedleVQAConfig(CellGrid):
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
+        if self.preamble not in PREAMBLE_SOURCES:
+            raise ConfigError(f"preamble must be one of {', '.join(PREAMBLE_SOURCES)}, got {self.preamble!r}")
         lo, hi = self.preamble_range
-        if not 0 <= lo <= hi <= len(PREAMBLE):
-            raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {len(PREAMBLE)}, got {self.preamble_range}")
+        most = len(PREAMBLE) if self.preamble == "fixed" else 16
+        if not 0 <= lo <= hi <= most:
+            raise ConfigError(f"preamble_range must satisfy 0 <= lo <= hi <= {most} for preamble={self.preamble!r}, got {self.preamble_range}")
 
 
 def _digit_patch(scan: np.ndarray, px: int) -> np.ndarray:
@@ -206,12 +240,25 @@ def _render(
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
 
 
+def _generated_sentence(rng: np.random.Generator) -> str:
+    """One sentence of the preamble grammar (nonsense, but varied and well-formed)."""
+
+    def pick(words: tuple[str, ...]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    form = _SENTENCE_FORMS[int(rng.integers(len(_SENTENCE_FORMS)))]
+    return form.format(a=pick(_ADJECTIVES), b=pick(_ADJECTIVES), n=pick(_NOUNS), m=pick(_NOUNS), o=pick(_NOUNS), v=pick(_VERBS), d=pick(_ADVERBS))
+
+
 def _question(colour: str, cfg: NeedleVQAConfig, rng: np.random.Generator) -> str:
     lo, hi = cfg.preamble_range
     k = int(rng.integers(lo, hi + 1))
-    chosen = sorted(int(i) for i in rng.choice(len(PREAMBLE), size=k, replace=False))
+    if cfg.preamble == "generated":
+        sentences = [_generated_sentence(rng) for _ in range(k)]
+    else:
+        sentences = [PREAMBLE[int(i)] for i in sorted(rng.choice(len(PREAMBLE), size=k, replace=False))]
     template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
-    return " ".join([PREAMBLE[i] for i in chosen] + [template.format(c=colour)])
+    return " ".join([*sentences, template.format(c=colour)])
 
 
 def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
@@ -292,5 +339,8 @@ def generate_samples(
 def corpus(cfg: NeedleVQAConfig | None = None) -> list[str]:
     """Every sentence, question and answer the task can produce (for tokenizer training)."""
     texts = list(PREAMBLE)
+    if cfg is not None and cfg.preamble == "generated":
+        texts += [form.format(a=a, b=a, n=n, m=n, o=n, v=v, d=d)
+                  for form in _SENTENCE_FORMS for a, n, v, d in zip(_ADJECTIVES * 2, _NOUNS, _VERBS * 2, _ADVERBS * 3)]
     texts += [t.format(c=c) for t in QUESTION_TEMPLATES for c in FRAME_COLOURS]
     return texts + [str(d) for d in range(10)]
