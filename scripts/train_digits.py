@@ -210,6 +210,20 @@ class Batcher:
         return dict(self.processor(text=[text], images=[image], return_tensors="pt"))
 
 
+def text_lm_loss(logits: torch.Tensor, enc: dict, batcher: Batcher) -> torch.Tensor:
+    """Next-token loss on every text token of the user turns (not the image's tokens, not padding, not the
+    answers, which the answer loss has). Why: a model trained on answers alone keeps only what answers
+    need and squeezes the rest of the sequence into a few directions of its residual stream; a released
+    VLM is a language model first, whose hidden states carry the text's words. Predicting the prompt
+    makes this one carry them too (``--lm-weight``)."""
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    tok = batcher.processor.tokenizer
+    special = torch.tensor(sorted(set(tok.all_special_ids) | {getattr(batcher.processor, "image_token_id", -1)}))
+    text = mask & ~torch.isin(ids, special) & (enc["labels"] == -100)
+    target = ids[:, 1:].masked_fill(~text[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+
 # ---------------------------------------------------------------------------------- vision auxiliary
 class VisionAux(nn.Module):
     """Auxiliary per-visual-token losses on the features the decoder receives (training only, not saved).
@@ -447,6 +461,8 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
         enc = batcher.train_batch(samples)
         out = model(**enc, use_cache=False)
         loss = out.loss
+        if args.lm_weight > 0:
+            loss = loss + args.lm_weight * text_lm_loss(out.logits, enc, batcher)
         if args.aux_weight > 0:
             aux_loss, _ = aux.loss_acc(model, enc, samples)
             loss = loss + args.aux_weight * aux_loss
@@ -514,6 +530,7 @@ def parse_args(argv=None):
                    help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--aux-weight", type=float, default=0.2)
+    p.add_argument("--lm-weight", type=float, default=0.0, help="weight of a next-token loss on the prompt's text (see text_lm_loss)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--val-samples", type=int, default=150)
     # outliers, output, measurement
