@@ -127,13 +127,13 @@ def measure_linear(rec: dict[str, Any], schemes: dict[str, WeightQuantSpec], gri
     calibration pool, once)."""
     w, xc, hv = rec["weight"], rec["calib"], rec["val_sum"]
     pool, in_f = xc.shape[0], w.shape[1]
-    eigs = torch.linalg.eigvalsh(hv)
+    direction_energy = torch.linalg.eigvalsh(hv).clamp(min=0).flip(0)  # per direction, in decreasing order
     energy = float(((w.double() @ hv) * w.double()).sum())
     xa = xc.abs()
     peak = xa.max(0).values / xa.median(0).values.clamp_min(1e-30)  # per input channel: largest |x| over its median
     result = {"part": rec["part"], "kind": rec["kind"], "in_features": in_f, "out_features": w.shape[0],
               "calib_rows": pool, "distinct_calib_rows": int(torch.unique(xc, dim=0).shape[0]), "val_rows": rec["val_rows"],
-              "val_rank90": rank_holding(eigs.clamp(min=0).flip(0), 0.90), "val_rank99": rank_holding(eigs.clamp(min=0).flip(0), 0.99),
+              "val_rank90": rank_holding(direction_energy, 0.90), "val_rank99": rank_holding(direction_energy, 0.99),
               "sparse_channels": int((peak > SPARSE_PEAK).sum()), "schemes": {}}
     solved: dict[tuple, dict[str, Any]] = {}  # effective spec -> result (w4a16 and w4 per-channel agree at width <= 128)
     for sname, spec in schemes.items():

@@ -177,6 +177,8 @@ class Batcher:
         tok = processor.tokenizer
         self.prefix = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
         self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        # ids that are never text: special tokens and the image's placeholder (text_lm_loss skips them)
+        self.non_text_ids = torch.tensor(sorted(set(tok.all_special_ids) | {getattr(processor, "image_token_id", -1)}))
 
     def answer_labels(self, ids: torch.Tensor) -> torch.Tensor:
         """Labels = ids on answer tokens (from after '<|im_start|>assistant\\n' through '<|im_end|>'), else -100."""
@@ -217,9 +219,7 @@ def text_lm_loss(logits: torch.Tensor, enc: dict, batcher: Batcher) -> torch.Ten
     VLM is a language model first, whose hidden states carry the text's words. Predicting the prompt
     makes this one carry them too (``--lm-weight``)."""
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-    tok = batcher.processor.tokenizer
-    special = torch.tensor(sorted(set(tok.all_special_ids) | {getattr(batcher.processor, "image_token_id", -1)}))
-    text = mask & ~torch.isin(ids, special) & (enc["labels"] == -100)
+    text = mask & ~torch.isin(ids, batcher.non_text_ids) & (enc["labels"] == -100)
     target = ids[:, 1:].masked_fill(~text[:, 1:], -100)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
 

@@ -11,6 +11,7 @@ Fixtures
                       "question": ..., "answer": ...}`` per line; returns the JSONL path.
 ``benchmark``         session-scoped loader ``benchmark(name) -> module`` of ``benchmarks/<name>.py`` (they are
                       scripts, not a package: loaded by path with their folder importable for their siblings).
+``script``            the same for ``scripts/<name>.py``.
 """
 
 from __future__ import annotations
@@ -39,27 +40,40 @@ random.seed(0)
 np.random.seed(0)
 torch.manual_seed(0)
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_loader(folder: Path, prefix: str):
+    """``load(name)``: the module of ``folder/<name>.py``, loaded once, with ``folder`` importable while it
+    loads (for its sibling helpers) and the module registered in ``sys.modules`` (its dataclasses look it up)."""
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            sys.path.insert(0, str(folder))
+            try:
+                spec = importlib.util.spec_from_file_location(f"{prefix}{name}", folder / f"{name}.py")
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod
+                spec.loader.exec_module(mod)
+                loaded[name] = mod
+            finally:
+                sys.path.remove(str(folder))
+        return loaded[name]
+
+    return load
 
 
 @pytest.fixture(scope="session")
 def benchmark():
     """``benchmark("cost")``: the module of ``benchmarks/cost.py``, loaded once per session."""
-    loaded: dict[str, object] = {}
+    return _module_loader(_ROOT / "benchmarks", "tlq_bench_")
 
-    def load(name: str):
-        if name not in loaded:
-            sys.path.insert(0, str(_BENCHMARKS))  # a benchmark may import its sibling helpers (_report)
-            try:
-                spec = importlib.util.spec_from_file_location(f"tlq_bench_{name}", _BENCHMARKS / f"{name}.py")
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                loaded[name] = mod
-            finally:
-                sys.path.remove(str(_BENCHMARKS))
-        return loaded[name]
 
-    return load
+@pytest.fixture(scope="session")
+def script():
+    """``script("train_digits")``: the module of ``scripts/train_digits.py``, loaded once per session."""
+    return _module_loader(_ROOT / "scripts", "tlq_script_")
 
 
 # (width, height, background RGB, shape, shape RGB, question, answer)

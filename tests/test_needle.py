@@ -137,22 +137,14 @@ def test_generated_preambles_are_varied_hint_free_and_leave_the_images_alone():
         NeedleVQAConfig(preamble="lorem")
 
 
-def test_training_text_loss_predicts_the_prompt_words_only(tiny_vlm_dir):
+def test_training_text_loss_predicts_the_prompt_words_only(tiny_vlm_dir, script):
     """scripts/train_digits.py --lm-weight: the next-token loss covers the user's text tokens, never the
     image's placeholder tokens, the padding or the answer (the answer loss has those)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from tlq.pipeline import load_model
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
-    spec = importlib.util.spec_from_file_location("tlq_script_train_digits", path)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(script)
+    train = script("train_digits")
     _adapter, model, processor, *_ = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
-    batcher = script.Batcher(processor, "qwen2_vl")
+    batcher = train.Batcher(processor, "qwen2_vl")
     cfg = NeedleVQAConfig(rows=2, cols=2, num_framed=1, num_plain=1, num_fragments=0, asked_colours=("red",), preamble="generated")
     enc = batcher.train_batch(generate_samples("train", 2, cfg))
     vocab = model.config.text_config.vocab_size
@@ -161,7 +153,7 @@ def test_training_text_loss_predicts_the_prompt_words_only(tiny_vlm_dir):
     text = enc["attention_mask"][:, 1:].bool() & (target != processor.image_token_id) & (enc["labels"][:, 1:] == -100)
     logits = torch.zeros(*enc["input_ids"].shape, vocab)
     logits[:, :-1].scatter_(-1, target[..., None], 30.0)
-    assert float(script.text_lm_loss(logits, enc, batcher)) < 1e-6
+    assert float(train.text_lm_loss(logits, enc, batcher)) < 1e-6
     logits[:, :-1][text] = 0.0  # uniform exactly where the text is: the loss is log(vocab)
-    assert abs(float(script.text_lm_loss(logits, enc, batcher)) - np.log(vocab)) < 1e-4
+    assert abs(float(train.text_lm_loss(logits, enc, batcher)) - np.log(vocab)) < 1e-4
     assert int(text.sum()) > 20 and int((target == processor.image_token_id).sum()) > 0

@@ -285,13 +285,15 @@ def test_the_norm_fold_moves_outlier_channels_out_of_the_experts_inputs(tiny_vlm
     model_dir = _with_outlier_channels(tiny_vlm_dir(FAMILY), tmp_path / "m")
     cfg = build_config("w8a8", "smoothquant", num_samples=4, device="cpu", gptq_min_tokens=1)
 
-    def logit_error(run) -> float:
-        sample = _samples(run.adapter, run.model, run.processor, tiny_calib_jsonl, 1)[0]
-        fp = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-        with torch.no_grad():
-            return float((run.model(**sample.inputs, use_cache=False).logits - fp(**sample.inputs, use_cache=False).logits).pow(2).mean())
-
     folded = calibrate(model_dir, tiny_calib_jsonl, cfg, progress=False)
+    sample = _samples(folded.adapter, folded.model, folded.processor, tiny_calib_jsonl, 1)[0]
+    with torch.no_grad():
+        want = AutoModelForImageTextToText.from_pretrained(model_dir).eval()(**sample.inputs, use_cache=False).logits
+
+    def logit_error(run) -> float:
+        with torch.no_grad():
+            return float((run.model(**sample.inputs, use_cache=False).logits - want).pow(2).mean())
+
     assert "post_attention_layernorm" in folded.result.layers[0].search_alphas
     original = Qwen3VLMoeAdapter.smooth_mappings
     monkeypatch.setattr(Qwen3VLMoeAdapter, "smooth_mappings", lambda self, layer: tuple(m for m in original(self, layer) if not m.passive))

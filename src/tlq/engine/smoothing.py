@@ -67,8 +67,8 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         block = loss_module(ctx.config, mapping)
         rowwise = bool(block) and mapping.rowwise
         alone = _one_expert(layer, linears, block)  # found once per mapping, entered per pass
+        first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
         with alone():
-            first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
             stats, calls, call_weights = _record_mapping(ctx, first, block, xs, kwargs, weights, rowwise)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
