@@ -525,6 +525,10 @@ def parse_args(argv=None):
     p.add_argument("--vision-steps", type=int, default=600)
     p.add_argument("--vision-easy", action="store_true", help="the vision stage trains on the curriculum's easy data too")
     p.add_argument("--init-from", default="", help="start from this trained model directory (its outlier reparametrisation undone) instead of random weights")
+    p.add_argument(
+        "--grow-layers", type=int, default=0,
+        help="with --init-from: deepen the decoder to this many layers, new layers inserted as identities (see grow_decoder)",
+    )
     p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
     p.add_argument("--curriculum-option", action="append", default=[], metavar="FIELD=VALUE",
                    help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
@@ -605,6 +609,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.init_from:
         model, processor, init_info = init_from(Path(args.init_from), out)
+        if args.grow_layers:
+            grow_decoder(model, args.grow_layers)
         return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv, init_info)
     log(f"building untrained {args.family} checkpoint in {out}")
     # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
@@ -645,6 +651,39 @@ def init_from(init: Path, out: Path):
     undo_outliers(model, init_info.get("outlier_reparametrisation", {}))
     log(f"starting from {init} ({init_info.get('command', '?')})")
     return model, processor, init_info
+
+
+@torch.no_grad()
+def grow_decoder(model, n_layers: int) -> None:
+    """Deepen a trained decoder without changing what it computes, so that depth can be studied on a
+    model that already solves the task (learning the needle lookup from scratch is luck at these budgets).
+
+    New layers are spread evenly between the old ones; each starts as a copy of the layer before it with
+    its residual-branch outputs (``o_proj``, ``down_proj``) zeroed, i.e. an exact identity whose reads
+    already look at the subspaces the trained model uses, so training grows them into working layers."""
+    layers = decoder_layers(model)
+    old = len(layers)
+    if n_layers <= old:
+        raise SystemExit(f"--grow-layers {n_layers}: the model already has {old} layers; pass a larger number")
+    # slot i of the new stack holds old layer floor(i * old / n_layers) first time it appears, a copy after
+    src = [i * old // n_layers for i in range(n_layers)]
+    grown = []
+    for i, j in enumerate(src):
+        if i > 0 and src[i - 1] == j:
+            layer = copy.deepcopy(layers[j])
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        else:
+            layer = layers[j]
+        layer.self_attn.layer_idx = i
+        grown.append(layer)
+    model.model.language_model.layers = nn.ModuleList(grown)
+    cfg = model.config.text_config
+    cfg.num_hidden_layers = n_layers
+    cfg.layer_types = [cfg.layer_types[0]] * n_layers
+    if getattr(cfg, "max_window_layers", None) == old:
+        cfg.max_window_layers = n_layers
+    log(f"decoder grown from {old} to {n_layers} layers (new layers start as identities)")
 
 
 def finish_training(args, task, out: Path, info_path: Path, model, processor, test_split: str, test_n: int, argv, init_info: dict | None = None) -> int:

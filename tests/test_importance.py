@@ -24,7 +24,7 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
-from tlq.models.base import get_submodule
+from tlq.models.base import get_submodule, grid_boxes
 from tlq.models.tiny import FAMILIES
 
 
@@ -258,6 +258,31 @@ def test_visual_token_grid(tiny_vlm_dir, tiny_calib_jsonl, family):
         assert (rows, cols) == (2, 3) and rows * cols == int(wide.visual_mask.sum())
     else:  # the base tile: (56 / 14)^2 tokens, before the anyres tiles
         assert (rows, cols) == (4, 4) and rows * cols < int(wide.visual_mask.sum())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
+def test_visual_token_boxes_cover_every_visual_token_the_model_packs(tiny_vlm_dir, tiny_calib_jsonl, family):
+    """One box (or row separator) per visual token, for every image size and aspect ratio in the set;
+    LLaVA-OneVision: the base tile's grid, then the unpadded anyres grid with a separator per row —
+    also when ``anyres_max`` pools it (the processor then makes fewer tokens, and so must the layout)."""
+    adapter, model, processor, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, family, n=6)
+    for s in samples:
+        boxes = adapter.visual_token_boxes(model, s.inputs)
+        assert len(boxes) == int(s.visual_mask.sum())
+        regions = [b for b in boxes if b is not None]
+        assert all(0 <= b[0] < b[2] <= 1 + 1e-9 and 0 <= b[1] < b[3] <= 1 + 1e-9 for b in regions)
+    if family != "llava_onevision":
+        return
+    # 84x56 (WxH): the 56x112 (HxW) pinpoint, two tiles side by side = a 4x8 grid; the image fills 84 of
+    # its 112 px width, so unpadding keeps 6 of 8 columns: 4 rows of 6 tokens, each row then a separator
+    boxes = adapter.visual_token_boxes(model, samples[4].inputs)
+    assert boxes[:16] == grid_boxes(4, 4)
+    seps = [i for i, b in enumerate(boxes) if b is None]
+    assert seps == [16 + 7 * k + 6 for k in range(4)] and boxes[16:22] == grid_boxes(4, 6)[:6]
+    model.config.vision_aspect_ratio = processor.vision_aspect_ratio = "anyres_max_1"  # pool above 1 tile's worth
+    (pooled,) = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=6, max_seq_len=4096, seed=0)[4:5]
+    boxes = adapter.visual_token_boxes(model, pooled.inputs)
+    assert len(boxes) == int(pooled.visual_mask.sum()) < int(samples[4].visual_mask.sum())
 
 
 def test_run_importance_writes_report(tiny_vlm_dir, tiny_calib_jsonl, tmp_path):

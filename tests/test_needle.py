@@ -14,6 +14,7 @@ from tlq.data.needle import FRAME_COLOURS, PREAMBLE, QUESTION_TEMPLATES, NeedleV
 from tlq.data.records import read_jsonl, relevant_visual_tokens
 from tlq.importance import ImportanceConfig, run_importance
 from tlq.importance.visualize import _enrichment
+from tlq.models.base import grid_boxes
 
 
 def test_samples_are_deterministic_and_prefix_stable():
@@ -93,9 +94,17 @@ def test_jsonl_keeps_ground_truth_that_calibration_ignores(tmp_path):
     line = json.loads(path.read_text().splitlines()[0])
     assert line["relevant_tokens"] and line["token_grid"] == [8, 8]
     recs = read_jsonl(path)
-    mask = relevant_visual_tokens(recs[0], 64)
-    assert mask is not None and sum(mask) == 1 and mask[line["relevant_tokens"][0]]
-    assert relevant_visual_tokens(recs[0], 80) is None  # a different token layout: no comparison
+    target = line["relevant_tokens"][0]
+    mask = relevant_visual_tokens(recs[0], grid_boxes(8, 8))
+    assert mask is not None and sum(mask) == 1 and mask[target]
+    # tokens of half the cell's side (LLaVA-OneVision's base tile at 14 px patches): the 4 inside the cell
+    fine = relevant_visual_tokens(recs[0], grid_boxes(16, 16))
+    r, c = divmod(target, 8)
+    assert sorted(i for i, t in enumerate(fine) if t) == sorted((2 * r + dr) * 16 + 2 * c + dc for dr in (0, 1) for dc in (0, 1))
+    # twice the side: the one token holding the cell; a row separator (no box) never counts
+    coarse = relevant_visual_tokens(recs[0], [*grid_boxes(4, 4), None])
+    assert [i for i, t in enumerate(coarse) if t] == [(r // 2) * 4 + c // 2]
+    assert relevant_visual_tokens(recs[0], None) is None  # the model's layout unknown: no comparison
     assert recs[0].messages[0]["content"][1]["text"] == line["question"]
 
 
@@ -108,12 +117,19 @@ def test_enrichment_is_mass_share_over_token_share():
     assert e[1] == pytest.approx((2 / 4) / (1 / 4))
 
 
-def test_importance_report_measures_target_enrichment(tiny_vlm_dir, tmp_path):
-    model = tiny_vlm_dir("qwen2_vl")
+@pytest.mark.parametrize(
+    ("family", "share"),
+    # Qwen2-VL: a 28 px merged token per 28 px cell, 1 of 64. The tiny LLaVA-OneVision: a 56 px tile of
+    # 4x4 tokens of 56 px each (2x2 cells), as the base tile and as the one anyres tile + 4 row
+    # separators: the token holding the target in each, 2 of 36.
+    [("qwen2_vl", 1 / 64), ("llava_onevision", 2 / 36)],
+)
+def test_importance_report_measures_target_enrichment(tiny_vlm_dir, tmp_path, family, share):
+    model = tiny_vlm_dir(family)
     calib = write_jsonl(generate_samples("calibration", 2), tmp_path / "data", "calib")
     summary = run_importance(model, calib, tmp_path / "imp", num_samples=2, cfg=ImportanceConfig(), device="cpu")
     te = summary["target_enrichment"]
-    assert te["num_samples"] == 2 and te["target_share_of_visual_tokens"] == pytest.approx(1 / 64)
+    assert te["num_samples"] == 2 and te["target_share_of_visual_tokens"] == pytest.approx(share)
     assert len(te["weight_per_layer"]) == summary["num_layers"]
     assert all(v is None or v >= 0 for v in te["grad2_per_layer"])
     assert all(s["target_tokens"] and s["target_enrichment_per_layer"] for s in summary["samples"])
@@ -157,3 +173,32 @@ def test_training_text_loss_predicts_the_prompt_words_only(tiny_vlm_dir, script)
     logits[:, :-1][text] = 0.0  # uniform exactly where the text is: the loss is log(vocab)
     assert abs(float(train.text_lm_loss(logits, enc, batcher)) - np.log(vocab)) < 1e-4
     assert int(text.sum()) > 20 and int((target == processor.image_token_id).sum()) > 0
+
+
+def test_growing_the_decoder_keeps_the_function_and_reloads(tiny_vlm_dir, script, tmp_path):
+    """scripts/train_digits.py --grow-layers: new layers are spread between the old ones as exact
+    identities (residual outputs zeroed), so the deeper model starts where the trained one was; the
+    config follows, so the saved model reloads with every layer."""
+    from transformers import AutoModelForImageTextToText
+
+    train = script("train_digits")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir("qwen2_vl"), dtype=torch.float32).eval()
+    old = list(train.decoder_layers(model))
+    ids = torch.randint(0, 100, (2, 24))
+    before = model(input_ids=ids).logits
+    train.grow_decoder(model, 2 * len(old) + 1)
+    grown = train.decoder_layers(model)
+    assert len(grown) == 2 * len(old) + 1 == model.config.text_config.num_hidden_layers
+    assert [layer.self_attn.layer_idx for layer in grown] == list(range(len(grown)))
+    kept = [i for i, layer in enumerate(grown) if any(layer is o for o in old)]
+    assert len(kept) == len(old) and kept[0] == 0
+    for i, layer in enumerate(grown):
+        if i not in kept:
+            assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+            assert layer.self_attn.q_proj.weight.any()  # a copy of its neighbour's reads, not blank
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit, match="already has"):
+        train.grow_decoder(model, 2)

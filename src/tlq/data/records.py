@@ -15,7 +15,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -35,19 +35,34 @@ class CalibRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # the line's other keys (ground truth), unused by calibration
 
 
-def relevant_visual_tokens(record: CalibRecord, num_visual: int) -> list[bool] | None:
-    """Mask over the first image's ``num_visual`` visual tokens: which ones hold the answer.
+def relevant_visual_tokens(record: CalibRecord, boxes: Sequence[Sequence[float] | None] | None) -> list[bool] | None:
+    """Mask over the first image's visual tokens, given where each looks (``boxes``, see
+    ``ModelAdapter.visual_token_boxes``): which ones hold the answer.
 
-    From the optional keys ``relevant_tokens`` (indices, row-major) and ``token_grid`` ([rows, cols]) that a
-    generator such as :mod:`tlq.data.needle` writes. ``None`` when the line has none, or when the model's
-    visual tokens are not that grid (e.g. LLaVA-OneVision's anyres tiles), so importance is never compared
-    against a layout the ground truth does not describe.
+    The ground truth is in image space, from the optional keys that a generator such as
+    :mod:`tlq.data.needle` writes: ``token_grid`` ([rows, cols] cells over the image) and
+    ``relevant_tokens`` (the answer's cells, row-major). A token is relevant when its box overlaps those
+    cells by at least half of the smaller of its own area and one cell's (on a grid equal to the cells:
+    exactly the answer's tokens; finer tokens: those inside the cells; coarser: those holding them); a
+    token without a box (a row separator) never is. ``None`` when the line has no ground truth or the
+    model's layout is unknown, so importance is never compared against a layout nobody described.
     """
     grid, rel = record.extra.get("token_grid"), record.extra.get("relevant_tokens")
-    if not grid or rel is None or int(grid[0]) * int(grid[1]) != num_visual:
+    if not grid or rel is None or boxes is None:
         return None
-    wanted = {int(i) for i in rel}
-    return [i in wanted for i in range(num_visual)]
+    rows, cols = int(grid[0]), int(grid[1])
+    cells = [((i % cols) / cols, (i // cols) / rows, (i % cols + 1) / cols, (i // cols + 1) / rows) for i in {int(i) for i in rel}]
+
+    def overlap(a: Sequence[float], b: Sequence[float]) -> float:
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    def relevant(box: Sequence[float] | None) -> bool:
+        if box is None:
+            return False
+        need = 0.5 * min((box[2] - box[0]) * (box[3] - box[1]), 1 / (rows * cols))
+        return sum(overlap(box, c) for c in cells) >= need - 1e-12
+
+    return [relevant(box) for box in boxes]
 
 
 def _qa_messages(question: str, answer: str | None) -> list[dict[str, Any]]:

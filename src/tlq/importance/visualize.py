@@ -94,7 +94,7 @@ def heatmap_overlay(image: Image.Image, grid: tuple[int, int], values: Tensor, v
     for c in range(1, cols):
         x = round(c * disp.size[0] / cols)
         draw.line([(x, 0), (x, disp.size[1])], fill=(255, 255, 255), width=1)
-    for t in targets or ():
+    for t in [t for t in targets or () if int(t) < rows * cols]:  # tokens past the grid (anyres tiles) are not drawn
         r, c = divmod(int(t), cols)
         x0, y0 = round(c * disp.size[0] / cols), round(r * disp.size[1] / rows)
         x1, y1 = round((c + 1) * disp.size[0] / cols) - 1, round((r + 1) * disp.size[1] / rows) - 1
@@ -266,7 +266,8 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
             vis_w, txt_w = _modality_means(w, s.visual_mask)
             vis_r, txt_r = _modality_means(raw, s.visual_mask)
             grid = adapter.visual_token_grid(hf_model, s.inputs)
-            truth = relevant_visual_tokens(rec, int(s.visual_mask.sum()))
+            boxes = adapter.visual_token_boxes(hf_model, s.inputs)
+            truth = relevant_visual_tokens(rec, boxes) if boxes is not None and len(boxes) == int(s.visual_mask.sum()) else None
             target_mask = _target_positions(s.visual_mask, truth)
             entry: dict[str, Any] = {
                 "index": i,

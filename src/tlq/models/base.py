@@ -186,6 +186,17 @@ class ModelAdapter:
         """
         return None
 
+    def visual_token_boxes(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[Box | None] | None:
+        """Where in the first image each of its visual tokens looks, in sequence order: ``(x0, y0, x1, y1)``
+        as fractions of the image's width and height, or ``None`` for a token that covers no region (a
+        row separator). ``None`` when the layout is unknown.
+
+        Why: ground truth lives in image space (a generator knows where it drew its target), while the
+        tokens' layout over the image is the model's own, so only the adapter can map one onto the
+        other. The default is the row-major grid of :meth:`visual_token_grid`."""
+        grid = self.visual_token_grid(model, inputs)
+        return None if grid is None else grid_boxes(*grid)
+
     # --- between decoder layers -----------------------------------------------------------------
     def record_between(self, model: nn.Module, record: dict[str, Any]) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks that fill ``record`` with what :meth:`between_layers` needs, during the layer-0 capture.
@@ -261,6 +272,14 @@ class ModelAdapter:
         if "hidden_states" not in captured:
             raise RuntimeError("decoder layer 0 was never called; the adapter does not match this model")
         return LayerInputs(captured["hidden_states"], captured["kwargs"], tree_to(between, "cpu"))
+
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), fractions of the image's width and height
+
+
+def grid_boxes(rows: int, cols: int) -> list[Box]:
+    """The boxes of a ``rows x cols`` grid of tokens covering the whole image, row-major."""
+    return [(c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)]
 
 
 def read_model_type(model_dir: Path) -> str:
