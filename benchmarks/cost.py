@@ -316,7 +316,7 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
              f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Random bf16 weights at the released widths, {result.get('compute', 'compute in float32 on CPU')}, "
              f"{result['num_samples']} samples of {result['image_px']} px ({result['rows'][0]['num_tokens']} tokens), {result['scheme']}; "
-             "llm-compressor (if a row) ran its own Qwen2-VL GPTQ / AWQ recipe on the same checkpoint and the same encoded inputs. "
+             "llm-compressor (if a row) ran its GPTQ / AWQ recipe (as its Qwen2-VL examples configure it, with tlq's 16-bit list for the model as its ignore list) on the same checkpoint and the same encoded inputs. "
              + ("tlq streamed (`--stream`: decoder layers read from disk one at a time). " if result.get("stream") else "")
              + "Each method in its own process, one after the other; peak RSS from the OS (rusage of each process)"
              + ("; peak GPU memory: the largest per-layer `torch.cuda.max_memory_allocated` in tlq's report." if result.get("gpu") else "."), "",
