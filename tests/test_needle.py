@@ -202,3 +202,21 @@ def test_growing_the_decoder_keeps_the_function_and_reloads(tiny_vlm_dir, script
     torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=1e-5)
     with pytest.raises(SystemExit, match="already has"):
         train.grow_decoder(model, 2)
+
+
+def test_sum_questions_add_the_two_named_frames_digits():
+    """question="sum": both named colours are framed in every image, the answer is the last digit of the
+    sum of their (dominant) digits, and both cells are the ground truth; the third frame is a look-alike."""
+    cfg = NeedleVQAConfig(asked_colours=("red", "blue"), question="sum", target_blend=(0.5, 1.0))
+    samples = generate_samples("val", 40, cfg)
+    colour_ids = {name: 1 + i for i, name in enumerate(FRAME_COLOURS)}
+    for s in samples:
+        red, blue = (s.marks.index(colour_ids[c]) for c in ("red", "blue"))
+        assert s.answer == str((s.labels[red] + s.labels[blue]) % 10)
+        assert s.extra["relevant_tokens"] == sorted((red, blue)) and len(s.turns) == 1
+        assert "red" in s.question and "blue" in s.question and sum(m > 0 for m in s.marks) == cfg.num_framed
+    assert len({s.answer for s in samples}) >= 8
+    with pytest.raises(ConfigError, match="two frames"):
+        NeedleVQAConfig(asked_colours=("red",), question="sum")
+    with pytest.raises(ConfigError, match="question must be"):
+        NeedleVQAConfig(question="count")

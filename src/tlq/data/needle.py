@@ -40,6 +40,7 @@ __all__ = [
     "FRAME_COLOURS",
     "PREAMBLE",
     "QUESTION_TEMPLATES",
+    "SUM_TEMPLATES",
     "DEFAULT_SIZES",
     "NeedleVQAConfig",
     "generate_samples",
@@ -95,6 +96,15 @@ QUESTION_TEMPLATES: tuple[str, ...] = (
     "Read the digit inside the {c} box.",
 )
 
+SUM_TEMPLATES: tuple[str, ...] = (
+    "Add the digits in the {c} and {d} frames. What is the last digit of the sum?",
+    "What is the last digit of the sum of the {c} and {d} framed digits?",
+    "Sum the digits inside the {c} and {d} boxes and give the last digit.",
+)
+"""``question="sum"``: two frames named, the answer is ``(a + b) mod 10``."""
+
+QUESTIONS = ("read", "sum")
+
 PREAMBLE_SOURCES = ("fixed", "generated")
 
 DEFAULT_SIZES: dict[str, int] = {"calibration": 128, "val": 300, "test": 1000}
@@ -125,6 +135,11 @@ class NeedleVQAConfig(CellGrid):
         asked_colours: the frame colours a question may name; every image holds at least one of them and
             the other framed digits are look-alike distractors. One colour (e.g. ``("red",)``) makes the
             cue fixed, so the question's text no longer chooses the target.
+        question: ``"read"`` = the digit in one named frame; ``"sum"`` = the last digit of the sum of the
+            digits in the first two ``asked_colours``' frames (every image holds both; the other frames are
+            distractors). Why: reading is one lookup a quantized model keeps easily; adding two read digits
+            makes the decoder's MLPs hold a 100-entry table, knowledge stored in weights as in a real model,
+            with two sparse targets (2 of 64 tokens) instead of one.
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
             different digit at weight ``1 - a`` (the answer stays the dominant digit). Why: real images
             are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
@@ -147,6 +162,7 @@ class NeedleVQAConfig(CellGrid):
     preamble_range: tuple[int, int] = (2, 4)
     preamble: str = "fixed"
     asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
+    question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
     test_fraction: float = 0.3
     seed: int = 0
@@ -166,6 +182,10 @@ class NeedleVQAConfig(CellGrid):
         unknown = sorted(set(self.asked_colours) - set(FRAME_COLOURS))
         if not self.asked_colours or unknown:
             raise ConfigError(f"asked_colours must be a non-empty subset of {list(FRAME_COLOURS)}, got {list(self.asked_colours)}")
+        if self.question not in QUESTIONS:
+            raise ConfigError(f"question must be one of {', '.join(QUESTIONS)}, got {self.question!r}")
+        if self.question == "sum" and (len(self.asked_colours) < 2 or self.num_framed < 2):
+            raise ConfigError("question='sum' names two frames: give at least two asked_colours and num_framed >= 2")
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
@@ -250,15 +270,16 @@ def _generated_sentence(rng: np.random.Generator) -> str:
     return form.format(a=pick(_ADJECTIVES), b=pick(_ADJECTIVES), n=pick(_NOUNS), m=pick(_NOUNS), o=pick(_NOUNS), v=pick(_VERBS), d=pick(_ADVERBS))
 
 
-def _question(colour: str, cfg: NeedleVQAConfig, rng: np.random.Generator) -> str:
+def _question(colour: str, cfg: NeedleVQAConfig, rng: np.random.Generator, other: str | None = None) -> str:
     lo, hi = cfg.preamble_range
     k = int(rng.integers(lo, hi + 1))
     if cfg.preamble == "generated":
         sentences = [_generated_sentence(rng) for _ in range(k)]
     else:
         sentences = [PREAMBLE[int(i)] for i in sorted(rng.choice(len(PREAMBLE), size=k, replace=False))]
-    template = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
-    return " ".join([*sentences, template.format(c=colour)])
+    templates = QUESTION_TEMPLATES if other is None else SUM_TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
+    return " ".join([*sentences, template.format(c=colour, d=other)])
 
 
 def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
@@ -282,7 +303,12 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     cells = {cell: (scan(lab), float(img_rng.uniform(lo, hi))) for cell, lab in zip(digit_cells, labels)}
     names = list(FRAME_COLOURS)
     colours = [names[int(i)] for i in img_rng.choice(len(names), size=cfg.num_framed, replace=False)]
-    if not set(colours) & set(cfg.asked_colours):  # never with the default (every colour may be asked)
+    if cfg.question == "sum":  # both summed colours framed, the other frames drawn from the rest
+        pair = list(cfg.asked_colours[:2])
+        rest = [c for c in colours if c not in pair]
+        colours = pair + rest[: cfg.num_framed - 2]
+        colours = [colours[int(i)] for i in img_rng.permutation(len(colours))]
+    elif not set(colours) & set(cfg.asked_colours):  # never with the default (every colour may be asked)
         free = [c for c in cfg.asked_colours if c not in colours]
         colours[0] = free[int(img_rng.integers(len(free)))]
     frames = dict(zip(digit_cells[: cfg.num_framed], colours))
@@ -291,13 +317,21 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     overprint = _overprints(frames, cell_label, cfg, img_rng, scan)
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
+    grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
+    marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
+    if cfg.question == "sum":
+        at = {colour: cell for cell, colour in frames.items()}
+        a, b = (at[c] for c in cfg.asked_colours[:2])
+        turns = [(_question(cfg.asked_colours[0], cfg, q_rng, other=cfg.asked_colours[1]), str((cell_label[a] + cell_label[b]) % 10))]
+        extra = {"relevant_tokens": sorted((a, b)), "token_grid": [cfg.rows, cfg.cols], "frame": "+".join(cfg.asked_colours[:2])}
+        if a in overprint:
+            extra["blend"] = [round(overprint[a][1], 4), round(overprint[b][1], 4)]
+        return Sample(image, turns[0][0], turns[0][1], "needle-sum", turns, grid_labels, extra=extra, marks=marks)
     framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
     framed = framed[first:] + framed[:first]
     turns = [(_question(colour, cfg, q_rng), str(cell_label[cell])) for cell, colour in framed]
     target = framed[0][0]
-    grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
-    marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
     extra = {"relevant_tokens": [target], "token_grid": [cfg.rows, cfg.cols], "frame": framed[0][1]}
     if target in overprint:
         extra["blend"] = round(overprint[target][1], 4)
@@ -343,4 +377,6 @@ def corpus(cfg: NeedleVQAConfig | None = None) -> list[str]:
         texts += [form.format(a=a, b=a, n=n, m=n, o=n, v=v, d=d)
                   for form in _SENTENCE_FORMS for a, n, v, d in zip(_ADJECTIVES * 2, _NOUNS, _VERBS * 2, _ADVERBS * 3)]
     texts += [t.format(c=c) for t in QUESTION_TEMPLATES for c in FRAME_COLOURS]
+    if cfg is not None and cfg.question == "sum":
+        texts += [t.format(c=c, d=d) for t in SUM_TEMPLATES for c in FRAME_COLOURS for d in FRAME_COLOURS if c != d]
     return texts + [str(d) for d in range(10)]
