@@ -474,3 +474,28 @@ def test_a_target_shift_of_the_wrong_shape_is_refused(data):
 def test_unknown_gptq_target_is_refused():
     with pytest.raises(ConfigError, match="GPTQ target"):
         GPTQConfig(target="fp16")
+
+
+@pytest.mark.parametrize("n", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_inverse_cholesky_by_one_factorisation_equals_the_two_factorisation_route(n, dtype, layout):
+    """CPU: ``J chol(J H J)^-1 J`` (one factorisation and a triangular inverse, in H's storage) is the
+    upper Cholesky factor of ``H^-1`` that factorising, inverting and factorising again gives, with exact
+    zeros below the diagonal, in either memory layout; a matrix that is not positive definite gives None."""
+    from tlq.quant.gptq import _try_inverse_cholesky_
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / (2 * n + 3) + 0.01 * torch.eye(n, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    work = h.to(dtype).clone() if layout == "row" else h.to(dtype).clone().mT
+    storage = work.data_ptr()
+    u = _try_inverse_cholesky_(work)
+    assert u is not None and u.data_ptr() == storage  # in place: no second in x in buffer
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(u.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    assert not torch.tril(u, -1).any()
+    bad = h.clone()
+    bad[0, 0] = -1.0
+    assert _try_inverse_cholesky_(bad.to(dtype)) is None

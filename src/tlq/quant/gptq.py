@@ -455,8 +455,19 @@ def _inverse_hessian_cholesky_(h: Tensor, cfg: GPTQConfig) -> Tensor:
 
 
 def _try_inverse_cholesky_(h: Tensor) -> Tensor | None:
-    """``cholesky(inverse(h), upper=True)`` via two factorisations, computed in ``h``'s own storage
-    (which it overwrites and returns), or ``None`` if either fails."""
+    """``cholesky(inverse(h), upper=True)``, computed in ``h``'s own storage (which it overwrites and
+    returns), or ``None`` if ``h`` is not positive definite (or the result not finite).
+
+    On CPU by one factorisation and a triangular inverse: with ``J`` the order reversal and ``J h J = L
+    L^T``, ``h^-1 = (J L^-1 J)^T (J L^-1 J)`` and ``J L^-1 J`` is upper triangular with a positive
+    diagonal, so it *is* the factor. That is about half the operations of factorising, inverting and
+    factorising again (measured: 0.42x the time at 3,000 inputs in float64, equal to 2e-15), and it is
+    GPTQ's one O(in^3) step (its solve phase is 85% of the run at Qwen2-VL-7B widths, docs/cost.md).
+    Torch has no triangular inverse, so LAPACK's comes through scipy (a dependency of scikit-learn);
+    other devices take the two factorisations.
+    """
+    if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64):
+        return _try_inverse_cholesky_reversed_(h)
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(h, out=(h, info))
     if int(info) != 0:
@@ -466,6 +477,41 @@ def _try_inverse_cholesky_(h: Tensor) -> Tensor | None:
     if int(info) != 0 or not is_finite(h):
         return None
     return h
+
+
+def _try_inverse_cholesky_reversed_(h: Tensor) -> Tensor | None:
+    """:func:`_try_inverse_cholesky_` on CPU: ``J (chol(J h J))^-1 J`` in ``h``'s storage."""
+    from scipy.linalg import lapack
+
+    info = torch.empty((), dtype=torch.int32)
+    _reverse_(h)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0:
+        return None
+    a = h.numpy()  # h's storage; LAPACK inverts the lower triangle in place, the zeros above stay
+    fortran = a.flags.f_contiguous  # LAPACK's layout; a C-ordered h is handed over as its transpose
+    inv, status = lapack.get_lapack_funcs("trtri", (a,))(a if fortran else a.T, lower=int(fortran), overwrite_c=1)
+    if status != 0:
+        return None
+    if inv.__array_interface__["data"][0] != a.__array_interface__["data"][0]:  # worked on a copy
+        h.copy_(torch.from_numpy(inv if fortran else inv.T))
+    _reverse_(h)
+    return h if is_finite(h) else None
+
+
+def _reverse_(h: Tensor, chunk: int = 1 << 20) -> None:
+    """``h <- J h J`` (both axes reversed) in place, in ``chunk``-element pieces: reversing both axes of
+    a dense matrix reverses its storage, so no second ``in x in`` buffer is needed."""
+    if not (h.is_contiguous() or h.mT.is_contiguous()):
+        raise ValueError("_reverse_ needs a dense matrix (row- or column-major)")
+    flat = h.as_strided((h.numel(),), (1,))
+    n = flat.numel()
+    for start in range(0, n // 2, chunk):
+        stop = min(start + chunk, n // 2)
+        front, back = flat[start:stop], flat[n - stop : n - start]
+        tmp = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(tmp.flip(0))
 
 
 def _solve_columns(
