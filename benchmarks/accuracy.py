@@ -29,6 +29,7 @@ from tlq.api import build_config, calibrate, load_model
 from tlq.builtin import builtin_set, resolve_model_dir
 from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
 from tlq.data.records import choose, read_jsonl
+from tlq.engine import smoothing
 from tlq.eval.paired import mcnemar
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
@@ -79,6 +80,9 @@ VARIANTS.update({
     # the coarse-to-fine scale search (docs/search_coarse.md): same grid, a third of it first
     "TLQ coarse 3": ("tlq", {"search_coarse": 3}),
     "AWQ coarse 3": ("awq", {"search_coarse": 3}),
+    # bf16 candidate forwards in the scale search (docs/cost.md): the same grid, a noisier loss
+    "TLQ search bf16": ("tlq", {"search_dtype": "bfloat16"}),
+    "AWQ search bf16": ("awq", {"search_dtype": "bfloat16"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs
@@ -391,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
+    if any(VARIANTS[v][1].get("search_dtype") == "bfloat16" for v in variants):
+        # every linear of the built-ins is under the bf16 size floor: lowered, so the rounding is measured at all
+        smoothing.BF16_MIN_WEIGHTS = 0
     seeds = [int(s) for s in args.seeds.split(",")]
     schemes = [s.strip() for s in args.schemes.split(",")]
     result: dict[str, Any] = {

@@ -161,3 +161,27 @@ def test_engine_runs_the_steps_the_config_lists_in_that_order(tiny_vlm_dir, tiny
     assert {name for _i, name in seen} == {"solve"} and not any(r.search_alphas for r in solve_only.layers)
     with pytest.raises(ConfigError, match="autoround"):
         LayerwiseEngine(adapter, model, replace(cfg, steps=("scale_search", "autoround")), dev, progress=False)
+
+
+@pytest.mark.parametrize("family,method", [("qwen2_vl", "tlq"), ("qwen3_5", "gptq"), ("qwen3_vl_moe", "gptq")])
+def test_statistics_passes_stop_after_the_group_and_solve_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family, method):
+    """Each group's statistics pass runs the layer (and, with the FP target, its FP copy) only as far as
+    the group's linears: fewer MLP calls than whole forwards, and the same codes bit for bit (per expert
+    too: a MoE stage never stops early). W4A8: the input quantizers' hooks are on the path."""
+    import tlq.engine.solve as solve
+
+    codes, mlp_calls = {}, {}
+    for how in ("whole", "partial"):
+        adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
+        if how == "whole":
+            monkeypatch.setattr(solve._PartialForward, "run", lambda self, layer, x, kw: run_layer(layer, x, kw))
+        count = [0]
+        for layer in adapter.decoder_layers(model):
+            layer.mlp.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        cfg = build_config("w4a8", method, weighting="uniform", scale_search="none", num_samples=4)
+        result = LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        codes[how], mlp_calls[how] = {k: q.codes for k, q in result.quantized.items()}, count[0]
+        monkeypatch.undo()
+    assert codes["whole"].keys() == codes["partial"].keys()
+    assert all(torch.equal(codes["whole"][k], c) for k, c in codes["partial"].items())
+    assert mlp_calls["partial"] < mlp_calls["whole"]

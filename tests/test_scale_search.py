@@ -335,3 +335,66 @@ def test_expert_candidates_judged_with_their_expert_alone_give_the_same_losses(t
     (fast, fast_res, fast_runs), (ref, ref_res, ref_runs) = runs
     _assert_same_search(fast, fast_res, ref, ref_res)
     assert fast_runs and all(e == only for e, only in fast_runs) and ref_runs == []  # alone: no other expert ran
+
+
+def test_loss_precision_runs_matmuls_in_bf16_and_restores_the_weights():
+    """bfloat16: inside, the block's large linears hold bf16 weights (cast once, not per call) and return
+    float32 within bf16 rounding of the float32 output; linears under the size floor keep float32; after,
+    the very same float32 tensors are back. "compute" changes nothing."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 256), nn.SiLU(), nn.Linear(256, 64), nn.Linear(64, 8))
+    x = torch.randn(32, 64)
+    ref = block(x)
+    lins = [m for m in block if isinstance(m, nn.Linear)]
+    before = [(m.weight.data, m.bias.data) for m in lins]
+    with torch.no_grad(), smoothing.loss_precision(block, "compute", min_weights=1000):
+        assert all(m.weight.dtype == torch.float32 for m in lins)
+        assert torch.equal(block(x), ref)
+    with torch.no_grad(), smoothing.loss_precision(block, "bfloat16", min_weights=1000):
+        assert [m.weight.dtype for m in lins] == [torch.bfloat16, torch.bfloat16, torch.float32]  # 64 x 8 is under the floor
+        low = block(x)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    torch.testing.assert_close(low, ref, rtol=0.05, atol=0.02)
+    assert all(m.weight.data_ptr() == w.data_ptr() and m.bias.data_ptr() == b.data_ptr() and m.weight.dtype == torch.float32 for m, (w, b) in zip(lins, before))
+    assert torch.equal(block(x), ref)  # no hook left behind
+
+
+def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """--search-dtype bfloat16 reaches the candidates' forwards (the MLP's linears run bf16 weights there;
+    the size floor lowered to the tiny model's 128 x 256) and its losses stay within bf16 noise of the
+    exact search's, the baselines included."""
+    monkeypatch.setattr(smoothing, "BF16_MIN_WEIGHTS", 128 * 256)
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+    runs = {}
+    for loss_dtype in ("compute", "bfloat16"):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        dtypes: set = set()
+        for layer in adapter.decoder_layers(model):
+            layer.mlp.down_proj.register_forward_hook(lambda m, _a, _o: dtypes.add(m.weight.dtype))
+        seen = _record_searches(monkeypatch)
+        cfg = build_config("w3a16", "tlq", weighting="uniform", search_grid=6, solver="rtn", search_dtype=loss_dtype)
+        LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        runs[loss_dtype] = (seen, dtypes)
+        monkeypatch.setattr(smoothing, "search_scales", search_scales)
+    (exact, exact_dtypes), (low, low_dtypes) = runs["compute"], runs["bfloat16"]
+    assert exact_dtypes == {torch.float32} and low_dtypes == {torch.float32, torch.bfloat16}  # FP passes stay float32
+    assert len(exact) == len(low) > 0
+    a = torch.tensor([[r.baseline_loss, *r.losses] for r in exact])
+    b = torch.tensor([[r.baseline_loss, *r.losses] for r in low])
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=0.05, atol=1e-6)
+
+
+def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """auto: bf16 matmuls on a CPU with AVX512-BF16 or AMX and on a GPU; float32 where bf16 is emulated."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "compute")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert smoothing.resolve_loss_dtype("auto", cpu) == expected
+        assert smoothing.resolve_loss_dtype("auto", gpu) == "bfloat16"
+        assert smoothing.resolve_loss_dtype("compute", gpu) == "compute"
+    block = nn.Linear(256, 256)  # no native bf16: auto leaves the weights alone
+    with torch.no_grad(), smoothing.loss_precision(block, "auto", min_weights=1):
+        assert block.weight.dtype == torch.float32

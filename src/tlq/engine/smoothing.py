@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -184,19 +184,69 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
         # on a GPU a read per sample is a host round trip per sample and candidate
         total = None
-        for i, w in enumerate(weights):
-            kept = None if w is None else (w > 0).nonzero().reshape(-1)
-            rows[0] = None if kept is None or kept.numel() == w.numel() else kept.to(ctx.device)
-            out = calls.run(i, ctx.dev).float()
-            err = (out - calls.targets[i].to(out.device).float()).pow(2).sum(-1)[0]
-            part = ((err * w.to(err.device)).sum() if w is not None else err.sum()).double()
-            total = part if total is None else total + part
+        with loss_precision(calls.module, ctx.config.search.loss_dtype):
+            for i, w in enumerate(weights):
+                kept = None if w is None else (w > 0).nonzero().reshape(-1)
+                rows[0] = None if kept is None or kept.numel() == w.numel() else kept.to(ctx.device)
+                out = calls.run(i, ctx.dev).float()
+                err = (out - calls.targets[i].to(out.device).float()).pow(2).sum(-1)[0]
+                part = ((err * w.to(err.device)).sum() if w is not None else err.sum()).double()
+                total = part if total is None else total + part
         return D.all_reduce_scalar_sum(0.0 if total is None else float(total))
     finally:
         for h in hooks:
             h.remove()
         for lin, w0 in zip(linears, originals):
             lin.weight.data = w0
+
+
+# Linears below this many weights keep float32 in a bf16 loss: a bf16 matmul only pays from about this size
+# on a CPU with AVX512-BF16 (measured at 32 to 600 rows: 0.47-0.63x the float32 time from 65,536 weights up,
+# 0.65-2.0x at 128 x 128; docs/cost.md).
+BF16_MIN_WEIGHTS = 1 << 16
+
+
+def resolve_loss_dtype(loss_dtype: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 or AMX), else
+    ``"compute"``: elsewhere oneDNN emulates bf16 and the shortcut would cost time instead of saving it."""
+    if loss_dtype != "auto":
+        return loss_dtype
+    native = device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native else "compute"
+
+
+@contextlib.contextmanager
+def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None = None) -> Iterator[None]:
+    """Run the matmuls of ``module``'s float32 linears (those of at least ``min_weights`` weights) in
+    ``loss_dtype`` while a candidate is judged: weights cast once per candidate, each input cast on the
+    way in (after the activation quantizer and the candidate's input division, which run first) and each
+    output cast back to float32, so norms, attention, residual sums and the loss stay float32 and only
+    the matmuls' operands are rounded. ``"compute"``: unchanged; ``"auto"``: :func:`resolve_loss_dtype`.
+    ``min_weights``: default :data:`BF16_MIN_WEIGHTS`."""
+    min_weights = BF16_MIN_WEIGHTS if min_weights is None else min_weights
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weights]
+    loss_dtype = resolve_loss_dtype(loss_dtype, linears[0].weight.device) if linears else "compute"
+    if loss_dtype == "compute":
+        yield
+        return
+    dtype = getattr(torch, loss_dtype)
+    saved = [(lin.weight.data, None if lin.bias is None else lin.bias.data) for lin in linears]
+    handles = []
+    try:
+        for lin in linears:
+            lin.weight.data = lin.weight.data.to(dtype)
+            if lin.bias is not None:
+                lin.bias.data = lin.bias.data.to(dtype)
+            handles.append(lin.register_forward_pre_hook(lambda _m, args, dt=dtype: (args[0].to(dt), *args[1:])))
+            handles.append(lin.register_forward_hook(lambda _m, _args, out: out.float()))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for lin, (w, b) in zip(linears, saved):
+            lin.weight.data = w
+            if b is not None:
+                lin.bias.data = b
 
 
 def _row_cuts(ctx: LayerContext, rows: list[Tensor | None]) -> list[Any]:
