@@ -12,8 +12,9 @@ the sequence length (attention grows with it) and the widths.
 One process calibrates the same checkpoint (random weights at the released widths, depth cut to
 ``--layers``, vision tower to ``--vision-depth``) with TLQ (RTN solver: the solve is not what is timed)
 under each setting in turn, round after round (``--rounds``), so drift in the machine's speed hits every
-setting alike; it reports each setting's median scale-search CPU seconds (and wall), the ratio to ``before`` per round,
-and whether the exponents and codes equal ``before``'s.
+setting alike; it reports each setting's median scale-search CPU seconds (and wall), the ratio to the first
+setting's (``--settings``; ``before`` by default) per round, and whether the exponents and codes equal the first's.
+The exact shortcuts must give the same exponents and codes; bf16 matmuls (``--search-dtype bfloat16``) need not.
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ from tlq.api import build_config, calibrate
 from tlq.engine import smoothing
 from tlq.quant.rtn import rtn_quantize
 
-SETTINGS = ("before", "query cut", "query cut + codes-free RTN")
+SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls")
 
 
 @contextlib.contextmanager
 def setting(name: str) -> Iterator[None]:
     """``before``: queries at every row and RTN through integer codes (the search as it was); the others
-    switch the shortcuts on one after the other."""
+    switch the shortcuts on one after the other (the last, bf16 matmuls, is a config option: see run_once)."""
     saved = smoothing.query_cut, smoothing.rtn_fake_quantize
     if name == "before":
         smoothing.query_cut = lambda attn, rows: None
-    if name != "query cut + codes-free RTN":
+    if name in ("before", "query cut"):
         smoothing.rtn_fake_quantize = lambda w, spec, scale_dtype=None: rtn_quantize(w, spec, scale_dtype).dequantize(w.dtype)
     try:
         yield
@@ -77,7 +78,8 @@ def cpu_clock(spent: list[float]) -> Iterator[None]:
 
 
 def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
-    cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu")
+    cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu",
+                       search_dtype="bfloat16" if name == "+ bf16 matmuls" else "compute")
     spent: list[float] = []
     with setting(name), cpu_clock(spent):
         run = calibrate(model, calib, cfg, progress=False)
@@ -85,13 +87,14 @@ def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> d
             "alphas": [la.search_alphas for la in run.result.layers], "_codes": {k: q.codes for k, q in run.result.quantized.items()}}
 
 
-def summarize(runs: list[dict], rounds: int) -> list[dict]:
+def summarize(runs: list[dict], settings: list[str]) -> list[dict]:
+    """Per setting: its medians and its ratio, round by round, to the first setting's."""
     rows = []
-    for name in SETTINGS:
+    for name in settings:
         mine = [r for r in runs if r["setting"] == name]
         if not mine:
             continue
-        ratios = [m["search_seconds"] / b["search_seconds"] for m, b in zip(mine, [r for r in runs if r["setting"] == "before"])]
+        ratios = [m["search_seconds"] / b["search_seconds"] for m, b in zip(mine, [r for r in runs if r["setting"] == settings[0]])]
         rows.append({"setting": name, "search_seconds": [m["search_seconds"] for m in mine],
                      "median_wall_seconds": statistics.median(m["search_wall_seconds"] for m in mine),
                      "median_seconds": statistics.median(m["search_seconds"] for m in mine),
@@ -101,14 +104,14 @@ def summarize(runs: list[dict], rounds: int) -> list[dict]:
 
 
 def to_markdown(result: dict) -> list[str]:
-    lines = ["# Scale search: what the exact shortcuts save", "", f"Command: `{result['command']}`", "",
+    lines = ["# Scale search: what the shortcuts save", "", f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Checkpoint: {result['shape']} widths (random weights), {result['layers']} decoder "
              f"layer(s), vision tower cut to {result['vision_depth']} block(s); {result['num_samples']} sample(s) of "
              f"{result['image_px']} px ({result['num_tokens']} tokens); TLQ at {result['scheme']} with the RTN solver; "
              f"{result['rounds']} rounds, each setting once per round, in one process.", "",
              "Seconds are the scale search's CPU time (one torch thread), which other work on the machine moves far less "
              "than wall time; the median wall time is beside it.", "",
-             "| setting | scale search, median CPU s | median wall s | per-round CPU ratio to `before` (median) | exponents as `before` | codes differing |",
+             f"| setting | scale search, median CPU s | median wall s | per-round CPU ratio to `{result['settings'][0]}` (median) | exponents as `{result['settings'][0]}` | codes differing |",
              "|---|---:|---:|---|---|---:|"]
     for r in result["rows"]:
         ratios = ", ".join(f"{x:.2f}" for x in r["ratio_to_before"])
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-px", type=int, default=448)
     p.add_argument("--scheme", default="w4a16")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS) + " (ratios are to the first)")
     p.add_argument("--work", default=None, help="where the checkpoint is built (default: a temporary folder)")
     p.add_argument("--out", default="docs/search_cuts")
     args = p.parse_args(argv)
@@ -135,19 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/search_cuts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth, "num_samples": args.num_samples,
-              "image_px": args.image_px, "scheme": args.scheme, "rounds": args.rounds, "runs": [], "rows": []}
+              "image_px": args.image_px, "scheme": args.scheme, "rounds": args.rounds, "settings": args.settings.split(","), "runs": [], "rows": []}
     ref: dict | None = None
     for _round in range(args.rounds):
-        for name in SETTINGS:
+        for name in args.settings.split(","):
             run = run_once(model, calib, name, args)
             codes = run.pop("_codes")
-            if name == "before" and ref is None:
+            if ref is None:
                 ref = {"alphas": run["alphas"], "codes": codes}
             run["same_alphas"] = repr(run["alphas"]) == repr(ref["alphas"])
             run["codes_differing"] = sum(int((codes[k] != ref["codes"][k]).sum()) for k in ref["codes"])
             result["runs"].append(run)
             result["num_tokens"] = run["num_tokens"]
-            result["rows"] = summarize(result["runs"], args.rounds)
+            result["rows"] = summarize(result["runs"], result["settings"])
             print(json.dumps({k: v for k, v in run.items() if k != "alphas"}), flush=True)
             write_report(args.out, result, to_markdown(result))  # after every run
     return 0

@@ -99,6 +99,32 @@ def test_awq_search_never_loses_and_helps_on_outliers():
     assert abs(loss() - result.loss) < 1e-6 * result.baseline_loss  # the chosen scales stay folded
 
 
+def test_awq_exponent_zero_is_the_baseline_and_is_not_run_again():
+    """AWQ's alpha = 0 gives s = 1 exactly (the unscaled layer): its loss is the baseline's, reused, so a
+    grid of n costs n losses, not n + 1; SmoothQuant's alpha = 0 (1 / max|W|) is a real candidate."""
+    torch.manual_seed(0)
+    x = _outlier_inputs()
+    norm, lin = _Norm(128), nn.Linear(128, 64, bias=False)
+    ref = lin(norm(x)).detach()
+    acc = ChannelStatsAccumulator(128)
+    acc.add(norm(x).detach())
+    calls = [0]
+
+    def loss() -> float:
+        calls[0] += 1
+        with torch.no_grad():
+            return float((lin(norm(x)) - ref).pow(2).sum() + (lin.weight - 0.1).pow(2).sum())
+
+    with candidate_applied([lin], candidate_scales("awq", 0.0, acc.result(), [lin])), torch.no_grad():
+        assert loss() == (baseline := loss())  # s = 1: bit for bit the unscaled loss
+    calls[0] = 0
+    result = search_scales("awq", norm, [lin], acc.result(), alpha_grid(5), loss)
+    assert calls[0] == 5 and result.losses[0] == result.baseline_loss == baseline
+    calls[0] = 0
+    search_scales("smoothquant", norm, [lin], acc.result(), alpha_grid(5), loss)
+    assert calls[0] == 6
+
+
 @pytest.mark.parametrize("method", ["awq", "smoothquant", "mbq"])
 def test_engine_scale_search_runs_and_keeps_fp_function(tiny_vlm_dir, tiny_calib_jsonl, method):
     """Searched scales are folded exactly: with quantization disabled (8-bit weights barely move) the
@@ -195,9 +221,9 @@ def test_block_scope_judges_attention_mappings_without_the_mlp(tiny_vlm_dir, tin
         assert all(len(layer.search_alphas) == 3 for layer in result.layers)
         calls[scope] = count[0]
     n_layers = len(result.layers)
-    # with "layer", per layer and sample, the q/k/v mapping's 7 losses (baseline + 6 exponents) and the
-    # FP layer targets they are compared with ran the MLP; "block" needs neither
-    assert calls["layer"] - calls["block"] == n_layers * (7 + 1) * 3
+    # with "layer", per layer and sample, the q/k/v mapping's 6 losses (baseline + 5 exponents: AWQ's
+    # alpha = 0 is the baseline) and the FP layer targets they are compared with ran the MLP; "block" needs neither
+    assert calls["layer"] - calls["block"] == n_layers * (6 + 1) * 3
 
 
 def test_coarse_to_fine_tries_a_third_then_the_neighbours_of_the_best():

@@ -200,10 +200,10 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
             lin.weight.data = w0
 
 
-# Linears below this many weights keep float32 in a bf16 loss: a bf16 matmul only pays from about this size
-# on a CPU with AVX512-BF16 (measured at 32 to 600 rows: 0.47-0.63x the float32 time from 65,536 weights up,
-# 0.65-2.0x at 128 x 128; docs/cost.md).
-BF16_MIN_WEIGHTS = 1 << 16
+# Linears below this many weights keep float32 in a bf16 loss: on a CPU with AVX512-BF16 a bf16 matmul (casts
+# included) took 0.33-0.60x the float32 time from 262,144 weights up at 32 to 600 rows, but 0.58-1.17x at
+# 65,536 and up to 2.7x at 16,384 (docs/bf16_matmul.md).
+BF16_MIN_WEIGHTS = 1 << 18
 
 
 def resolve_loss_dtype(loss_dtype: str, device: torch.device) -> str:

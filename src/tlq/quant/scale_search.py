@@ -160,6 +160,8 @@ def search_scales(kind: str, prev: nn.Module, linears: list[nn.Linear], stats: C
                              f"overflowed; {dtype_hint(linears[0].weight.dtype)}")
 
     def loss_at(alpha: float) -> float:
+        if kind == "awq" and alpha == 0.0:  # s = mean|x|^0 = 1 exactly: the unscaled layer, measured already
+            return baseline
         with candidate_applied(linears, candidate_scales(kind, alpha, stats, linears)):
             return loss_fn()
 
