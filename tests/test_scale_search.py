@@ -385,19 +385,22 @@ def test_loss_precision_runs_matmuls_in_bf16_and_restores_the_weights():
     assert torch.equal(block(x), ref)  # no hook left behind
 
 
-def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5_moe"])
+def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
     """--search-dtype bfloat16 reaches the candidates' forwards (the MLP's linears run bf16 weights there;
     the size floor lowered to the tiny model's 128 x 256) and its losses stay within bf16 noise of the
-    exact search's, the baselines included."""
+    exact search's, the baselines included; also through Qwen3.5's linear attention and routed experts
+    (where one candidate in a few dozen may move further: bf16 rounding can flip a near-tied route)."""
     monkeypatch.setattr(smoothing, "BF16_MIN_WEIGHTS", 128 * 256)
-    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
     samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
     runs = {}
     for loss_dtype in ("compute", "bfloat16"):
-        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
         dtypes: set = set()
-        for layer in adapter.decoder_layers(model):
-            layer.mlp.down_proj.register_forward_hook(lambda m, _a, _o: dtypes.add(m.weight.dtype))
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.weight.numel() >= 128 * 256 and ".layers." in name:
+                mod.register_forward_hook(lambda m, _a, _o: dtypes.add(m.weight.dtype))
         seen = _record_searches(monkeypatch)
         cfg = build_config("w3a16", "tlq", weighting="uniform", search_grid=6, solver="rtn", search_dtype=loss_dtype)
         LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
@@ -409,7 +412,9 @@ def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib
     a = torch.tensor([[r.baseline_loss, *r.losses] for r in exact])
     b = torch.tensor([[r.baseline_loss, *r.losses] for r in low])
     assert not torch.equal(a, b)
-    torch.testing.assert_close(b, a, rtol=0.05, atol=1e-6)
+    rel = (b - a).abs() / a.abs().clamp_min(1e-9)
+    # within bf16 noise; a MoE candidate may move more where the rounding flips a near-tied routing choice
+    assert float(rel.median()) < 0.01 and float((rel < 0.05).float().mean()) >= (1.0 if family == "qwen2_vl" else 0.95)
 
 
 def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
@@ -424,3 +429,4 @@ def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     block = nn.Linear(256, 256)  # no native bf16: auto leaves the weights alone
     with torch.no_grad(), smoothing.loss_precision(block, "auto", min_weights=1):
         assert block.weight.dtype == torch.float32
+
