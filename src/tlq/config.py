@@ -363,8 +363,8 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
       the decoder layer's output gradient by measurement on the held-out val split (docs/methods.md).
       GPTQ matches the FP model's outputs ``W X_fp`` (``gptq_target="fp"``), also chosen on the val
       split (docs/accuracy-fp-target.md). Its scale candidates run their large matmuls in bf16 where the
-      CPU has native bf16 (``loss_dtype="auto"``): about half the search's time at 2B widths, val KL no
-      worse in 6 of 6 cells (docs/cost.md); the baselines keep the exact float32 loss.
+      CPU has native bf16 (``loss_dtype="auto"``): 0.60-0.70x the search's time at 2B widths (docs/cost.md),
+      val KL no worse in 6 of 6 cells (docs/methods.md); the baselines keep the exact float32 loss.
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {

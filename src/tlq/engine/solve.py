@@ -220,7 +220,7 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
             for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
                 w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
                 current[name] = None if w is None else w.to(ctx.device).reshape(1, -1)
-            if wants_fp:
+            if fp_mods:
                 stops[1].run(fp_ref[0], ctx.dev(fp_ref[1][s]), ctx.dev(kw))
             stops[0].run(ctx.layer, ctx.dev(x), ctx.dev(kw))
     finally:
@@ -238,8 +238,8 @@ class _PartialForward:
     """Runs a layer only as far as a group of its linears: the forward stops once each has been called.
 
     Why: a group's statistics need its linears' inputs, not the rest of the layer; the q/k/v group needs
-    no more than the input norm, and the four groups of a decoder layer cost about 1.4 layer forwards
-    instead of 4 (twice that with the FP target's reference copy). Exact only where each linear runs once
+    no more than the input norm, and only the last group (``down_proj``) needs most of the MLP (measured:
+    the passes take 0.66-0.70x the time at Qwen2-VL-2B widths, docs/cost.md). Exact only where each linear runs once
     per forward, so the first call runs the whole layer and counts the calls; stopping starts from the
     next call when every linear ran exactly once (never for MoE experts, which a sample may not reach).
     """
