@@ -58,30 +58,31 @@ def setting(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cpu_clock(spent: list[float]) -> Iterator[None]:
-    """Add the process CPU seconds of every scale search to ``spent``: on a machine whose other core is
-    busy, CPU time moves far less than wall time (one torch thread: the process's CPU time is the search's)."""
-    search = smoothing.search_layer_scales
+def cpu_clock(owner: object, name: str, spent: list[float]) -> Iterator[None]:
+    """Add the process CPU seconds of every call of ``owner.name`` (a module's function) to ``spent``: on a
+    machine whose other core is busy, CPU time moves far less than wall time (one torch thread: the
+    process's CPU time is the function's)."""
+    fn = getattr(owner, name)
 
     def timed(*a, **kw):
         t0 = time.process_time()
         try:
-            return search(*a, **kw)
+            return fn(*a, **kw)
         finally:
             spent.append(time.process_time() - t0)
 
-    smoothing.search_layer_scales = timed
+    setattr(owner, name, timed)
     try:
         yield
     finally:
-        smoothing.search_layer_scales = search
+        setattr(owner, name, fn)
 
 
 def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
     cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu",
                        search_dtype="bfloat16" if name == "+ bf16 matmuls" else "compute")
     spent: list[float] = []
-    with setting(name), cpu_clock(spent):
+    with setting(name), cpu_clock(smoothing, "search_layer_scales", spent):
         run = calibrate(model, calib, cfg, progress=False)
     return {"setting": name, "search_seconds": sum(spent), "search_wall_seconds": run.clock.seconds["scale search"], "num_tokens": run.num_tokens,
             "alphas": [la.search_alphas for la in run.result.layers], "_codes": {k: q.codes for k, q in run.result.quantized.items()}}

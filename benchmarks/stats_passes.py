@@ -27,6 +27,7 @@ import torch
 
 from _report import write_report
 from cost import SHAPES, build_checkpoint, write_calibration
+from search_cuts import cpu_clock
 from tlq.api import build_config, calibrate
 from tlq.engine import solve
 from tlq.models.base import run_layer
@@ -38,22 +39,14 @@ SETTINGS = ("whole", "partial")
 def setting(name: str, spent: list[float]) -> Iterator[None]:
     """``whole``: every statistics pass runs the whole layer (as before); ``partial``: the engine's own.
     Either way the CPU seconds of each pass are added to ``spent``."""
-    observe, partial_run = solve._observe, solve._PartialForward.run
-
-    def timed(*a, **kw):
-        t0 = time.process_time()
-        try:
-            return observe(*a, **kw)
-        finally:
-            spent.append(time.process_time() - t0)
-
-    solve._observe = timed
+    partial_run = solve._PartialForward.run
     if name == "whole":
         solve._PartialForward.run = lambda self, layer, x, kw: run_layer(layer, x, kw)
     try:
-        yield
+        with cpu_clock(solve, "_observe", spent):
+            yield
     finally:
-        solve._observe, solve._PartialForward.run = observe, partial_run
+        solve._PartialForward.run = partial_run
 
 
 def run_once(model: Path, calib: Path, method: str, name: str, args: argparse.Namespace) -> dict:

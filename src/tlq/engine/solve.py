@@ -211,8 +211,9 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
-    fp_mods = [fp_ref[0].get_submodule(n) for n in mods if cals[n].needs_fp_inputs] if wants_fp else []
-    handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip([n for n in mods if cals[n].needs_fp_inputs], fp_mods)]
+    fp_names = [n for n in mods if cals[n].needs_fp_inputs] if wants_fp else []
+    fp_mods = [fp_ref[0].get_submodule(n) for n in fp_names]
+    handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip(fp_names, fp_mods)]
     # registered after the observers, so a stop fires only once the group's last linear has been observed
     stops = [_PartialForward(list(mods.values()))] + ([_PartialForward(fp_mods)] if fp_mods else [])
     try:
