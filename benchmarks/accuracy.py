@@ -78,7 +78,8 @@ VARIANTS.update({
     "AWQ layer scope": ("awq", {"search_scope": "layer"}),
     "MBQ layer scope": ("mbq", {"search_scope": "layer"}),
     # the coarse-to-fine scale search (docs/search_coarse.md): same grid, a third of it first
-    "TLQ coarse 3": ("tlq", {"search_coarse": 3}),
+    "TLQ coarse 3": ("tlq", {"search_coarse": 3}),  # TLQ's preset since run 10 (docs/methods.md)
+    "TLQ full grid": ("tlq", {"search_coarse": 1}),
     "AWQ coarse 3": ("awq", {"search_coarse": 3}),
     # bf16 candidate forwards in the scale search (docs/cost.md): the same grid, a noisier loss
     "TLQ search bf16": ("tlq", {"search_dtype": "bfloat16"}),

@@ -37,16 +37,24 @@ from _report import write_report
 from cost import SHAPES, build_checkpoint, write_calibration
 from tlq.api import build_config, calibrate
 from tlq.engine import smoothing
+from tlq.quant import scale_search
 from tlq.quant.rtn import rtn_quantize
 
-SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls")
+SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls", "+ bf16 blocks", "+ shared inputs")
+BF16 = ("+ bf16 matmuls", "+ bf16 blocks", "+ shared inputs")
 
 
 @contextlib.contextmanager
 def setting(name: str) -> Iterator[None]:
     """``before``: queries at every row and RTN through integer codes (the search as it was); the others
-    switch the shortcuts on one after the other (the last, bf16 matmuls, is a config option: see run_once)."""
-    saved = smoothing.query_cut, smoothing.rtn_fake_quantize
+    switch the shortcuts on one after the other (bf16 matmuls is a config option, see run_once; bf16 blocks
+    adds the MLP computed in bf16 between its linears, which the bf16 matmuls setting turns off; shared inputs
+    transforms the input q/k/v or gate/up share once, which every earlier setting does per linear)."""
+    saved = smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks, smoothing.once_per_input, scale_search.once_per_input
+    if name != "+ shared inputs":
+        smoothing.once_per_input = scale_search.once_per_input = lambda fn: fn
+    if name == "+ bf16 matmuls":
+        smoothing._low_precision_blocks = lambda *_a: []
     if name == "before":
         smoothing.query_cut = lambda attn, rows: None
     if name in ("before", "query cut"):
@@ -54,7 +62,7 @@ def setting(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        smoothing.query_cut, smoothing.rtn_fake_quantize = saved
+        smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks, smoothing.once_per_input, scale_search.once_per_input = saved
 
 
 @contextlib.contextmanager
@@ -80,7 +88,7 @@ def cpu_clock(owner: object, name: str, spent: list[float]) -> Iterator[None]:
 
 def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
     cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu",
-                       search_dtype="bfloat16" if name == "+ bf16 matmuls" else "compute")
+                       search_dtype="bfloat16" if name in BF16 else "compute")
     spent: list[float] = []
     with setting(name), cpu_clock(smoothing, "search_layer_scales", spent):
         run = calibrate(model, calib, cfg, progress=False)

@@ -173,7 +173,7 @@ def _assert_same_search(fast: list, fast_res, ref: list, ref_res, codes: bool = 
     """Two calibrations searched alike: the same losses (to 1e-4), exponents and, with ``codes``, codes."""
     assert len(fast) == len(ref) > 0
     for a, b in zip(fast, ref):
-        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9, equal_nan=True)
     assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]
     if codes:
         for name, qw in ref_res.quantized.items():
@@ -200,7 +200,7 @@ def test_layer_scope_on_the_mlp_alone_gives_the_layer_losses(tiny_vlm_dir, tiny_
     (fast, fast_res), (ref, ref_res) = runs["block"], runs["whole layer"]
     assert len(fast) == len(ref) == 3 * len(fast_res.layers)
     for a, b in zip(fast, ref):
-        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(torch.tensor([a.baseline_loss, *a.losses]), torch.tensor([b.baseline_loss, *b.losses]), rtol=1e-4, atol=1e-9, equal_nan=True)
     assert [repr(la.search_alphas) for la in fast_res.layers] == [repr(lb.search_alphas) for lb in ref_res.layers]  # NaN = unscaled
     for name, qw in ref_res.quantized.items():
         assert torch.equal(fast_res.quantized[name].codes, qw.codes), name
@@ -290,7 +290,7 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
             spec = replace(adapter.spec, smooth_mappings=tuple(replace(m, rowwise=False) for m in adapter.spec.smooth_mappings))
             monkeypatch.setattr(adapter, "spec", spec)
         if how == "whole layer calls uncut":
-            monkeypatch.setattr(smoothing, "_row_cuts", lambda ctx, rows: [])
+            monkeypatch.setattr(smoothing, "_row_cuts", lambda *_a: [])
         rows = [0]
         for layer in adapter.decoder_layers(model):
             layer.mlp.gate_proj.register_forward_hook(lambda _m, args, _o: rows.__setitem__(0, rows[0] + args[0].shape[1]))
@@ -324,7 +324,7 @@ def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_famil
             return w
 
         if not cut:
-            monkeypatch.setattr(smoothing, "_row_cuts", lambda ctx, rows: [])
+            monkeypatch.setattr(smoothing, "_row_cuts", lambda *_a: [])
         seen = _record_searches(monkeypatch)
         result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
         runs.append((seen, result))
@@ -385,6 +385,35 @@ def test_loss_precision_runs_matmuls_in_bf16_and_restores_the_weights():
     assert torch.equal(block(x), ref)  # no hook left behind
 
 
+class _GatedMLP(nn.Module):
+    def __init__(self, hidden: int = 64, inner: int = 256, small: bool = False) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(hidden, inner, bias=False), nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.extra = nn.Linear(hidden, 2) if small else None  # under any useful size floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_loss_precision_runs_a_block_of_cast_linears_in_bf16_throughout():
+    """A row-wise block whose parameters all belong to cast linears computes in bf16 between them (the
+    down projection receives the bf16 gate product, no float32 round trip) and returns float32 close to
+    the exact output; a block holding a linear under the floor keeps the per-linear casts."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    for small, expected in ((False, torch.bfloat16), (True, torch.float32)):
+        mlp = _GatedMLP(small=small)
+        seen: list[torch.dtype] = []
+        mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype), prepend=True)
+        ref = mlp(x)
+        with torch.no_grad(), smoothing.loss_precision(mlp, "bfloat16", min_weights=1000, blocks=[mlp]):
+            low = mlp(x)
+        assert seen[-1] == expected and low.dtype == torch.float32
+        torch.testing.assert_close(low, ref, rtol=0.05, atol=0.02)
+        assert torch.equal(mlp(x), ref)  # every hook removed, weights float32 again
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5_moe"])
 def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
     """--search-dtype bfloat16 reaches the candidates' forwards (the MLP's linears run bf16 weights there;
@@ -402,7 +431,7 @@ def test_bf16_search_losses_are_close_to_the_exact_ones(tiny_vlm_dir, tiny_calib
             if isinstance(mod, nn.Linear) and mod.weight.numel() >= 128 * 256 and ".layers." in name:
                 mod.register_forward_hook(lambda m, _a, _o: dtypes.add(m.weight.dtype))
         seen = _record_searches(monkeypatch)
-        cfg = build_config("w3a16", "tlq", weighting="uniform", search_grid=6, solver="rtn", search_dtype=loss_dtype)
+        cfg = build_config("w3a16", "tlq", weighting="uniform", search_grid=6, search_coarse=1, solver="rtn", search_dtype=loss_dtype)
         LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
         runs[loss_dtype] = (seen, dtypes)
         monkeypatch.setattr(smoothing, "search_scales", search_scales)
@@ -429,4 +458,46 @@ def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     block = nn.Linear(256, 256)  # no native bf16: auto leaves the weights alone
     with torch.no_grad(), smoothing.loss_precision(block, "auto", min_weights=1):
         assert block.weight.dtype == torch.float32
+
+
+def test_once_per_input_reuses_the_result_for_the_same_unchanged_tensor_only():
+    """The linears sharing one input transform it once; a new tensor, or the same one changed in place,
+    is transformed again (a stale result would silently be wrong)."""
+    from tlq.quant.scale_search import once_per_input
+
+    calls: list[int] = []
+    double = once_per_input(lambda x: calls.append(1) or x * 2)
+    x = torch.ones(3)
+    assert double(x) is double(x) and len(calls) == 1
+    y = torch.ones(3)
+    assert torch.equal(double(y), torch.full((3,), 2.0)) and len(calls) == 2
+    y.add_(1)
+    assert torch.equal(double(y), torch.full((3,), 4.0)) and len(calls) == 3
+
+
+@pytest.mark.parametrize("scheme", ["w3a16", "w4a8"])
+def test_shared_input_transforms_leave_the_search_bit_identical(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, scheme):
+    """The candidate's division, the activation quantizer and the bf16 cast done once per shared input
+    (q/k/v, gate/up) give exactly the losses, exponents and codes of doing them per linear."""
+    import tlq.engine.smoothing as sm
+    import tlq.quant.scale_search as ss
+
+    monkeypatch.setattr(sm, "BF16_MIN_WEIGHTS", 128 * 256)
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+    cfg = build_config(scheme, "tlq", weighting="uniform", search_grid=6, solver="rtn", search_dtype="bfloat16")
+    runs = []
+    for shared in (True, False):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        if not shared:
+            monkeypatch.setattr(sm, "once_per_input", lambda fn: fn)
+            monkeypatch.setattr(ss, "once_per_input", lambda fn: fn)
+        seen = _record_searches(monkeypatch)
+        runs.append((seen, LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)))
+        monkeypatch.undo()
+        monkeypatch.setattr(sm, "BF16_MIN_WEIGHTS", 128 * 256)
+    (fast, fast_res), (ref, ref_res) = runs
+    exact = torch.tensor([[r.baseline_loss, *r.losses] for r in fast]), torch.tensor([[r.baseline_loss, *r.losses] for r in ref])
+    torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)  # NaN: exponents the coarse grid skipped
+    _assert_same_search(fast, fast_res, ref, ref_res)
 

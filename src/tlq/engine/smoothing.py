@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,9 @@ from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import RowsOnly, outermost_row_blocks, query_cut
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import expert_of, rows_of
-from tlq.quant.quantizer import add_input_quantizer
+from tlq.quant.quantizer import fake_quantize_activation
 from tlq.quant.rtn import rtn_fake_quantize
-from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
+from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, input_hook, once_per_input, search_scales
 
 
 def scale_search_step(ctx: LayerContext, state: LayerState) -> None:
@@ -175,16 +175,19 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
     hooks = []
     rows: list[Tensor | None] = [None]
     try:
+        act = scheme.activations
+        quantize = None if act is None else input_hook(once_per_input(lambda x: fake_quantize_activation(x, act)))
         for lin in linears:
             lin.weight.data = rtn_fake_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
-            if scheme.activations is not None:
-                hooks.append(add_input_quantizer(lin, scheme.activations))
+            if quantize is not None:
+                hooks.append(lin.register_forward_pre_hook(quantize))  # what add_input_quantizer does, once per shared input
+        row_blocks = [ctx.layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(ctx.layer))]
         if whole:
-            hooks += _row_cuts(ctx, rows)
+            hooks += _row_cuts(ctx, row_blocks, rows)
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
         # on a GPU a read per sample is a host round trip per sample and candidate
         total = None
-        with loss_precision(calls.module, ctx.config.search.loss_dtype):
+        with loss_precision(calls.module, ctx.config.search.loss_dtype, blocks=row_blocks):
             for i, w in enumerate(weights):
                 kept = None if w is None else (w > 0).nonzero().reshape(-1)
                 rows[0] = None if kept is None or kept.numel() == w.numel() else kept.to(ctx.device)
@@ -216,13 +219,19 @@ def resolve_loss_dtype(loss_dtype: str, device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None = None) -> Iterator[None]:
+def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None = None, blocks: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Run the matmuls of ``module``'s float32 linears (those of at least ``min_weights`` weights) in
     ``loss_dtype`` while a candidate is judged: weights cast once per candidate, each input cast on the
     way in (after the activation quantizer and the candidate's input division, which run first) and each
     output cast back to float32, so norms, attention, residual sums and the loss stay float32 and only
     the matmuls' operands are rounded. ``"compute"``: unchanged; ``"auto"``: :func:`resolve_loss_dtype`.
-    ``min_weights``: default :data:`BF16_MIN_WEIGHTS`."""
+    ``min_weights``: default :data:`BF16_MIN_WEIGHTS`.
+
+    ``blocks``: row-wise blocks (the MLP) inside ``module``; one whose parameters all belong to cast
+    linears runs in ``loss_dtype`` throughout (its linears' outputs and what runs between them, the
+    MLP's activation and gate product) and only its output comes back as float32. Why: the next linear
+    rounds its input to bf16 anyway, and the float32 round trip of the ``rows x intermediate``
+    activations cost as much as a matmul (docs/cost.md, run 10)."""
     min_weights = BF16_MIN_WEIGHTS if min_weights is None else min_weights
     linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weights]
     loss_dtype = resolve_loss_dtype(loss_dtype, linears[0].weight.device) if linears else "compute"
@@ -230,15 +239,21 @@ def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None =
         yield
         return
     dtype = getattr(torch, loss_dtype)
+    low = _low_precision_blocks(module, blocks, linears)
+    inside = {id(m) for b in low for m in b.modules()}
     saved = [(lin.weight.data, None if lin.bias is None else lin.bias.data) for lin in linears]
     handles = []
+    cast = input_hook(once_per_input(lambda x: x.to(dtype)))
     try:
         for lin in linears:
             lin.weight.data = lin.weight.data.to(dtype)
             if lin.bias is not None:
                 lin.bias.data = lin.bias.data.to(dtype)
-            handles.append(lin.register_forward_pre_hook(lambda _m, args, dt=dtype: (args[0].to(dt), *args[1:])))
-            handles.append(lin.register_forward_hook(lambda _m, _args, out: out.float()))
+            handles.append(lin.register_forward_pre_hook(cast))
+            if id(lin) not in inside:
+                handles.append(lin.register_forward_hook(lambda _m, _args, out: out.float()))
+        for block in low:
+            handles.append(block.register_forward_hook(lambda _m, _args, out: _as_float(out)))
         yield
     finally:
         for h in handles:
@@ -249,13 +264,30 @@ def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None =
                 lin.bias.data = b
 
 
-def _row_cuts(ctx: LayerContext, rows: list[Tensor | None]) -> list[Any]:
+def _low_precision_blocks(module: nn.Module, blocks: Sequence[nn.Module], linears: list[nn.Linear]) -> list[nn.Module]:
+    """The ``blocks`` inside ``module`` whose every parameter is a weight or bias of one of ``linears``
+    (a MoE block, with its router and fused experts, or a block holding a small linear is not one)."""
+    cast = {id(lin) for lin in linears}
+    within = {id(m) for m in module.modules()}
+    return [b for b in blocks if id(b) in within and any(id(m) in cast for m in b.modules())
+            and all(id(m) in cast for m in b.modules() if next(m.parameters(recurse=False), None) is not None)]
+
+
+def _as_float(out: Any) -> Any:
+    """A block's output with its low-precision floating tensors cast to float32 (a tensor or a tuple)."""
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return tuple(_as_float(o) for o in out)
+    return out
+
+
+def _row_cuts(ctx: LayerContext, row_blocks: list[nn.Module], rows: list[Tensor | None]) -> list[Any]:
     """Installed cuts for a candidate judged on the whole layer: its outermost row-wise blocks (the
     adapter's mappings say which: the MLP, ``o_proj``) map the kept rows only, and its causal attention
     (the spec's ``attention``) computes queries at the kept rows only (:mod:`tlq.engine.rows`)."""
-    layer = ctx.layer
-    cuts: list[Any] = [RowsOnly(layer.get_submodule(n), rows) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(layer))]
-    attention = query_cut(_submodule(layer, ctx.adapter.spec.attention), rows)
+    cuts: list[Any] = [RowsOnly(block, rows) for block in row_blocks]
+    attention = query_cut(_submodule(ctx.layer, ctx.adapter.spec.attention), rows)
     return cuts + ([attention] if attention is not None else [])
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -115,11 +115,11 @@ def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
     """
     saved = [lin.weight.detach().clone() for lin in linears]
     handles = []
+    divide = input_hook(once_per_input(lambda x: x / s.to(x)))  # the linears share their input: divided once
     try:
         for lin in linears:
-            sv = s.to(lin.weight)
-            lin.weight.data.mul_(sv[None, :])
-            handles.append(lin.register_forward_pre_hook(_divide_input(sv), prepend=True))
+            lin.weight.data.mul_(s.to(lin.weight)[None, :])
+            handles.append(lin.register_forward_pre_hook(divide, prepend=True))
         yield
     finally:
         for h in handles:
@@ -128,11 +128,26 @@ def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
             lin.weight.data.copy_(w)
 
 
-def _divide_input(s: Tensor) -> Callable:
-    def hook(_m: nn.Module, args: tuple) -> tuple:
-        return (args[0] / s.to(args[0].dtype), *args[1:])
+def once_per_input(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn``, reusing its last result while the very same tensor object comes in again.
 
-    return hook
+    Why: the linears that read one producer (q/k/v, gate/up) are called with the same input tensor, and
+    a transform of that input (a candidate's division, the activation quantizer, a cast) would otherwise
+    be repeated on identical data once per linear, at every row of a long sequence. An in-place change
+    of the input (its version counter moves) counts as a new input."""
+    last: list[Any] = [None, -1, None]
+
+    def apply(x: Tensor) -> Tensor:
+        if last[0] is not x or last[1] != x._version:
+            last[:] = [x, x._version, fn(x)]
+        return last[2]
+
+    return apply
+
+
+def input_hook(fn: Callable[[Tensor], Tensor]) -> Callable[[nn.Module, tuple], tuple]:
+    """A forward pre-hook applying ``fn`` to a module's first positional input."""
+    return lambda _m, args: (fn(args[0]), *args[1:])
 
 
 @dataclass
