@@ -129,7 +129,7 @@ def test_moe_export_reload_equals_the_calibrated_model(tiny_vlm_dir, tiny_calib_
     from tlq.export.reload import load_quantized, restore_routed_experts
     from tlq.models.tiny import TINY_MOE
 
-    cfg = build_config(scheme, method, num_samples=4, device="cpu", search_grid=4, gptq_min_tokens=1)
+    cfg = build_config(scheme, method, num_samples=4, device="cpu", search_grid=4, gptq_min_tokens=1, gptq_min_tokens_in=1)
     run = calibrate(tiny_vlm_dir("qwen3_5_moe"), tiny_calib_jsonl, cfg, progress=False)
     names = set(run.result.quantized)
     experts = TINY_MOE["num_experts"]

@@ -111,7 +111,7 @@ def _calibrate(model_dir, calib, method="gptq", scheme="w4a16", **options):
 
 def test_expert_statistics_count_routed_rows_and_rare_experts_fall_back_to_rtn(tiny_vlm_dir, tiny_calib_jsonl):
     model_dir = tiny_vlm_dir(FAMILY)
-    run = _calibrate(model_dir, tiny_calib_jsonl, gptq_min_tokens=1)
+    run = _calibrate(model_dir, tiny_calib_jsonl, gptq_min_tokens=1, gptq_min_tokens_in=1)
     layer0 = run.result.layers[0]
     tokens = run.num_tokens
     counts = {e: layer0.routed_tokens[f"mlp.experts.{e}.gate_proj"] for e in range(EXPERTS)}
@@ -120,7 +120,7 @@ def test_expert_statistics_count_routed_rows_and_rare_experts_fall_back_to_rtn(t
     assert layer0.rtn_fallback == [] and run.result.layers[-1].routed_tokens == {}  # the dense layer has no experts
 
     # below the threshold every expert is RTN'd from its FP weights (which nothing before the solve changes)
-    rtn = _calibrate(model_dir, tiny_calib_jsonl, gptq_min_tokens=10**9)
+    rtn = _calibrate(model_dir, tiny_calib_jsonl, gptq_min_tokens=10**9, gptq_min_tokens_in=10**9)
     assert sorted(rtn.result.layers[0].rtn_fallback) == sorted(layer0.routed_tokens)
     plain_rtn = _calibrate(model_dir, tiny_calib_jsonl, method="rtn")
     prefix = "model.language_model.layers.0."
@@ -128,6 +128,13 @@ def test_expert_statistics_count_routed_rows_and_rare_experts_fall_back_to_rtn(t
         assert torch.equal(rtn.result.quantized[prefix + name].codes, plain_rtn.result.quantized[prefix + name].codes), name
     attn = prefix + "self_attn.q_proj"
     assert torch.equal(rtn.result.quantized[attn].codes, run.result.quantized[attn].codes)  # attention: GPTQ as before
+
+    # per stage: a threshold between the experts' row counts splits them, and gate/up and down each by their own
+    split = sorted(counts.values())[EXPERTS // 2]
+    for down_min, in_min, stages in ((split, 1, ("down_proj",)), (1, split, ("gate_proj", "up_proj"))):
+        staged = _calibrate(model_dir, tiny_calib_jsonl, gptq_min_tokens=down_min, gptq_min_tokens_in=in_min)
+        expected = sorted(f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in stages if counts[e] < split)
+        assert expected and sorted(staged.result.layers[0].rtn_fallback) == expected
 
 
 @pytest.mark.parametrize("method", ["gptq", "tlq"])
@@ -172,7 +179,7 @@ def test_a_chunks_hessians_are_freed_before_the_next_chunks_are_allocated(tiny_v
 
     monkeypatch.setattr(gptq.HessianAccumulator, "__init__", tracked)
     hessian_gib = 128**2 * 8 / 2**30
-    _calibrate(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, "gptq", gptq_stats_memory=2 * hessian_gib, gptq_min_tokens=10**9)
+    _calibrate(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, "gptq", gptq_stats_memory=2 * hessian_gib, gptq_min_tokens=10**9, gptq_min_tokens_in=10**9)
     assert most[0] == 3  # q/k/v, the largest group that is not a stage of experts; a chunk holds 2
 
 
@@ -283,7 +290,7 @@ def test_the_norm_fold_moves_outlier_channels_out_of_the_experts_inputs(tiny_vlm
     experts (router columns scaled too) gives a smaller logit error than leaving the norm alone (measured:
     1.4e-5 vs 3.7e-5 mean squared logit error)."""
     model_dir = _with_outlier_channels(tiny_vlm_dir(FAMILY), tmp_path / "m")
-    cfg = build_config("w8a8", "smoothquant", num_samples=4, device="cpu", gptq_min_tokens=1)
+    cfg = build_config("w8a8", "smoothquant", num_samples=4, device="cpu", gptq_min_tokens=1, gptq_min_tokens_in=1)
 
     folded = calibrate(model_dir, tiny_calib_jsonl, cfg, progress=False)
     sample = _samples(folded.adapter, folded.model, folded.processor, tiny_calib_jsonl, 1)[0]

@@ -120,6 +120,11 @@ class GPTQConfig:
     # seeds (docs/moe-min-tokens.md; a proxy: dense linears fed n random rows, no trained MoE yet).
     # Dense linears see thousands of rows, so it never applies to them.
     min_tokens: int = 64
+    # The same for an expert's linears that read the MoE block's input (gate/up, an RMSNorm output): 16. In
+    # the same measurement no linear reading a norm output was worse than RTN beyond the spread from 4 rows on,
+    # and none of them was below the threshold at 16 in either seed; only ``down_proj`` (reading the gated
+    # product) needed 32-64. 16, not 4: the proxy's inputs are low-rank, released experts' are wider.
+    min_tokens_in: int = 16
     # The most memory the Hessians of one observation pass may hold (GiB). A MoE stage (every expert's
     # gate/up, or every down) whose float64 Hessians exceed it is observed in several passes over the layer,
     # a chunk of experts each: the same statistics (experts read the block's input independently) for one
@@ -129,8 +134,9 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if not self.stats_memory_gib > 0:
             raise ConfigError(f"--gptq-stats-memory must be a positive number of GiB (default 4), got {self.stats_memory_gib}")
-        if self.min_tokens < 1:
-            raise ConfigError(f"--gptq-min-tokens must be >= 1 (routed rows below which an expert falls back to RTN, default 64), got {self.min_tokens}")
+        if self.min_tokens < 1 or self.min_tokens_in < 1:
+            raise ConfigError(f"--gptq-min-tokens and --gptq-min-tokens-in must be >= 1 (routed rows below which an expert's linear falls back to RTN, "
+                              f"defaults 64 and 16), got {self.min_tokens} and {self.min_tokens_in}")
         if not 0.0 <= self.damp_percent < 1.0:
             raise ConfigError(f"--damp must be in [0, 1) (a fraction of the mean Hessian diagonal, default 0.01), got {self.damp_percent}")
         if self.block_size < 1:
@@ -484,7 +490,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("damp_percent", "gptq.damp_percent", "GPTQ dampening, a fraction of the mean Hessian diagonal", group="GPTQ", type=float, flag="--damp"),
     Option("block_size", "gptq.block_size", "GPTQ lazy-batch block (columns)", group="GPTQ", type=int),
     Option("act_order", "gptq.act_order", "GPTQ: quantize columns by decreasing Hessian diagonal", group="GPTQ", type=bool),
-    Option("gptq_min_tokens", "gptq.min_tokens", "GPTQ: a linear (MoE expert) that saw fewer routed token rows is quantized by RTN", group="GPTQ", type=int),
+    Option("gptq_min_tokens", "gptq.min_tokens", "GPTQ: a MoE expert's down projection that saw fewer routed token rows is quantized by RTN", group="GPTQ", type=int),
+    Option("gptq_min_tokens_in", "gptq.min_tokens_in", "GPTQ: the same for an expert's linears reading the block's input (gate/up)", group="GPTQ", type=int),
     Option("gptq_stats_memory", "gptq.stats_memory_gib", "GPTQ: GiB the Hessians of one observation pass may hold; a MoE stage beyond it is "
            "observed in several passes, a chunk of experts each (same result)", group="GPTQ", type=float),
     Option("solver", "solver", "per-linear solver", group=_PARTS, choices=SOLVERS),

@@ -61,7 +61,7 @@ class LayerReport:
     num_linears: int
     search_alphas: dict[str, float] = field(default_factory=dict)  # producer -> chosen exponent (NaN = unscaled)
     # MoE: positive-weight token rows each routed linear was solved on (name within the layer), and
-    # which of them fell back to RTN (fewer than GPTQConfig.min_tokens rows)
+    # which of them fell back to RTN (fewer than GPTQConfig.min_tokens or min_tokens_in rows)
     routed_tokens: dict[str, int] = field(default_factory=dict)
     rtn_fallback: list[str] = field(default_factory=list)
 

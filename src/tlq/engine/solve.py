@@ -6,7 +6,7 @@ tensor, e.g. q/k/v, form one group; :func:`linear_groups`), so a later group see
 the error of the earlier ones ("true sequential"). For W-A schemes each group's input quantizers go on
 before its statistics are taken: the group is calibrated on what it will see at inference. MoE experts
 (:class:`tlq.models.moe.RoutedLinear`) see only their routed rows, and fall back to RTN below
-``gptq.min_tokens`` of them (reported per layer).
+``gptq.min_tokens`` of them (``gptq.min_tokens_in`` for the linears reading the block's input; reported per layer).
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def _solve_one(ctx: LayerContext, state: LayerState, name: str, module: nn.Modul
     cal = cals[name]
     if isinstance(module, RoutedLinear) and cal.needs_inputs:
         state.routed_tokens[name] = cal.num_tokens
-        if cal.num_tokens < ctx.config.gptq.min_tokens:
+        gptq = ctx.config.gptq
+        if cal.num_tokens < (gptq.min_tokens_in if module.reads_block_input else gptq.min_tokens):
             # replaced in ``cals`` too, so that the unused Hessian is freed now
             cal = cals[name] = make_calibrator("rtn", module.weight, ctx.config.scheme, ctx.config.gptq, ctx.scale_dtype, ctx.device)
             state.rtn_fallback.append(name)

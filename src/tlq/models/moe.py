@@ -13,7 +13,7 @@ input. :class:`RoutedLinear` remembers which rows those were during the current 
 per-token statistics (GPTQ's Hessian, channel statistics, token weights) pair each input row with its
 own token: :func:`rows_of` maps a ``[.., seq]`` token-weight vector to the rows a linear received. A
 rarely routed expert therefore gets a Hessian from few rows; the engine's rule for that case is in
-``GPTQConfig.min_tokens``.
+``GPTQConfig.min_tokens`` (``min_tokens_in`` for gate/up).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class RoutedLinear(nn.Linear):
     """
 
     rows: Tensor | None = None
+    #: it reads the MoE block's input (an expert's gate/up), not the expert's own intermediate (its down):
+    #: the two need different row counts for GPTQ to beat RTN (``GPTQConfig.min_tokens_in`` / ``min_tokens``)
+    reads_block_input: bool = False
 
 
 def rows_of(module: nn.Module, weights: Tensor | None, x: Tensor | None = None) -> Tensor | None:
@@ -62,6 +65,7 @@ class ExpertMLP(nn.Module):
         self.gate_proj = RoutedLinear(hidden, intermediate, **kw)
         self.up_proj = RoutedLinear(hidden, intermediate, **kw)
         self.down_proj = RoutedLinear(intermediate, hidden, **kw)
+        self.gate_proj.reads_block_input = self.up_proj.reads_block_input = True
         self.act_fn = act_fn
 
     def forward(self, x: Tensor, rows: Tensor) -> Tensor:
