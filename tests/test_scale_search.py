@@ -222,8 +222,9 @@ def test_block_scope_judges_attention_mappings_without_the_mlp(tiny_vlm_dir, tin
         calls[scope] = count[0]
     n_layers = len(result.layers)
     # with "layer", per layer and sample, the q/k/v mapping's 6 losses (baseline + 5 exponents: AWQ's
-    # alpha = 0 is the baseline) and the FP layer targets they are compared with ran the MLP; "block" needs neither
-    assert calls["layer"] - calls["block"] == n_layers * (6 + 1) * 3
+    # alpha = 0 is the baseline) ran the MLP; "block" does not (the FP targets of "layer" come from the
+    # statistics pass, a whole-layer forward with either scope)
+    assert calls["layer"] - calls["block"] == n_layers * 6 * 3
 
 
 def test_coarse_to_fine_tries_a_third_then_the_neighbours_of_the_best():
@@ -499,5 +500,40 @@ def test_shared_input_transforms_leave_the_search_bit_identical(tiny_vlm_dir, ti
     (fast, fast_res), (ref, ref_res) = runs
     exact = torch.tensor([[r.baseline_loss, *r.losses] for r in fast]), torch.tensor([[r.baseline_loss, *r.losses] for r in ref])
     torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)  # NaN: exponents the coarse grid skipped
+    _assert_same_search(fast, fast_res, ref, ref_res)
+
+
+def test_whole_layer_targets_come_from_the_statistics_pass(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    """The FP targets of candidates judged on the whole layer (TLQ's q/k/v) are the outputs of the
+    mapping's own statistics pass, not of a second FP forward: one layer forward per sample fewer, and
+    the same losses, exponents and codes as with the separate pass."""
+    import tlq.engine.smoothing as sm
+    from tlq.models.base import run_layer
+
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+    cfg = build_config("w3a16", "tlq", weighting="uniform", search_grid=6, solver="rtn")
+    runs = []
+    for merged in (True, False):
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        if not merged:  # the reference: the targets from a forward of their own, as LayerContext.run computes them
+            record = sm._record_mapping
+
+            def separate(ctx, first, block, xs, kwargs, weights, rowwise=False, layer_outputs=None):
+                found = record(ctx, first, block, xs, kwargs, weights, rowwise)
+                if layer_outputs is not None:
+                    layer_outputs.extend(run_layer(ctx.layer, ctx.dev(x), ctx.dev(kw)).to("cpu") for x, kw in zip(xs, kwargs))
+                return found
+
+            monkeypatch.setattr(sm, "_record_mapping", separate)
+        forwards = [0]
+        adapter.decoder_layers(model)[0].register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        seen = _record_searches(monkeypatch)
+        runs.append((seen, LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples), forwards[0]))
+        monkeypatch.undo()
+    (fast, fast_res, fast_forwards), (ref, ref_res, ref_forwards) = runs
+    assert fast_forwards == ref_forwards - len(samples)
+    exact = torch.tensor([[r.baseline_loss, *r.losses] for r in fast]), torch.tensor([[r.baseline_loss, *r.losses] for r in ref])
+    torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)
     _assert_same_search(fast, fast_res, ref, ref_res)
 

@@ -68,15 +68,17 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
         rowwise = bool(block) and mapping.rowwise
         alone = _one_expert(layer, linears, block)  # found once per mapping, entered per pass
         first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
+        # judged on the layer: the statistics pass is the FP layer's forward, so it yields the targets too
+        outputs: list[Tensor] | None = [] if not block and layer_targets is None else None
         with alone():
-            stats, calls, call_weights = _record_mapping(ctx, first, block, xs, kwargs, weights, rowwise)
+            stats, calls, call_weights = _record_mapping(ctx, first, block, xs, kwargs, weights, rowwise, outputs)
+        if outputs is not None and stats is not None:  # (else: computed by the next mapping that needs them, as before)
+            layer_targets = ctx.store(outputs)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
             if calls is not None:
                 calls.release()
             continue
-        if calls is None and layer_targets is None:
-            layer_targets = ctx.run(xs, kwargs)
         if calls is None:
             calls = BlockCalls.of_layer(layer, xs, kwargs, layer_targets)
 
@@ -116,12 +118,16 @@ def loss_module(config: QuantizeConfig, mapping: SmoothMapping) -> str:
     return ""
 
 @torch.no_grad()
-def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
+def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False,
+                    layer_outputs: list[Tensor] | None = None) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
     """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
     other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
     the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
     non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
-    evaluating candidates on the kept rows gives the same loss for a fraction of the work."""
+    evaluating candidates on the kept rows gives the same loss for a fraction of the work.
+    ``layer_outputs``: if a list, the layer's outputs are appended to it (on the CPU), as
+    :meth:`LayerContext.run` would return them: the targets of candidates judged on the whole layer,
+    without a second FP pass."""
     layer = ctx.layer
     acc = ChannelStatsAccumulator(first.weight.shape[-1])
     current: dict[str, Tensor | None] = {"w": None}
@@ -154,7 +160,9 @@ def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kw
     try:
         for x, kw, w in zip(xs, kwargs, weights):
             current["w"] = w
-            run_layer(layer, ctx.dev(x), ctx.dev(kw))
+            out = run_layer(layer, ctx.dev(x), ctx.dev(kw))
+            if layer_outputs is not None:
+                layer_outputs.append(out.to("cpu"))
     finally:
         for h in handles:
             h.remove()
