@@ -115,10 +115,11 @@ def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
     """
     saved = [lin.weight.detach().clone() for lin in linears]
     handles = []
-    divide = input_hook(once_per_input(lambda x: x / s.to(x)))  # the linears share their input: divided once
+    sv = s.to(linears[0].weight)  # moved to the layer's device once, not per call
+    divide = input_hook(once_per_input(lambda x: x / sv.to(x.dtype)))  # the linears share their input: divided once
     try:
         for lin in linears:
-            lin.weight.data.mul_(s.to(lin.weight)[None, :])
+            lin.weight.data.mul_(sv.to(lin.weight)[None, :])
             handles.append(lin.register_forward_pre_hook(divide, prepend=True))
         yield
     finally:
