@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +20,8 @@ def write_report(out: str | Path, result: dict[str, Any], markdown_lines: list[s
     atomic_write_json(base.parent / f"{base.name}.json", result)
     atomic_write_text(base.parent / f"{base.name}.md", "\n".join(markdown_lines) + "\n")
     print("\n".join(markdown_lines))
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run, quoted so that it can be pasted into a shell as written."""
+    return f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])

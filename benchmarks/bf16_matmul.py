@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 
 SHAPES = ((128, 128), (128, 512), (256, 1024), (512, 2048), (896, 4864), (1536, 8960))  # (in, out); the last two: 0.5B and 2B MLPs
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/bf16_matmul")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    result = {"command": "python benchmarks/bf16_matmul.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("bf16_matmul.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}, "
                          f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}, AMX {torch.cpu._is_amx_tile_supported()}",
               "rounds": args.rounds, "rows": []}

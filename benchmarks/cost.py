@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from _report import write_report
+from _report import command_line, write_report
 
 # Released widths (config.json of each Hugging Face release): text hidden / intermediate / layers / heads /
 # KV heads / vocab / tied embeddings; vision depth / width / heads; the Instruct image processors' pixel
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
-    result = {"command": "python benchmarks/cost.py " + " ".join(argv if argv is not None else sys.argv[1:]), "shape": args.shape,
+    result = {"command": command_line("cost.py", argv), "shape": args.shape,
               "layers": args.layers, "vision_depth": args.vision_depth, "stream": args.stream, "num_samples": args.num_samples, "image_px": args.image_px, "scheme": args.scheme,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}"
               + (f", {gpu}" if gpu else ""),

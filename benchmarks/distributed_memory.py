@@ -27,7 +27,7 @@ from PIL import Image
 
 from tlq.models.tiny import make_tiny_vlm
 
-from _report import write_report
+from _report import command_line, write_report
 
 
 def make_calib(root: Path, n: int, size: int) -> Path:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"nproc": n, "peak_rss_mb_per_rank": rep["peak_rss_mb_per_rank"], "seconds": time.perf_counter() - t0,
                          "num_tokens": rep["num_tokens"]})
             print(rows[-1], flush=True)
-    result = {"command": "python benchmarks/distributed_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("distributed_memory.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "hidden": args.hidden, "layers": args.layers,
               "samples": args.samples, "stream": args.stream, "rows": rows}
     base = max(rows[0]["peak_rss_mb_per_rank"])

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 from accuracy import val_jsonl
 from activation_rank import rank_holding
 from tlq.api import load_model
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     schemes = {s: SCHEMES[s].weights for s in args.schemes.split(",")}
     cfg = GPTQConfig()
     result: dict[str, Any] = {
-        "command": "python benchmarks/moe_min_tokens.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("moe_min_tokens.py", argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "grid": grid, "draws": args.draws, "num_calib": args.num_calib, "num_val": args.num_val, "seed": args.seed,
         "schemes": list(schemes), "gptq": cfg.__dict__, "models": {}, "seconds": 0.0}

@@ -1,7 +1,8 @@
 """Does a cheaper scale search pick the exponents the exact, full-grid one picks? In one run, per built-in
 model, scheme and method: the chosen exponent of every mapping of every layer, the integer codes that
 differ, and the scale-search seconds, the default search against one option changed (``--option``):
-coarse-to-fine (``search_coarse=3``, the default) or bf16 candidate forwards (``search_dtype=bfloat16``).
+coarse-to-fine (``search_coarse=3``; TLQ's preset since run 10, so ``--base search_coarse=1`` compares it with the
+full grid) or bf16 candidate forwards (``search_dtype=bfloat16``).
 
     python benchmarks/search_coarse.py --models digits-qwen2vl,digits-llavaov,needle-qwen2vl --out docs/search_coarse
     python benchmarks/search_coarse.py --option search_dtype=bfloat16 --out docs/search_bf16
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 from tlq.api import build_config, calibrate
 from tlq.config import OPTION_NAMES
 from tlq.engine import smoothing
@@ -48,10 +49,11 @@ def compare(full: dict[str, Any], fine: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(result: dict[str, Any]) -> list[str]:
     name, value = result["option"]
-    lines = [f"# Scale search with `{name}={value}`: same exponents as the default search?", "", f"Command: `{result['command']}`", "",
+    ref = "the default search" if not result.get("base") else "`--{} {}`".format(result["base"][0].replace("_", "-"), result["base"][1])
+    lines = [f"# Scale search with `{name}={value}`: same exponents as {ref}?", "", f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}. Each built-in model calibrated in memory on its own calibration set "
-             f"({result['num_samples']} samples), grid 20, the default search against `--{name.replace('_', '-')} {value}`, one after the other.", "",
-             "| model | scheme | method | mappings with the same exponent | codes differing | scale search s (default -> changed) | ratio |",
+             f"({result['num_samples']} samples), grid 20, {ref} against `--{name.replace('_', '-')} {value}`, one after the other.", "",
+             "| model | scheme | method | mappings with the same exponent | codes differing | scale search s (reference -> changed) | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = r["search_seconds_coarse"] / r["search_seconds_full"] if r["search_seconds_full"] else float("nan")
@@ -74,20 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schemes", default="w3a16,w4a8")
     p.add_argument("--methods", default="tlq,awq")
     p.add_argument("--option", default="search_coarse=3", help="NAME=VALUE: the build_config option the changed search sets")
+    p.add_argument("--base", default=None, help="NAME=VALUE: the option the reference search sets (default: the method's preset), "
+                   "e.g. search_coarse=1 now that TLQ's preset is coarse-to-fine")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--out", default="docs/search_coarse")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = {"command": "python benchmarks/search_coarse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("search_coarse.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-              "option": parse_option(args.option), "num_samples": args.num_samples, "rows": []}
+              "option": parse_option(args.option), "base": parse_option(args.base) if args.base else None,
+              "num_samples": args.num_samples, "rows": []}
     changed = dict([result["option"]])
+    base = dict([result["base"]]) if result["base"] else {}
     if changed.get("search_dtype") == "bfloat16":  # the built-ins' linears are all under the bf16 size floor: lowered, so bf16 is measured at all
         smoothing.BF16_MIN_WEIGHTS = 0
     for model in args.models.split(","):
         for scheme in args.schemes.split(","):
             for method in args.methods.split(","):
-                full = run(model, scheme, method, {}, args.num_samples)
+                full = run(model, scheme, method, base, args.num_samples)
                 fine = run(model, scheme, method, changed, args.num_samples)
                 row = {"model": model, "scheme": scheme, "method": method, **compare(full, fine)}
                 result["rows"].append(row)

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 from cost import SHAPES, build_checkpoint, write_calibration
 from tlq.api import build_config, calibrate
 from tlq.engine import smoothing
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="tlq-searchcuts-"))
     model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
     calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
-    result = {"command": "python benchmarks/search_cuts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("search_cuts.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth, "num_samples": args.num_samples,
               "image_px": args.image_px, "scheme": args.scheme, "rounds": args.rounds, "settings": args.settings.split(","), "runs": [], "rows": []}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 from streaming_memory import add_checkpoint_args, write_deep_checkpoint
 from tlq.api import build_config, calibrate
 from tlq.builtin import resolve_model_dir
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(s not in SETTINGS for s in settings):
         p.error(f"--settings takes {', '.join(SETTINGS)}")
     work = Path(tempfile.mkdtemp(prefix="tlq-searchspeed-"))
-    result = {"command": "python benchmarks/search_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("search_speed.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
               "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "method": args.method,
               "scheme": args.scheme, "num_samples": args.num_samples, "search_grid": args.search_grid, "rows": []}

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from _report import write_report
+from _report import command_line, write_report
 from cost import SHAPES, build_checkpoint, write_calibration
 from search_cuts import cpu_clock
 from tlq.api import build_config, calibrate
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
     calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
     methods = args.methods.split(",")
-    result = {"command": "python benchmarks/stats_passes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("stats_passes.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth, "num_samples": args.num_samples,
               "image_px": args.image_px, "scheme": args.scheme, "rounds": args.rounds, "runs": [], "rows": []}

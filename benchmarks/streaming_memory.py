@@ -39,7 +39,7 @@ import torch
 from tlq.builtin import resolve_model_dir
 from tlq.models.tiny import make_tiny_vlm
 
-from _report import write_report
+from _report import command_line, write_report
 
 _LAYER_KEY = re.compile(r"(.*\.layers\.)0(\..*)")
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes: dict[int, int] = {}
     floor = import_floor_mib()
     print(f"import floor: {floor:.0f} MiB", flush=True)
-    result = {"command": "python benchmarks/streaming_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("streaming_memory.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "hidden": args.hidden, "intermediate": args.intermediate, "num_samples": args.num_samples,
               "import_floor_mib": floor, "rows": []}

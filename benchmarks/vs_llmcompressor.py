@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _report import write_report
+from _report import command_line, write_report
 from cost import _timed, run_llmcompressor, run_method
 
 from tlq.builtin import builtin_dir, builtin_set
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     version, _s, _r = _timed([str(Path(args.llmcompressor) / "bin" / "python"), "-c", "import llmcompressor; print(llmcompressor.__version__)"])
     import torch
 
-    result = {"command": "python benchmarks/vs_llmcompressor.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": command_line("vs_llmcompressor.py", argv),
               "model": args.model, "scheme": "w4a16", "num_calib": args.num_calib, "llmcompressor_version": version.stdout.strip().splitlines()[-1],
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, torch {torch.__version__}",
               "rows": rows, "eval": evaluate(f"builtin:{args.model}", exports, args.num_test, work)}
