@@ -37,22 +37,18 @@ from _report import command_line, write_report
 from cost import SHAPES, build_checkpoint, write_calibration
 from tlq.api import build_config, calibrate
 from tlq.engine import smoothing
-from tlq.quant import scale_search
 from tlq.quant.rtn import rtn_quantize
 
-SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls", "+ bf16 blocks", "+ shared inputs")
-BF16 = ("+ bf16 matmuls", "+ bf16 blocks", "+ shared inputs")
+SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls", "+ bf16 blocks")
+BF16 = ("+ bf16 matmuls", "+ bf16 blocks")
 
 
 @contextlib.contextmanager
 def setting(name: str) -> Iterator[None]:
     """``before``: queries at every row and RTN through integer codes (the search as it was); the others
     switch the shortcuts on one after the other (bf16 matmuls is a config option, see run_once; bf16 blocks
-    adds the MLP computed in bf16 between its linears, which the bf16 matmuls setting turns off; shared inputs
-    transforms the input q/k/v or gate/up share once, which every earlier setting does per linear)."""
-    saved = smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks, smoothing.once_per_input, scale_search.once_per_input
-    if name != "+ shared inputs":
-        smoothing.once_per_input = scale_search.once_per_input = lambda fn: fn
+    adds the MLP computed in bf16 between its linears, which the bf16 matmuls setting turns off)."""
+    saved = smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks
     if name == "+ bf16 matmuls":
         smoothing._low_precision_blocks = lambda *_a: []
     if name == "before":
@@ -62,7 +58,7 @@ def setting(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks, smoothing.once_per_input, scale_search.once_per_input = saved
+        smoothing.query_cut, smoothing.rtn_fake_quantize, smoothing._low_precision_blocks = saved
 
 
 @contextlib.contextmanager

@@ -461,48 +461,6 @@ def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
         assert block.weight.dtype == torch.float32
 
 
-def test_once_per_input_reuses_the_result_for_the_same_unchanged_tensor_only():
-    """The linears sharing one input transform it once; a new tensor, or the same one changed in place,
-    is transformed again (a stale result would silently be wrong)."""
-    from tlq.quant.scale_search import once_per_input
-
-    calls: list[int] = []
-    double = once_per_input(lambda x: calls.append(1) or x * 2)
-    x = torch.ones(3)
-    assert double(x) is double(x) and len(calls) == 1
-    y = torch.ones(3)
-    assert torch.equal(double(y), torch.full((3,), 2.0)) and len(calls) == 2
-    y.add_(1)
-    assert torch.equal(double(y), torch.full((3,), 4.0)) and len(calls) == 3
-
-
-@pytest.mark.parametrize("scheme", ["w3a16", "w4a8"])
-def test_shared_input_transforms_leave_the_search_bit_identical(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, scheme):
-    """The candidate's division, the activation quantizer and the bf16 cast done once per shared input
-    (q/k/v, gate/up) give exactly the losses, exponents and codes of doing them per linear."""
-    import tlq.engine.smoothing as sm
-    import tlq.quant.scale_search as ss
-
-    monkeypatch.setattr(sm, "BF16_MIN_WEIGHTS", 128 * 256)
-    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
-    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
-    cfg = build_config(scheme, "tlq", weighting="uniform", search_grid=6, solver="rtn", search_dtype="bfloat16")
-    runs = []
-    for shared in (True, False):
-        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
-        if not shared:
-            monkeypatch.setattr(sm, "once_per_input", lambda fn: fn)
-            monkeypatch.setattr(ss, "once_per_input", lambda fn: fn)
-        seen = _record_searches(monkeypatch)
-        runs.append((seen, LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)))
-        monkeypatch.undo()
-        monkeypatch.setattr(sm, "BF16_MIN_WEIGHTS", 128 * 256)
-    (fast, fast_res), (ref, ref_res) = runs
-    exact = torch.tensor([[r.baseline_loss, *r.losses] for r in fast]), torch.tensor([[r.baseline_loss, *r.losses] for r in ref])
-    torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)  # NaN: exponents the coarse grid skipped
-    _assert_same_search(fast, fast_res, ref, ref_res)
-
-
 def test_whole_layer_targets_come_from_the_statistics_pass(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
     """The FP targets of candidates judged on the whole layer (TLQ's q/k/v) are the outputs of the
     mapping's own statistics pass, not of a second FP forward: one layer forward per sample fewer, and

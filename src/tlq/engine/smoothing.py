@@ -26,9 +26,9 @@ from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import RowsOnly, outermost_row_blocks, query_cut
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import expert_of, rows_of
-from tlq.quant.quantizer import fake_quantize_activation
+from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_fake_quantize
-from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, input_hook, once_per_input, search_scales
+from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
 
 
 def scale_search_step(ctx: LayerContext, state: LayerState) -> None:
@@ -183,12 +183,10 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
     hooks = []
     rows: list[Tensor | None] = [None]
     try:
-        act = scheme.activations
-        quantize = None if act is None else input_hook(once_per_input(lambda x: fake_quantize_activation(x, act)))
         for lin in linears:
             lin.weight.data = rtn_fake_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
-            if quantize is not None:
-                hooks.append(lin.register_forward_pre_hook(quantize))  # what add_input_quantizer does, once per shared input
+            if scheme.activations is not None:
+                hooks.append(add_input_quantizer(lin, scheme.activations))
         row_blocks = [ctx.layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(ctx.layer))]
         if whole:
             hooks += _row_cuts(ctx, row_blocks, rows)
@@ -251,13 +249,12 @@ def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None =
     inside = {id(m) for b in low for m in b.modules()}
     saved = [(lin.weight.data, None if lin.bias is None else lin.bias.data) for lin in linears]
     handles = []
-    cast = input_hook(once_per_input(lambda x: x.to(dtype)))
     try:
         for lin in linears:
             lin.weight.data = lin.weight.data.to(dtype)
             if lin.bias is not None:
                 lin.bias.data = lin.bias.data.to(dtype)
-            handles.append(lin.register_forward_pre_hook(cast))
+            handles.append(lin.register_forward_pre_hook(lambda _m, args, dt=dtype: (args[0].to(dt), *args[1:])))
             if id(lin) not in inside:
                 handles.append(lin.register_forward_hook(lambda _m, _args, out: out.float()))
         for block in low:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -115,12 +115,11 @@ def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
     """
     saved = [lin.weight.detach().clone() for lin in linears]
     handles = []
-    sv = s.to(linears[0].weight)  # moved to the layer's device once, not per call
-    divide = input_hook(once_per_input(lambda x: x / sv.to(x.dtype)))  # the linears share their input: divided once
+    sv = s.to(linears[0].weight)  # moved to the layer's device once, not per linear
     try:
         for lin in linears:
             lin.weight.data.mul_(sv.to(lin.weight)[None, :])
-            handles.append(lin.register_forward_pre_hook(divide, prepend=True))
+            handles.append(lin.register_forward_pre_hook(_divide_input(sv), prepend=True))
         yield
     finally:
         for h in handles:
@@ -129,26 +128,11 @@ def candidate_applied(linears: list[nn.Linear], s: Tensor) -> Iterator[None]:
             lin.weight.data.copy_(w)
 
 
-def once_per_input(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``fn``, reusing its last result while the very same tensor object comes in again.
+def _divide_input(s: Tensor) -> Callable:
+    def hook(_m: nn.Module, args: tuple) -> tuple:
+        return (args[0] / s.to(args[0].dtype), *args[1:])
 
-    Why: the linears that read one producer (q/k/v, gate/up) are called with the same input tensor, and
-    a transform of that input (a candidate's division, the activation quantizer, a cast) would otherwise
-    be repeated on identical data once per linear, at every row of a long sequence. An in-place change
-    of the input (its version counter moves) counts as a new input."""
-    last: list[Any] = [None, -1, None]
-
-    def apply(x: Tensor) -> Tensor:
-        if last[0] is not x or last[1] != x._version:
-            last[:] = [x, x._version, fn(x)]
-        return last[2]
-
-    return apply
-
-
-def input_hook(fn: Callable[[Tensor], Tensor]) -> Callable[[nn.Module, tuple], tuple]:
-    """A forward pre-hook applying ``fn`` to a module's first positional input."""
-    return lambda _m, args: (fn(args[0]), *args[1:])
+    return hook
 
 
 @dataclass
