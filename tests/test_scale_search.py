@@ -474,7 +474,7 @@ def test_whole_layer_targets_come_from_the_statistics_pass(tiny_vlm_dir, tiny_ca
     runs = []
     for merged in (True, False):
         _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
-        if not merged:  # the reference: the targets from a forward of their own, as LayerContext.run computes them
+        if not merged:  # the reference: the targets from an FP forward of their own, as before
             record = sm._record_mapping
 
             def separate(ctx, first, block, xs, kwargs, weights, rowwise=False, layer_outputs=None):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tlq.config import QuantizeConfig
 from tlq.engine.distributed import DistContext
-from tlq.models.base import ModelAdapter, run_layer, tree_to
+from tlq.models.base import ModelAdapter, tree_to
 from tlq.quant.quantizer import QuantizedWeight
 
 # Per-token weights for one layer's statistics: (layer index, global sample id[, linear name within the
@@ -61,12 +61,6 @@ class LayerContext:
         gid = self.sample_ids[sample]
         return self.token_weights(self.index, gid) if linear is None else self.token_weights(self.index, gid, linear)
 
-    @torch.no_grad()
-    def run(self, xs: Any, kwargs: list[dict[str, Any]] | None = None) -> Any:
-        """The layer's own outputs on ``xs``, without what the model adds between layers: what a replay of
-        the layer alone is compared with. Never a stream (the streams take the adapter's whole step)."""
-        kwargs = self.kwargs if kwargs is None else kwargs
-        return self.store([run_layer(self.layer, self.dev(x), self.dev(kw)).to("cpu") for x, kw in zip(xs, kwargs)])
 
 
 @dataclass

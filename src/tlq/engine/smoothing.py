@@ -125,9 +125,9 @@ def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kw
     the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
     non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
     evaluating candidates on the kept rows gives the same loss for a fraction of the work.
-    ``layer_outputs``: if a list, the layer's outputs are appended to it (on the CPU), as
-    :meth:`LayerContext.run` would return them: the targets of candidates judged on the whole layer,
-    without a second FP pass."""
+    ``layer_outputs``: if a list, the layer's own outputs (on the CPU, without what the model adds
+    between layers) are appended to it: the targets of candidates judged on the whole layer, without a
+    second FP pass."""
     layer = ctx.layer
     acc = ChannelStatsAccumulator(first.weight.shape[-1])
     current: dict[str, Tensor | None] = {"w": None}

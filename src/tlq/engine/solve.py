@@ -174,7 +174,7 @@ def _solve_one(ctx: LayerContext, state: LayerState, name: str, module: nn.Modul
         gptq = ctx.config.gptq
         if cal.num_tokens < (gptq.min_tokens_in if module.reads_block_input else gptq.min_tokens):
             # replaced in ``cals`` too, so that the unused Hessian is freed now
-            cal = cals[name] = make_calibrator("rtn", module.weight, ctx.config.scheme, ctx.config.gptq, ctx.scale_dtype, ctx.device)
+            cal = cals[name] = make_calibrator("rtn", module.weight, ctx.config.scheme, gptq, ctx.scale_dtype, ctx.device)
             state.rtn_fallback.append(name)
     qw = cal.solve(module.weight.data)
     module.weight.data.copy_(qw.dequantize(module.weight.dtype))
