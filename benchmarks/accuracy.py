@@ -84,6 +84,11 @@ VARIANTS.update({
     # bf16 candidate forwards in the scale search (docs/cost.md): the same grid, a noisier loss
     "TLQ search bf16": ("tlq", {"search_dtype": "bfloat16"}),
     "AWQ search bf16": ("awq", {"search_dtype": "bfloat16"}),
+    # one FP record pass per layer and bf16 importance matmuls (docs/methods.md: neither became the default)
+    "TLQ one record pass + bf16 importance": ("tlq", {"search_record": "layer", "importance_dtype": "auto"}),
+    "TLQ record per mapping": ("tlq", {"search_record": "mapping", "importance_dtype": "auto"}),
+    "TLQ importance float32": ("tlq", {"search_record": "layer", "importance_dtype": "compute"}),
+    "TLQ before record and importance cuts": ("tlq", {"search_record": "mapping", "importance_dtype": "compute"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs

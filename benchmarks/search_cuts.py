@@ -14,7 +14,9 @@ One process calibrates the same checkpoint (random weights at the released width
 under each setting in turn, round after round (``--rounds``), so drift in the machine's speed hits every
 setting alike; it reports each setting's median scale-search CPU seconds (and wall), the ratio to the first
 setting's (``--settings``; ``before`` by default) per round, and whether the exponents and codes equal the first's.
-The exact shortcuts must give the same exponents and codes; bf16 matmuls (``--search-dtype bfloat16``) need not.
+The exact shortcuts must give the same exponents and codes; bf16 matmuls (``--search-dtype bfloat16``) need not,
+nor one record pass per layer (``--search-record layer``: later mappings recorded before the earlier folds,
+equal up to float rounding; every other setting records mapping by mapping).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from tlq.api import build_config, calibrate
 from tlq.engine import smoothing
 from tlq.quant.rtn import rtn_quantize
 
-SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls", "+ bf16 blocks")
-BF16 = ("+ bf16 matmuls", "+ bf16 blocks")
+SETTINGS = ("before", "query cut", "query cut + codes-free RTN", "+ bf16 matmuls", "+ bf16 blocks", "+ one record pass")
+BF16 = ("+ bf16 matmuls", "+ bf16 blocks", "+ one record pass")
 
 
 @contextlib.contextmanager
@@ -84,7 +86,7 @@ def cpu_clock(owner: object, name: str, spent: list[float]) -> Iterator[None]:
 
 def run_once(model: Path, calib: Path, name: str, args: argparse.Namespace) -> dict:
     cfg = build_config(args.scheme, "tlq", solver="rtn", num_samples=args.num_samples, device="cpu",
-                       search_dtype="bfloat16" if name in BF16 else "compute")
+                       search_dtype="bfloat16" if name in BF16 else "compute", search_record="layer" if name == "+ one record pass" else "mapping")
     spent: list[float] = []
     with setting(name), cpu_clock(smoothing, "search_layer_scales", spent):
         run = calibrate(model, calib, cfg, progress=False)

@@ -429,3 +429,36 @@ def test_tlq_runs_the_vision_tower_once_per_sample(tiny_vlm_dir, tiny_calib_json
     monkeypatch.setattr(ModelAdapter, "capture_layer0_inputs", counting)
     run = calibrate(tiny_vlm_dir("qwen2_vl"), tiny_calib_jsonl, build_config("w4a16", "tlq", num_samples=4, device="cpu", search_grid=2), progress=False)
     assert run.token_set is not None and len(calls) == run.num_samples == 4
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_bf16_importance_runs_its_matmuls_in_bf16_and_stays_close(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, streamed):
+    """``matmul_dtype="bfloat16"``: the decoder layers' linears compute in bf16, forward and in the
+    backward's recomputation, in both passes (loaded and streamed layers); the per-token gradients stay
+    within bf16 rounding of float32 (per layer, cosine > 0.99); ``"auto"`` on a CPU without native bf16
+    keeps float32."""
+    from tlq.importance.gradients import token_gradients
+    from tlq.models.streaming import ResidentLayers
+
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl")
+    layers = adapter.decoder_layers(model)
+    seen: set[torch.dtype] = set()
+    layers[0].mlp.down_proj.register_forward_hook(lambda _m, _a, out: seen.add(out.dtype))
+
+    def grads(dtype: str) -> list[torch.Tensor]:
+        seen.clear()
+        got = token_gradients(adapter, model, samples[:2], at="linear", matmul_dtype=dtype, layers=ResidentLayers(adapter, model) if streamed else None)
+        return [g.grad for g in got]
+
+    exact, low = grads("compute"), grads("bfloat16")
+    assert seen == {torch.bfloat16}
+    for e, b in zip(exact, low):
+        assert not torch.equal(e, b)
+        cos = torch.nn.functional.cosine_similarity(e.flatten(1), b.flatten(1), dim=1)
+        assert cos.min() > 0.99, cos
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    same = grads("auto")
+    assert seen == {torch.float32}
+    for e, s in zip(exact, same):
+        torch.testing.assert_close(e, s, rtol=0, atol=0)

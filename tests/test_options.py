@@ -13,7 +13,8 @@ NON_DEFAULT = {
     "num_samples": ("7", 7), "max_seq_len": ("100", 100), "seed": ("3", 3), "group_size": ("-1", None),
     "symmetric": (None, True), "damp_percent": ("0.05", 0.05), "block_size": ("64", 64), "act_order": (None, True), "gptq_min_tokens": ("128", 128), "gptq_min_tokens_in": ("8", 8), "gptq_stats_memory": ("0.5", 0.5),
     "solver": ("rtn", "rtn"), "gptq_target": ("fp", "fp"), "scale_search": ("awq", "awq"), "search_grid": ("5", 5), "search_coarse": ("3", 3),
-    "search_scope": ("block", "block"), "search_samples": ("9", 9), "search_dtype": ("bfloat16", "bfloat16"), "weighting": ("token", "token"),
+    "search_scope": ("block", "block"), "search_samples": ("9", 9), "search_dtype": ("bfloat16", "bfloat16"), "search_record": ("layer", "layer"),
+    "importance_dtype": ("bfloat16", "bfloat16"), "weighting": ("token", "token"),
     "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25),
     "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"),
 }

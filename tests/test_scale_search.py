@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from tlq.data.calibration import load_calibration
 from tlq.engine import smoothing
 from tlq.engine.layerwise import LayerwiseEngine
 from tlq.quant.rtn import rtn_quantize
+from tlq.utils.precision import resolve_matmul_dtype
 from tlq.quant.scale_search import (
     ChannelStatsAccumulator,
     alpha_grid,
@@ -343,7 +346,9 @@ def test_expert_candidates_judged_with_their_expert_alone_give_the_same_losses(t
 
     from tlq.models.moe import UnfusedExperts
 
-    cfg = build_config("w4a16", "tlq", search_grid=5, solver="rtn", num_samples=2)
+    # recorded mapping by mapping, the two differ only in the expert alone (one layer pass records the
+    # non-expert mappings before any fold, the expert ones after: rounding-level apart, see the next test)
+    cfg = build_config("w4a16", "tlq", search_grid=5, solver="rtn", num_samples=2, search_record="mapping")
     runs = []
     for alone in (True, False):
         adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
@@ -453,9 +458,9 @@ def test_auto_loss_dtype_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "compute")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert smoothing.resolve_loss_dtype("auto", cpu) == expected
-        assert smoothing.resolve_loss_dtype("auto", gpu) == "bfloat16"
-        assert smoothing.resolve_loss_dtype("compute", gpu) == "compute"
+        assert resolve_matmul_dtype("auto", cpu) == expected
+        assert resolve_matmul_dtype("auto", gpu) == "bfloat16"
+        assert resolve_matmul_dtype("compute", gpu) == "compute"
     block = nn.Linear(256, 256)  # no native bf16: auto leaves the weights alone
     with torch.no_grad(), smoothing.loss_precision(block, "auto", min_weights=1):
         assert block.weight.dtype == torch.float32
@@ -475,15 +480,15 @@ def test_whole_layer_targets_come_from_the_statistics_pass(tiny_vlm_dir, tiny_ca
     for merged in (True, False):
         _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
         if not merged:  # the reference: the targets from an FP forward of their own, as before
-            record = sm._record_mapping
+            record = sm._record_mappings
 
-            def separate(ctx, first, block, xs, kwargs, weights, rowwise=False, layer_outputs=None):
-                found = record(ctx, first, block, xs, kwargs, weights, rowwise)
+            def separate(ctx, recordings, xs, kwargs, weights, layer_outputs=None):
+                found = record(ctx, recordings, xs, kwargs, weights)
                 if layer_outputs is not None:
                     layer_outputs.extend(run_layer(ctx.layer, ctx.dev(x), ctx.dev(kw)).to("cpu") for x, kw in zip(xs, kwargs))
                 return found
 
-            monkeypatch.setattr(sm, "_record_mapping", separate)
+            monkeypatch.setattr(sm, "_record_mappings", separate)
         forwards = [0]
         adapter.decoder_layers(model)[0].register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
         seen = _record_searches(monkeypatch)
@@ -495,3 +500,38 @@ def test_whole_layer_targets_come_from_the_statistics_pass(tiny_vlm_dir, tiny_ca
     torch.testing.assert_close(*exact, rtol=0, atol=0, equal_nan=True)
     _assert_same_search(fast, fast_res, ref, ref_res)
 
+
+
+@pytest.mark.parametrize("method", ["tlq", "awq"])
+def test_one_record_pass_per_layer_equals_one_per_mapping(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, method):
+    """``search.record="layer"`` records every mapping of a layer in one FP pass before the first fold;
+    ``"mapping"`` records each after the folds before it. The folds leave the FP layer unchanged up to
+    float rounding, so the first mapping searches bit for bit alike and each later one, while the
+    exponents before it agree, from the same unscaled loss (to 1e-5); its candidates' scales come from
+    statistics equal to rounding, which can move a weight across a rounding boundary (so their losses
+    are not compared). The layer pass runs the layer once per sample instead of once per mapping."""
+    adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+    samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=3, max_seq_len=4096, seed=0)
+    runs = {}
+    for record in ("layer", "mapping"):
+        cfg = build_config("w3a16", method, weighting="uniform", search_grid=6, solver="rtn", search_record=record)
+        _a, model, _p, _d, _dev, _dt = load_model(tiny_vlm_dir("qwen2_vl"), device="cpu")
+        forwards = [0]
+        adapter.decoder_layers(model)[0].register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+        seen = _record_searches(monkeypatch)
+        LayerwiseEngine(adapter, model, cfg, dev, progress=False).calibrate(samples)
+        runs[record] = (seen, forwards[0])
+        monkeypatch.undo()
+    (one, one_forwards), (each, each_forwards) = runs["layer"], runs["mapping"]
+    per_layer = len(one) // len(adapter.decoder_layers(model))
+    assert len(one) == len(each) and per_layer >= 2  # mappings that fold, per layer: the passes saved are per_layer - 1
+    assert each_forwards - one_forwards == (per_layer - 1) * len(samples)
+    first = torch.tensor([one[0].baseline_loss, *one[0].losses]), torch.tensor([each[0].baseline_loss, *each[0].losses])
+    torch.testing.assert_close(*first, rtol=0, atol=0, equal_nan=True)
+    compared = 0
+    for a, b in zip(one, each):
+        torch.testing.assert_close(a.baseline_loss, b.baseline_loss, rtol=1e-5, atol=0)
+        compared += 1
+        if a.alpha != b.alpha and not (math.isnan(a.alpha) and math.isnan(b.alpha)):
+            break  # the folds differ from here on
+    assert compared >= 2

@@ -201,7 +201,9 @@ def parse_memory_size(text: str | int | float, option: str = "--max-cpu-memory")
 
 
 SEARCH_SCOPES = ("layer", "block")
-SEARCH_LOSS_DTYPES = ("auto", "compute", "bfloat16")
+# How the FP statistics and targets of a layer's mappings are recorded (tlq.engine.smoothing).
+SEARCH_RECORDS = ("layer", "mapping")
+MATMUL_DTYPES = ("auto", "compute", "bfloat16")
 
 
 @dataclass
@@ -224,10 +226,19 @@ class ScaleSearchConfig:
     # bf16 is emulated, slower). The loss is then noisier by the bf16 rounding; docs/cost.md measures what
     # that does to the chosen exponents and to val KL.
     loss_dtype: str = "compute"
+    # How the FP pass that records each mapping's channel statistics, block inputs and targets runs:
+    # "mapping" = a pass before each mapping, after the folds before it; "layer" = one pass of the layer
+    # before its first fold records every mapping (as AutoAWQ and llm-compressor collect them; later
+    # mappings then see the layer before earlier folds, which the FP function equals up to float
+    # rounding): 0.79x the search's time at LLaVA-OneVision-0.5B widths, but it missed the val rule in
+    # one of six cells, so it is not the default (docs/methods.md, "One FP record pass per layer").
+    record: str = "mapping"
 
     def __post_init__(self) -> None:
-        if self.loss_dtype not in SEARCH_LOSS_DTYPES:
-            raise ConfigError(f"unknown scale-search loss dtype {self.loss_dtype!r}; choose one of {', '.join(SEARCH_LOSS_DTYPES)}")
+        if self.record not in SEARCH_RECORDS:
+            raise ConfigError(f"unknown scale-search record {self.record!r}; choose one of {', '.join(SEARCH_RECORDS)}")
+        if self.loss_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"unknown scale-search loss dtype {self.loss_dtype!r}; choose one of {', '.join(MATMUL_DTYPES)}")
         if self.kind not in ("none", "awq", "smoothquant"):
             raise ConfigError(f"unknown scale search {self.kind!r}; choose none, awq or smoothquant")
         if self.scope not in SEARCH_SCOPES:
@@ -259,8 +270,15 @@ class ImportanceConfig:
     # gradient w.r.t. each decoder layer's "output" hidden state (DESIGN), its "input", or "linear": the
     # layer's output plus each linear's own output (each linear's inputs weighted by their own importance)
     grad_at: str = "output"
+    # Precision of the pass's matmuls where the run computes in float32 (tlq.utils.precision): "compute"
+    # = float32 (exact gradients), "bfloat16" through autocast (norms, softmax, the head's loss stay
+    # float32), "auto" = bfloat16 where native: 0.62x the pass's time at LLaVA-OneVision-0.5B widths, but
+    # it missed the val rule in two of six cells, so no preset uses it (docs/methods.md).
+    matmul_dtype: str = "compute"
 
     def __post_init__(self) -> None:
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"unknown importance matmul dtype {self.matmul_dtype!r}; choose one of {', '.join(MATMUL_DTYPES)}")
         if self.kind not in IMPORTANCE_KINDS:
             raise ConfigError(f"unknown importance kind {self.kind!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
         if not 0.0 <= self.floor < 1.0:
@@ -503,14 +521,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("search_coarse", "search.coarse", "scale search coarse-to-fine: every k-th exponent, then the k-1 on each side of the best (1: all)", group=_PARTS, type=int),
     Option("search_scope", "search.scope", "what a scale candidate is judged by: the decoder layer's output error (layer: tlq's preset) or "
            "its block's, attention or MLP (block: AWQ's own loss, cheaper; the awq and mbq presets')", group=_PARTS, choices=SEARCH_SCOPES),
+    Option("search_record", "search.record", "the scale search's FP statistics and targets: one pass before each mapping (mapping) "
+           "or one pass of each layer before its first fold (layer: equal up to float rounding, fewer passes)",
+           group=_PARTS, choices=SEARCH_RECORDS),
     Option("search_samples", "search.max_samples", "samples the scale-search loss runs on", group=_PARTS, type=int),
     Option("search_dtype", "search.loss_dtype", "precision of the scale candidates' matmuls in a float32 run: compute (exact), bfloat16 "
            "(about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs; the targets stay float32) or auto (bfloat16 where the CPU has it)",
-           group=_PARTS, choices=SEARCH_LOSS_DTYPES),
+           group=_PARTS, choices=MATMUL_DTYPES),
     Option("weighting", "weighting", "token weights: uniform | modality (MBQ) | token (TLQ)", group=_PARTS, choices=WEIGHTINGS),
     Option("token_select", "token_select", "use the token-level calibration set (--no-token-select: keep every token, weighted)", group=_PARTS, type=bool, negative="--no-token-select"),
     Option("grad_at", "importance.grad_at", "token importance from the gradient at each decoder layer's output, its input, or (linear) at each linear's own output",
            group=_PARTS, choices=GRAD_AT),
+    Option("importance_dtype", "importance.matmul_dtype", "precision of the importance pass's matmuls in a float32 run: compute (exact), "
+           "bfloat16 (through autocast; norms, softmax and the loss stay float32) or auto (bfloat16 where the CPU has it)",
+           group=_PARTS, choices=MATMUL_DTYPES),
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
     Option("quantized_inputs", "quantized_inputs", "calibrate each layer on the quantized path (--fp-inputs: on FP inputs, as AWQ/MBQ do)", group=_PARTS, type=bool, negative="--fp-inputs"),
     Option("device", "device", "auto | cpu | cuda | cuda:N", group="compute"),

@@ -3,7 +3,8 @@ producer and the linears that read it, chosen by a quantized loss, before the la
 
 For each of the adapter's mappings of a layer (:meth:`ModelAdapter.smooth_mappings`), the step records
 the mapping's channel statistics and the FP calls of the module a candidate is judged on (the decoder
-layer, or a block that is enough: :func:`loss_module`), tries the exponent grid with the linears
+layer, or a block that is enough: :func:`loss_module`; with ``ScaleSearchConfig.record="layer"`` one FP
+pass of the layer records every mapping before the first fold), tries the exponent grid with the linears
 fake-quantized (weights and, for W-A schemes, activations), and folds the best scales
 (:mod:`tlq.quant.scale_search` holds the tensor algorithms; this module runs them on a layer).
 Token weights make the loss TLQ's (per token) or MBQ's (per modality); with the token-level calibration
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -29,6 +31,7 @@ from tlq.models.moe import expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
+from tlq.utils.precision import resolve_matmul_dtype
 
 
 def scale_search_step(ctx: LayerContext, state: LayerState) -> None:
@@ -57,23 +60,28 @@ def search_layer_scales(ctx: LayerContext, xs: Any) -> dict[str, float]:
     weights = [ctx.weights(s) for s in range(n)]
     layer_targets = None  # the FP layer's outputs, computed once if a mapping needs them
     alphas = [search.fixed_alpha] if search.fixed_alpha is not None else alpha_grid(search.grid)
+    plans = _plans(ctx)
+    # recorded ahead, in one FP pass of the layer before any fold (search.record == "layer"): every mapping
+    # but those judged with one routed expert alone, whose block output differs per expert
+    ahead = [p for p in plans if p.alone is contextlib.nullcontext] if search.record == "layer" else []
+    recorded: dict[int, tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]] = {}
+    if ahead:
+        outputs: list[Tensor] | None = [] if any(not p.recording.block for p in ahead) else None
+        for p, got in zip(ahead, _record_mappings(ctx, [p.recording for p in ahead], xs, kwargs, weights, outputs)):
+            recorded[id(p)] = got
+        layer_targets = ctx.store(outputs) if outputs is not None else None
     chosen: dict[str, float] = {}
-    for mapping in ctx.adapter.smooth_mappings(layer):
-        prev = layer.get_submodule(mapping.prev)
-        linears = [layer.get_submodule(name) for name in mapping.linears]
-        passive = [layer.get_submodule(name) for name in mapping.passive]
-        if not can_fold(prev, linears + passive):
-            continue
-        block = loss_module(ctx.config, mapping)
-        rowwise = bool(block) and mapping.rowwise
-        alone = _one_expert(layer, linears, block)  # found once per mapping, entered per pass
-        first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
-        # judged on the layer: the statistics pass is the FP layer's forward, so it yields the targets too
-        outputs: list[Tensor] | None = [] if not block and layer_targets is None else None
-        with alone():
-            stats, calls, call_weights = _record_mapping(ctx, first, block, xs, kwargs, weights, rowwise, outputs)
-        if outputs is not None and stats is not None:  # (else: computed by the next mapping that needs them, as before)
-            layer_targets = ctx.store(outputs)
+    for plan in plans:
+        mapping, prev, linears, passive, alone = plan.mapping, plan.prev, plan.linears, plan.passive, plan.alone
+        if id(plan) in recorded:
+            stats, calls, call_weights = recorded.pop(id(plan))
+        else:
+            # judged on the layer: the statistics pass is the FP layer's forward, so it yields the targets too
+            outputs = [] if not plan.recording.block and layer_targets is None else None
+            with alone():
+                (stats, calls, call_weights), = _record_mappings(ctx, [plan.recording], xs, kwargs, weights, outputs)
+            if outputs is not None and stats is not None:  # (else: computed by the next mapping that needs them, as before)
+                layer_targets = ctx.store(outputs)
         if stats is None:  # no token reached the linears (an expert no search sample was routed to)
             chosen[mapping.prev] = math.nan
             if calls is not None:
@@ -117,60 +125,115 @@ def loss_module(config: QuantizeConfig, mapping: SmoothMapping) -> str:
         return mapping.block
     return ""
 
+
+@dataclass(frozen=True)
+class Recording:
+    """What the FP pass records for one mapping: the channel statistics of ``first``'s input and, for a
+    ``block`` other than the whole layer (""), that block's calls; ``rowwise``: only the rows of tokens
+    with a non-zero weight (see :func:`_record_mappings`)."""
+
+    first: nn.Module
+    block: str
+    rowwise: bool
+
+
+@dataclass(frozen=True)
+class MappingPlan:
+    """One mapping of a layer that can fold, with its modules looked up once."""
+
+    mapping: SmoothMapping
+    prev: nn.Module
+    linears: list[nn.Module]
+    passive: list[nn.Module]
+    alone: Callable[[], Any]  # the context its passes run in (:func:`_one_expert`)
+    recording: Recording
+
+
+def _plans(ctx: LayerContext) -> list[MappingPlan]:
+    """The adapter's mappings of ``ctx.layer`` whose scales can fold, in order."""
+    layer, plans = ctx.layer, []
+    for mapping in ctx.adapter.smooth_mappings(layer):
+        prev = layer.get_submodule(mapping.prev)
+        linears = [layer.get_submodule(name) for name in mapping.linears]
+        passive = [layer.get_submodule(name) for name in mapping.passive]
+        if not can_fold(prev, linears + passive):
+            continue
+        block = loss_module(ctx.config, mapping)
+        first = layer.get_submodule(mapping.stats_from) if mapping.stats_from else linears[0]
+        plans.append(MappingPlan(mapping, prev, linears, passive, _one_expert(layer, linears, block),
+                                 Recording(first, block, bool(block) and mapping.rowwise)))
+    return plans
+
+
 @torch.no_grad()
-def _record_mapping(ctx: LayerContext, first: nn.Module, block: str, xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None], rowwise: bool = False,
-                    layer_outputs: list[Tensor] | None = None) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
-    """One FP pass of the layer: the channel statistics of the mapping's input and, for a block
-    other than the whole layer, the block's inputs and outputs (``None`` for the layer itself), with
-    the token weights that go with them. A ``rowwise`` block keeps only the rows of tokens with a
-    non-zero weight (and their weights): a zero-weight row adds nothing to a candidate's loss, so
-    evaluating candidates on the kept rows gives the same loss for a fraction of the work.
-    ``layer_outputs``: if a list, the layer's own outputs (on the CPU, without what the model adds
-    between layers) are appended to it: the targets of candidates judged on the whole layer, without a
-    second FP pass."""
-    layer = ctx.layer
-    acc = ChannelStatsAccumulator(first.weight.shape[-1])
+def _record_mappings(ctx: LayerContext, recordings: Sequence[Recording], xs: Any, kwargs: list[dict[str, Any]], weights: list[Tensor | None],
+                     layer_outputs: list[Tensor] | None = None) -> list[tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]]:
+    """One FP pass of the layer that records each of ``recordings``: the channel statistics of its
+    mapping's input and, for a block other than the whole layer, the block's inputs and outputs
+    (``None`` for the layer itself), with the token weights that go with them. A ``rowwise`` block keeps
+    only the rows of tokens with a non-zero weight (and their weights): a zero-weight row adds nothing to
+    a candidate's loss, so evaluating candidates on the kept rows gives the same loss for a fraction of
+    the work. ``layer_outputs``: if a list, the layer's own outputs (on the CPU, without what the model
+    adds between layers) are appended to it: the targets of candidates judged on the whole layer,
+    without a second FP pass."""
     current: dict[str, Tensor | None] = {"w": None}
-    mains: list[Tensor] = []
-    rests: list[tuple[tuple, dict[str, Any]]] = []
-    outputs: list[Tensor] = []
-    keyword: list[str | None] = [None]
-
-    kept: list[Tensor | None] = []
-
-    def record(_m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
-        if args:
-            main, rest = args[0], (args[1:], kw)
-        else:  # called by keyword, as transformers calls its attention modules
-            keyword[0] = "hidden_states"
-            rest_kw = dict(kw)
-            main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
-        out, w = main_output(out), current["w"]
-        if rowwise and w is not None:
-            rows = (w > 0).nonzero().reshape(-1).to(main.device)
-            main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
-        mains.append(main.detach().to("cpu"))
-        rests.append(tree_to(rest, "cpu"))
-        outputs.append(out.detach().to("cpu"))
-        kept.append(w)
-
-    handles = [first.register_forward_hook(lambda m, args, _o: acc.add(args[0], rows_of(m, current["w"])))]
-    if block:
-        handles.append(layer.get_submodule(block).register_forward_hook(record, with_kwargs=True))
+    recorders = [_Recorder(ctx, r, current) for r in recordings]
+    handles = [h for r in recorders for h in r.install()]
     try:
         for x, kw, w in zip(xs, kwargs, weights):
             current["w"] = w
-            out = run_layer(layer, ctx.dev(x), ctx.dev(kw))
+            out = run_layer(ctx.layer, ctx.dev(x), ctx.dev(kw))
             if layer_outputs is not None:
                 layer_outputs.append(out.to("cpu"))
     finally:
         for h in handles:
             h.remove()
-    D.reduce_channel_stats_(acc)
-    stats = acc.result() if acc.total > 0 else None  # reduced: every rank agrees
-    if not block:
-        return stats, None, weights
-    return stats, BlockCalls(layer.get_submodule(block), ctx.store(mains), rests, keyword[0], ctx.store(outputs)), kept
+    return [r.result(weights) for r in recorders]
+
+
+class _Recorder:
+    """The hooks of one :class:`Recording` during a pass, and what they gathered."""
+
+    def __init__(self, ctx: LayerContext, recording: Recording, current: dict[str, Tensor | None]) -> None:
+        self.ctx, self.recording, self.current = ctx, recording, current
+        self.acc = ChannelStatsAccumulator(recording.first.weight.shape[-1])
+        self.mains: list[Tensor] = []
+        self.rests: list[tuple[tuple, dict[str, Any]]] = []
+        self.outputs: list[Tensor] = []
+        self.kept: list[Tensor | None] = []
+        self.keyword: str | None = None
+
+    def install(self) -> list[Any]:
+        r = self.recording
+        handles = [r.first.register_forward_hook(lambda m, args, _o: self.acc.add(args[0], rows_of(m, self.current["w"])))]
+        if r.block:
+            handles.append(self.ctx.layer.get_submodule(r.block).register_forward_hook(self._record, with_kwargs=True))
+        return handles
+
+    def _record(self, _m: nn.Module, args: tuple, kw: dict[str, Any], out: Any) -> None:
+        if args:
+            main, rest = args[0], (args[1:], kw)
+        else:  # called by keyword, as transformers calls its attention modules
+            self.keyword = "hidden_states"
+            rest_kw = dict(kw)
+            main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
+        out, w = main_output(out), self.current["w"]
+        if self.recording.rowwise and w is not None:
+            rows = (w > 0).nonzero().reshape(-1).to(main.device)
+            main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
+        self.mains.append(main.detach().to("cpu"))
+        self.rests.append(tree_to(rest, "cpu"))
+        self.outputs.append(out.detach().to("cpu"))
+        self.kept.append(w)
+
+    def result(self, weights: list[Tensor | None]) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
+        D.reduce_channel_stats_(self.acc)
+        stats = self.acc.result() if self.acc.total > 0 else None  # reduced: every rank agrees
+        if not self.recording.block:
+            return stats, None, weights
+        block = self.ctx.layer.get_submodule(self.recording.block)
+        return stats, BlockCalls(block, self.ctx.store(self.mains), self.rests, self.keyword, self.ctx.store(self.outputs)), self.kept
+
 
 @torch.no_grad()
 def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCalls, weights: list[Tensor | None], whole: bool = False) -> float:
@@ -215,22 +278,13 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
 BF16_MIN_WEIGHTS = 1 << 18
 
 
-def resolve_loss_dtype(loss_dtype: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"bfloat16"`` on a GPU or a CPU with native bf16 matmuls (AVX512-BF16 or AMX), else
-    ``"compute"``: elsewhere oneDNN emulates bf16 and the shortcut would cost time instead of saving it."""
-    if loss_dtype != "auto":
-        return loss_dtype
-    native = device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bfloat16" if native else "compute"
-
-
 @contextlib.contextmanager
 def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None = None, blocks: Sequence[nn.Module] = ()) -> Iterator[None]:
     """Run the matmuls of ``module``'s float32 linears (those of at least ``min_weights`` weights) in
     ``loss_dtype`` while a candidate is judged: weights cast once per candidate, each input cast on the
     way in (after the activation quantizer and the candidate's input division, which run first) and each
     output cast back to float32, so norms, attention, residual sums and the loss stay float32 and only
-    the matmuls' operands are rounded. ``"compute"``: unchanged; ``"auto"``: :func:`resolve_loss_dtype`.
+    the matmuls' operands are rounded. ``"compute"``: unchanged; ``"auto"``: :func:`tlq.utils.precision.resolve_matmul_dtype`.
     ``min_weights``: default :data:`BF16_MIN_WEIGHTS`.
 
     ``blocks``: row-wise blocks (the MLP) inside ``module``; one whose parameters all belong to cast
@@ -241,7 +295,7 @@ def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None =
     LLaVA-OneVision-0.5B widths (docs/cost.md, run 10)."""
     min_weights = BF16_MIN_WEIGHTS if min_weights is None else min_weights
     linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weights]
-    loss_dtype = resolve_loss_dtype(loss_dtype, linears[0].weight.device) if linears else "compute"
+    loss_dtype = resolve_matmul_dtype(loss_dtype, linears[0].weight.device) if linears else "compute"
     if loss_dtype == "compute":
         yield
         return

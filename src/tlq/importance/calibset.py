@@ -185,7 +185,8 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     importance = importance or ImportanceConfig()
     num_layers = len(adapter.decoder_layers(model))
     if gradients is None and importance.needs_gradients:
-        gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at, layers=layers, store=store, layer0=layer0)
+        gradients = token_gradients(adapter, model, samples, device=device, progress=progress, at=importance.grad_at, layers=layers, store=store, layer0=layer0,
+                                    matmul_dtype=importance.matmul_dtype)
     raws = [g.grad for g in gradients] if gradients is not None else [torch.zeros(num_layers, s.seq_len) for s in samples]
     names = gradients[0].linear_names if gradients else ()
     valids = [sample_valid_mask(s) for s in samples]

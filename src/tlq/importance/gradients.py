@@ -46,6 +46,7 @@ from tlq.data.calibration import CalibSample
 from tlq.models.base import LayerInputs, ModelAdapter, get_submodule, tree_to
 from tlq.models.moe import RoutedLinear
 from tlq.models.streaming import LayerSource
+from tlq.utils.precision import matmul_autocast
 
 
 @dataclass
@@ -116,9 +117,11 @@ def layer_linear_names(layers: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Tensor, kwargs: dict[str, Any], between: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool) -> tuple[Tensor, list[Tensor]]:
+def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Tensor, kwargs: dict[str, Any], between: dict[str, Any], g: Tensor, linear_names: tuple[str, ...], squared: bool,
+                      matmul_dtype: str = "compute") -> tuple[Tensor, list[Tensor]]:
     """Recompute the step of decoder layer ``index`` on ``x`` with autograd and back-propagate ``g`` (the
-    step output's gradient).
+    step output's gradient); the recomputation's matmuls in ``matmul_dtype`` (:mod:`tlq.utils.precision`),
+    whose backward then runs in it too.
 
     Returns the input's gradient and, for each of ``linear_names``, the norms of the gradient at that
     linear's output (zeros for a linear the output does not depend on).
@@ -132,18 +135,20 @@ def _backward_through(adapter: ModelAdapter, index: int, layer: nn.Module, x: Te
     ]
     try:
         x = x.requires_grad_(True)
-        y = adapter.layer_step(index, layer, x, kwargs, between)
+        with matmul_autocast(matmul_dtype, x.device):
+            y = adapter.layer_step(index, layer, x, kwargs, between)
     finally:
         for h in hooks:
             h.remove()
     ran = [n for n in linear_names if n in outputs]  # a linear the forward never called has no gradient
-    grads = dict(zip(["", *ran], torch.autograd.grad(y, [x, *(outputs[n] for n in ran)], grad_outputs=g, allow_unused=True)))
+    grads = dict(zip(["", *ran], torch.autograd.grad(y, [x, *(outputs[n] for n in ran)], grad_outputs=g.to(y.dtype), allow_unused=True)))
     zeros = torch.zeros(x.shape[1], dtype=torch.float32)
     rows = [_norms(grads[n], squared) if grads.get(n) is not None else zeros for n in linear_names]
     return grads[""], rows
 
 
-def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", layer0: LayerInputs | None = None) -> TokenGradients:
+def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: CalibSample, *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", layer0: LayerInputs | None = None,
+                              matmul_dtype: str = "compute") -> TokenGradients:
     """Per-layer, per-token gradient norms of one sample's answer loss, computed one layer at a time.
 
     ``squared=True`` (default) gives ``||g||^2`` (the importance TLQ uses), ``False`` gives ``||g||``.
@@ -152,7 +157,8 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
     through this layer's attention (at the last layer, output gradients are zero except where answers
     are predicted, although k/v errors there still reach them).
     ``device`` defaults to the model's. A sample without predictable answer tokens gets all-zero
-    gradients (and a warning): it carries no loss, hence no importance.
+    gradients (and a warning): it carries no loss, hence no importance. ``matmul_dtype``: the decoder
+    layers' matmuls, forward and backward (:mod:`tlq.utils.precision`); the head's loss stays float32.
     """
     if at not in GRAD_AT:
         raise ValueError(f"gradient position must be one of {GRAD_AT}, got {at!r}")
@@ -173,7 +179,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
     with frozen_parameters(model), torch.enable_grad():
         # 1. forward without a graph, keeping every layer's input on CPU.
         stored: list[Tensor] = []
-        with torch.no_grad():
+        with torch.no_grad(), matmul_autocast(matmul_dtype, dev):
             h = li.hidden_states.to(dev)
             for i, layer in enumerate(layers):
                 stored.append(h.to("cpu"))
@@ -191,7 +197,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
                     break
             elif at == "linear":
                 grads[i, 0] = _norms(g, squared)
-            g, rows = _backward_through(adapter, i, layers[i], stored[i].to(dev), kwargs, between, g, names, squared)
+            g, rows = _backward_through(adapter, i, layers[i], stored[i].to(dev), kwargs, between, g, names, squared, matmul_dtype)
             if at == "input":
                 grads[i] = _norms(g, squared)
             for k, row in enumerate(rows):
@@ -205,7 +211,8 @@ def _norms(g: Tensor, squared: bool) -> Tensor:
     return (sq if squared else sq.sqrt()).to("cpu")
 
 
-def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: LayerSource | None = None, store: Callable[[list[Tensor]], Any] = list, layer0: list[LayerInputs] | None = None) -> list[TokenGradients]:
+def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, progress: bool = False, at: str = "output", layers: LayerSource | None = None, store: Callable[[list[Tensor]], Any] = list, layer0: list[LayerInputs] | None = None,
+                    matmul_dtype: str = "compute") -> list[TokenGradients]:
     """Token gradients of every sample, in order.
 
     With a loaded model (``layers`` None), sample by sample (:func:`layerwise_token_gradients`): one
@@ -215,12 +222,14 @@ def token_gradients(adapter: ModelAdapter, model: nn.Module, samples: list[Calib
     the caller has them already (the engine needs the same ones), so the vision tower runs once per sample.
     """
     if layers is not None:
-        return streamed_token_gradients(adapter, model, layers, samples, squared=squared, device=device, at=at, store=store, progress=progress, layer0=layer0)
+        return streamed_token_gradients(adapter, model, layers, samples, squared=squared, device=device, at=at, store=store, progress=progress, layer0=layer0, matmul_dtype=matmul_dtype)
     bar: Any = tqdm(range(len(samples)), desc="token importance", unit="sample", disable=not progress)
-    return [layerwise_token_gradients(adapter, model, samples[i], squared=squared, device=device, at=at, layer0=None if layer0 is None else layer0[i]) for i in bar]
+    return [layerwise_token_gradients(adapter, model, samples[i], squared=squared, device=device, at=at, layer0=None if layer0 is None else layer0[i], matmul_dtype=matmul_dtype)
+            for i in bar]
 
 
-def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: LayerSource, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False, layer0: list[LayerInputs] | None = None) -> list[TokenGradients]:
+def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: LayerSource, samples: list[CalibSample], *, squared: bool = True, device: torch.device | str | None = None, at: str = "output", store: Callable[[list[Tensor]], Any] = list, progress: bool = False, layer0: list[LayerInputs] | None = None,
+                             matmul_dtype: str = "compute") -> list[TokenGradients]:
     """The layer-wise pass in layer-major order, for a model whose layers are loaded one at a time.
 
     ``layers`` hands out decoder layer ``i`` (``load(i)``) and takes it back (``release(i)``). Every
@@ -246,7 +255,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         inputs: list[Any] = []
         h = [f.hidden_states for f in firsts]
         del firsts
-        with torch.no_grad():
+        with torch.no_grad(), matmul_autocast(matmul_dtype, dev):
             for i in range(num_layers):
                 layer = layers.load(i)
                 if at == "linear":  # the union over layers, in layer order (as the in-memory pass)
@@ -272,7 +281,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
             if at != "output" or li > 0:
                 layer = layers.load(li)
                 for k, i in enumerate(scored):
-                    g[k], rows = _backward_through(adapter, li, layer, inputs[li][k].to(dev), kwargs[k], between[k], g[k], names, squared)
+                    g[k], rows = _backward_through(adapter, li, layer, inputs[li][k].to(dev), kwargs[k], between[k], g[k], names, squared, matmul_dtype)
                     for r, row in enumerate(rows):
                         grads[i][li, 1 + r] = row
                     if at == "input":

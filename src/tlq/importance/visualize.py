@@ -243,7 +243,7 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
     records = choose(check_calibration(calib, num_samples), num_samples, seed)
     adapter, hf_model, processor, _model_dir, dev, dt = load_model(model, device, dtype)
     samples = [build_sample(r, processor, adapter, hf_model, max_seq_len, str(calib)) for r in records]
-    grads = token_gradients(adapter, hf_model, samples, device=dev, progress=progress, at=cfg.grad_at)
+    grads = token_gradients(adapter, hf_model, samples, device=dev, progress=progress, at=cfg.grad_at, matmul_dtype=cfg.matmul_dtype)
     valids = [sample_valid_mask(s) for s in samples]
     full = [integrate(g.grad, s.visual_mask, cfg, v) for g, s, v in zip(grads, samples, valids)]
     # Saved in full below; drawn and summarised per decoder layer (per-linear rows: the layer's own row).
