@@ -348,3 +348,23 @@ def test_resume_state_on_two_ranks(two_rank_results):
         assert [t.tolist() for t in r["resume_streams"]] == [[10.0 * rank + i + 1] * 2 for i in range(2 + rank)]
         assert torch.equal(r["resume_layer"], torch.full((2,), 2.0))
         assert "config.scheme changed from w4a16 to w3a16" in r["mismatch"]
+
+
+def test_exit_rank_runs_the_exit_handlers_then_ends_with_the_code(tmp_path):
+    """A finishing rank leaves through ``exit_rank``: the exit handlers (the process group's shutdown, spill
+    finalizers) and buffered output still happen, and its code is the process's."""
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, sys, weakref\n"
+        "from tlq.engine.distributed import exit_rank\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('atexit'))\n"
+        "class Box: pass\n"
+        "box = Box()\n"
+        "weakref.finalize(box, lambda: sys.stderr.write('finalized\\n'))\n"
+        "sys.stdout.write('buffered, not yet flushed')\n"
+        "exit_rank(3)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3
+    assert r.stdout == "buffered, not yet flushed" and "finalized" in r.stderr
+    assert marker.read_text() == "atexit"

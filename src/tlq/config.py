@@ -202,7 +202,7 @@ def parse_memory_size(text: str | int | float, option: str = "--max-cpu-memory")
 
 SEARCH_SCOPES = ("layer", "block")
 # How the FP statistics and targets of a layer's mappings are recorded (tlq.engine.smoothing).
-SEARCH_RECORDS = ("layer", "mapping")
+SEARCH_RECORDS = ("mapping", "layer")
 MATMUL_DTYPES = ("auto", "compute", "bfloat16")
 
 
