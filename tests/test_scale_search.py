@@ -347,7 +347,8 @@ def test_expert_candidates_judged_with_their_expert_alone_give_the_same_losses(t
     from tlq.models.moe import UnfusedExperts
 
     # recorded mapping by mapping, the two differ only in the expert alone (one layer pass records the
-    # non-expert mappings before any fold, the expert ones after: rounding-level apart, see the next test)
+    # non-expert mappings before any fold, the expert ones after: rounding-level apart, see
+    # test_one_record_pass_per_layer_equals_one_per_mapping)
     cfg = build_config("w4a16", "tlq", search_grid=5, solver="rtn", num_samples=2, search_record="mapping")
     runs = []
     for alone in (True, False):

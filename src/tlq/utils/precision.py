@@ -1,8 +1,10 @@
 """Where tlq may run float32 work's matmuls in bf16, and how.
 
-Two passes are rounding-tolerant by design: the scale search's candidate losses (only which exponent
-wins matters) and the importance pass's gradients (only relative token weights matter, after clipping,
-a floor and normalisation). Both take a ``matmul dtype`` option from ``tlq.config.MATMUL_DTYPES``:
+Two passes only need their results up to rounding in principle: the scale search's candidate losses
+(only which exponent wins matters) and the importance pass's gradients (only relative token weights
+matter, after clipping, a floor and normalisation). Whether bf16 keeps accuracy is measured, not assumed
+(docs/methods.md: the search's bf16 matmuls passed the val rule, the importance pass's did not, so no
+preset uses that one). Both take a ``matmul dtype`` option from ``tlq.config.MATMUL_DTYPES``:
 ``"compute"`` (the run's dtype, exact), ``"bfloat16"`` or ``"auto"`` (:func:`resolve_matmul_dtype`).
 """
 
