@@ -6,6 +6,8 @@ GPTQ's error compensation beat round-to-nearest; on white inputs the two would b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -433,6 +435,35 @@ def test_target_shift_gives_the_least_squares_fit_of_the_fp_output(data):
     assert best < damped <= 1.1 * best  # measured 1.06x
 
 
+@pytest.mark.parametrize("group_size, block_size", [(128, 128), (32, 128), (64, 48)])
+def test_deferred_target_shift_solves_w_star_like_the_applied_one(group_size, block_size):
+    """With groups chosen inside the loop, the shift's second product rides GPTQ's error updates
+    (defer_target_shift_): the codes are those of GPTQ on the applied ``W*``, up to float rounding,
+    also where groups start mid-block and blocks do not divide the width."""
+    spec = WeightQuantSpec(bits=3, group_size=group_size, symmetric=False)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(OUT_F, IN_F, generator=g) * 0.05
+    x_fp, x_q = _fp_and_quantized_inputs()
+    h = HessianAccumulator(IN_F)
+    h.add(x_q)
+    cross = CrossAccumulator(w)
+    cross.add(x_fp, x_q)
+    shift = cross.take_shift()
+    cfg = GPTQConfig(target="fp", block_size=block_size)
+    kept = shift.clone()
+    deferred = gptq_quantize(w, h.hessian, spec, cfg, target_shift=shift)
+    assert torch.equal(shift, kept)  # only a handed-over shift (consume_hessian) is written over
+    handed = gptq_quantize(w, h.hessian, spec, cfg, target_shift=shift.clone(), consume_hessian=True)
+    assert torch.equal(handed.codes, deferred.codes)
+    w_star = apply_target_shift_(w.clone(), shift, _inverse_hessian_cholesky_(h.hessian.clone(), cfg))
+    applied = gptq_quantize(w_star, h.hessian, spec, cfg)
+    assert float((deferred.codes == applied.codes).float().mean()) > 0.999
+    err = [_fp_target_error(w, q.dequantize(), x_fp, x_q) for q in (deferred, applied)]
+    assert err[0] == pytest.approx(err[1], rel=1e-3)
+    plain = gptq_quantize(w, h.hessian, spec, replace(cfg, target="quantized")).dequantize()
+    assert err[0] < 0.95 * _fp_target_error(w, plain, x_fp, x_q)  # measured 0.85-0.91x at 3 bits
+
+
 @pytest.mark.parametrize("n", [5, 512, 1300])
 def test_target_shift_skips_the_zero_half_of_the_factor_and_equals_the_dense_products(n):
     """The blocked triangular products give ``shift @ U^T @ U`` (blocks that do not divide ``in`` included)
@@ -447,22 +478,45 @@ def test_target_shift_skips_the_zero_half_of_the_factor_and_equals_the_dense_pro
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
 
 
-def test_cross_accumulator_weights_tokens_like_the_hessian(data):
-    _, w, _ = data
+@pytest.mark.parametrize("out_f, form", [(OUT_F, "output"), (IN_F, "input"), (3 * IN_F, "input")])
+def test_cross_accumulator_weights_tokens_like_the_hessian(out_f, form):
+    """Both forms give the same shift ``W D / sum w`` (narrowing linears accumulate ``W D``, square and
+    widening ones ``D``, whichever is cheaper per row), with zero-weight tokens dropped."""
+    w = torch.randn(out_f, IN_F, generator=torch.Generator().manual_seed(1)) * 0.05
     x_fp, x_q = _fp_and_quantized_inputs()
     wts = torch.rand(N_TOK, generator=torch.Generator().manual_seed(5))
     wts[::3] = 0.0  # dropped tokens must not count
     cross = CrossAccumulator(w)
+    assert cross.form == form
     cross.add(x_fp.reshape(4, -1, IN_F), x_q.reshape(4, -1, IN_F), wts.reshape(4, -1))
-    expected = w.double() @ (((x_fp - x_q).double() * wts.double()[:, None]).T @ x_q.double())
-    assert tuple(cross.raw_sum.shape) == (OUT_F, IN_F)  # out x in, not the in x in D
-    torch.testing.assert_close(cross.raw_sum, expected, rtol=1e-5, atol=1e-4)
+    d = ((x_fp - x_q).double() * wts.double()[:, None]).T @ x_q.double()  # the in x in D
+    assert tuple(cross.raw_sum.shape) == ((IN_F, IN_F) if form == "input" else (out_f, IN_F))
+    torch.testing.assert_close(cross.raw_sum, d if form == "input" else w.double() @ d, rtol=1e-5, atol=1e-4)
     assert float(cross.total_weight) == pytest.approx(float(wts.double().sum()))
-    torch.testing.assert_close(cross.take_shift(torch.float64), expected / wts.double().sum(), rtol=1e-5, atol=1e-6)
+    shift = cross.take_shift(torch.float64)
+    assert tuple(shift.shape) == (out_f, IN_F)
+    torch.testing.assert_close(shift, w.double() @ d / wts.double().sum(), rtol=1e-4, atol=1e-6)
     with pytest.raises(RuntimeError, match="taken already"):
         cross.take_shift()
     with pytest.raises(ValueError, match="same shape"):
         CrossAccumulator(w).add(x_fp[:10], x_q[:11])
+
+
+def test_both_cross_forms_solve_to_the_same_codes():
+    """The form is a cost choice only: a square linear solved from ``D`` gives GPTQ the codes it gives
+    from ``W D`` accumulated directly, up to float rounding of the shift (all but a few codes equal)."""
+    w = torch.randn(IN_F, IN_F, generator=torch.Generator().manual_seed(1)) * 0.05
+    x_fp, x_q = _fp_and_quantized_inputs()
+    h = HessianAccumulator(IN_F)
+    h.add(x_q)
+    shifts = {}
+    for form in ("input", "output"):
+        cross = CrossAccumulator(w, form=form)  # by shape a square weight gets "input"
+        cross.add(x_fp, x_q)
+        shifts[form] = cross.take_shift()
+    torch.testing.assert_close(shifts["input"], shifts["output"], rtol=1e-4, atol=1e-6)
+    codes = [gptq_quantize(w, h.hessian, W4_G128, GPTQConfig(target="fp"), target_shift=s).codes for s in shifts.values()]
+    assert float((codes[0] == codes[1]).float().mean()) > 0.999
 
 
 def test_a_target_shift_of_the_wrong_shape_is_refused(data):

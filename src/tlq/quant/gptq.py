@@ -129,30 +129,41 @@ class HessianAccumulator:
 
 
 class CrossAccumulator:
-    """Running ``S = W sum_t w_t (x_fp,t - x_q,t) x_q,t^T`` (``[out, in]``): how the FP model's inputs of a
-    linear differ from the inputs the quantized path gives it, correlated with the latter and seen
-    through the linear's weight ``W``.
+    """Running statistics of how the FP model's inputs of a linear differ from the inputs the quantized
+    path gives it, correlated with the latter: what turns GPTQ's target from ``W X_q`` into ``W X_fp``.
 
-    It turns GPTQ's target from ``W X_q`` into ``W X_fp`` (GPTAQ-style asymmetric calibration): with
-    ``H = sum_t w_t x_q x_q^T`` and ``D = sum_t w_t (x_fp - x_q) x_q^T``,
-    ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) + const`` for ``W* = W + W D H^-1``,
-    so GPTQ run on ``W*`` solves it (``gptq_quantize(..., target_shift=)`` forms ``W*`` from its own
-    factor of ``H``). Only ``W D`` is ever needed, so that is what is accumulated, batch by batch: an
-    ``out x in`` matrix instead of the ``in x in`` ``D``. That is larger for a widening linear (``up_proj``)
-    but a third for the narrowing ``down_proj``, whose ``in x in`` buffers are a layer's largest, and it
-    spares the solve a second factor of ``H``. ``W`` must therefore stay as it is until the solve, which
-    holds in the engine: a linear's statistics are all observed before any of its group is solved. The
-    difference is accumulated directly, so ``S = 0`` exactly where the streams agree. Same precision and
-    distributed contract as :class:`HessianAccumulator`: float32 batch products, float64 running sum,
-    all-reduce ``raw_sum`` and ``total_weight``.
+    GPTAQ-style asymmetric calibration: with ``H = sum_t w_t x_q x_q^T`` and
+    ``D = sum_t w_t (x_fp - x_q) x_q^T``, ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) +
+    const`` for ``W* = W + W D H^-1``, so GPTQ run on ``W*`` solves it (``gptq_quantize(..., target_shift=)``
+    forms ``W*`` from its own factor of ``H``). Only the shift ``S = W D`` (``[out, in]``) is ever needed,
+    and it can be accumulated in either of two forms, chosen per linear by its shape:
+
+    * ``"input"`` (``out >= in``: q/o projections, ``gate/up``): ``D`` itself, ``in x in``, one product of
+      ``in^2`` per token row; ``W D`` is formed once, at :meth:`take_shift`.
+    * ``"output"`` (``out < in``: a narrowing ``down_proj``, the small k/v): ``W D`` batch by batch, the
+      rows first projected through ``W`` (``2 in out`` per row), an ``out x in`` sum instead of ``D``'s
+      ``in x in`` — a fraction of it for ``down_proj``, whose ``in x in`` buffers are a layer's largest.
+
+    Why by shape: the input form costs ``in^2`` per row plus ``out in^2`` once, the output form ``2 in out``
+    per row; for ``out >= in`` the input form is cheaper from ``in`` rows on (which GPTQ's Hessian needs to
+    be of full rank anyway), and its buffer is no larger (``gate/up`` at LLaVA-OneVision-0.5B widths: 0.8M
+    instead of 8.7M multiply-adds per row each; docs/cost.md). Either way ``W`` must stay as it is until
+    the solve, which holds in the engine: a linear's statistics are all observed before any of its group is
+    solved. The difference is accumulated directly, so ``S = 0`` exactly where the streams agree. Same
+    precision and distributed contract as :class:`HessianAccumulator`: float32 batch products, float64
+    running sum, all-reduce ``raw_sum`` and ``total_weight``.
     """
 
-    def __init__(self, weight: Tensor, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, weight: Tensor, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float64, form: str | None = None) -> None:
         if weight.ndim != 2:
             raise ValueError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        if form not in (None, "input", "output"):
+            raise ValueError(f"unknown cross-statistic form {form!r}; choose input, output or None (by shape)")
         self.weight = weight  # a reference, not a copy: the linear's own weight, unchanged until the solve
-        self.in_features = weight.shape[1]
-        self.raw_sum = torch.zeros(weight.shape, dtype=dtype, device=device)
+        out_f, self.in_features = weight.shape
+        self.form = form or ("input" if out_f >= self.in_features else "output")
+        shape = (self.in_features, self.in_features) if self.form == "input" else tuple(weight.shape)
+        self.raw_sum = torch.zeros(shape, dtype=dtype, device=device)
         self.total_weight = torch.zeros((), dtype=dtype, device=device)
 
     def add(self, x_fp: Tensor, x_q: Tensor, weights: Tensor | None = None) -> None:
@@ -168,19 +179,25 @@ class CrossAccumulator:
             q, delta = q[keep], delta[keep] * w.unsqueeze(1)
         if q.shape[0] == 0:
             return
-        projected = delta @ self.weight.detach().to(device, torch.float32).T  # [tokens, out]
-        _add_product_(self.raw_sum, projected, q)
+        if self.form == "output":
+            delta = delta @ self.weight.detach().to(device, torch.float32).T  # [tokens, out]
+        _add_product_(self.raw_sum, delta, q)
         self.total_weight += total
 
     def take_shift(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``S / total_weight`` (a token-weighted mean, like :attr:`HessianAccumulator.hessian`), in
-        ``dtype``, handed over: the accumulator is left empty so that its float64 sum is freed."""
+        """``S / total_weight`` (``[out, in]``, a token-weighted mean, like :attr:`HessianAccumulator.hessian`),
+        in ``dtype``, handed over: the accumulator is left empty so that its float64 sum is freed."""
         if self.raw_sum.numel() == 0:
             raise RuntimeError("this accumulator's sum was taken already")
         if float(self.total_weight) <= 0:
             raise RuntimeError("no calibration tokens with positive weight reached this layer")
         raw, self.raw_sum = self.raw_sum, self.raw_sum.new_empty(0)
-        return raw.div_(self.total_weight).to(dtype)
+        mean = raw.div_(self.total_weight)
+        if self.form == "output":
+            return mean.to(dtype)
+        # W D in float32 (what the solver works in), D rounded to float32 after its float64 sum
+        w = self.weight.detach().to(mean.device, torch.float32)
+        return (w @ mean.to(torch.float32)).to(dtype)
 
 
 def apply_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor) -> Tensor:
@@ -196,6 +213,29 @@ def apply_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor) -> Te
     for rows in _row_blocks(weight.shape[0]):
         weight[rows] += _times_upper(_times_upper_transposed(shift[rows].to(weight.dtype), u), u)
     return weight
+
+
+def defer_target_shift_(weight: Tensor, shift: Tensor, hinv_upper: Tensor, *, in_place: bool = False) -> Tensor:
+    """Half of :func:`apply_target_shift_`, leaving the rest to GPTQ's column loop: returns ``A = shift U^T``
+    and adds ``A``'s diagonal share ``A diag(U)`` to ``weight`` in place.
+
+    Why: ``W* = W + A U``, and GPTQ already multiplies by the strict upper part of ``U`` when it spreads
+    each column's error ``e_j`` over the later columns (``w_k -= e_j U[j, k]``). Spreading ``e_j - A_j``
+    instead adds exactly ``A``'s strict-upper share, so :func:`_solve_columns` given ``A`` visits the
+    columns of ``W*`` without the second triangular product ever being formed: ``out x in^2 / 2``
+    multiply-adds fewer per linear, the largest arithmetic of the FP target at 7B widths (a ``down_proj``
+    with 18,944 inputs: 0.64e12). Exact up to float rounding (tested against the applied shift).
+    Only for groups whose parameters are computed inside the loop: static groups need all of ``W*`` first.
+    ``in_place=True`` writes ``A`` over ``shift`` (row block by row block, each needing only its own rows),
+    so that a handed-over shift costs no second ``out x in`` buffer.
+    """
+    u = hinv_upper.to(weight.dtype)
+    pending = shift if in_place and shift.dtype == weight.dtype else torch.empty_like(weight)
+    diag = torch.diagonal(u)
+    for rows in _row_blocks(weight.shape[0]):
+        pending[rows] = _times_upper_transposed(shift[rows].to(weight.dtype), u)
+        weight[rows] += pending[rows] * diag
+    return pending
 
 
 # Columns per step of the triangular products below: each step multiplies by a [_TRI_BLOCK, in] slab of
@@ -334,14 +374,15 @@ def gptq_quantize(
     ("static groups", computed from the original weights) so that the result is plain group quantization
     that compressed-tensors/vLLM can serve without a ``g_idx``.
 
-    ``consume_hessian=True`` lets the solver overwrite ``hessian`` instead of copying it: an ``in x in``
-    float64 matrix is the largest buffer of the whole calibration for wide layers (a 18944-input
-    ``down_proj`` takes 2.9 GB per copy), so the engine hands over a Hessian it no longer needs.
+    ``consume_hessian=True`` lets the solver overwrite ``hessian`` (and ``target_shift``) instead of copying
+    it: an ``in x in`` float64 matrix is the largest buffer of the whole calibration for wide layers (a
+    18944-input ``down_proj`` takes 2.9 GB per copy), so the engine hands over a Hessian it no longer needs.
 
     ``target_shift`` (``[out, in]``, from :meth:`CrossAccumulator.take_shift`, normalised like
     ``hessian``) makes the target the FP model's output: the columns are solved for
     ``W* = W + target_shift H^-1`` (with GPTQ's own damped inverse), and static group parameters are
-    computed from ``W*``.
+    computed from ``W*``. With groups chosen inside the column loop (the default), half of that product
+    rides the loop's own error updates instead (:func:`defer_target_shift_`).
     """
     _check_gptq_inputs(weight, hessian, cfg)
     in_f = weight.shape[1]
@@ -364,17 +405,24 @@ def gptq_quantize(
 
     hinv = _inverse_hessian_cholesky_(h, cfg)
     del h  # its storage held the float64 factor: free it before the column loop
+    static = spec.group_size is None or cfg.act_order
+    pending = None
     if target_shift is not None:
         # a dead column's shift is exactly zero (its quantized input is), so the masked weights stay zero
-        apply_target_shift_(w, target_shift[:, perm] if cfg.act_order else target_shift, hinv)
+        shift = target_shift[:, perm] if cfg.act_order else target_shift
+        del target_shift
+        if static:  # the group parameters are taken from all of W* before the loop
+            apply_target_shift_(w, shift, hinv)
+        else:  # W*'s second product rides the solver's own error updates
+            pending = defer_target_shift_(w, shift, hinv, in_place=consume_hessian)
+        del shift
 
-    static = spec.group_size is None or cfg.act_order
     if static:  # per channel, or act-order's static groups: from the (dead-masked) weights in original order
         scale, zero = compute_qparams(w[:, torch.argsort(perm)] if cfg.act_order else w, spec, scale_dtype)
     else:  # filled group by group inside the solver
         scale = torch.empty(w.shape[0], in_f // gsize, dtype=torch.float32, device=w.device)
         zero = torch.empty(w.shape[0], in_f // gsize, dtype=torch.int8, device=w.device)
-    codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype)
+    codes = _solve_columns(w, hinv, spec, cfg.block_size, col_group, scale, zero, gsize, not static, scale_dtype, pending)
     if cfg.act_order:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, spec=spec)
@@ -525,13 +573,15 @@ def _solve_columns(
     gsize: int,
     dynamic_groups: bool,
     scale_dtype: torch.dtype | None,
+    pending: Tensor | None = None,
 ) -> Tensor:
     """GPTQ's lazy-batch loop over columns (in solver order); returns int8 codes in that order.
 
     Inside a block of ``block_size`` columns the updates are applied immediately to the block copy ``w1``;
     the rest of the matrix receives the block's accumulated errors in one matmul when the block ends,
     which is the same arithmetic, reorganised to be bound by matmuls instead of rank-1 updates.
-    ``scale``/``zero`` are read (static) or filled (``dynamic_groups``) in place.
+    ``scale``/``zero`` are read (static) or filled (``dynamic_groups``) in place. ``pending``: the FP
+    target's deferred shift (:func:`defer_target_shift_`), spread with the errors.
     """
     out_f, n = w.shape
     codes = torch.empty(out_f, n, dtype=torch.int8, device=w.device)
@@ -544,7 +594,7 @@ def _solve_columns(
             col = i1 + i
             g = col_group[col]
             if dynamic_groups and col % gsize == 0:
-                current = _current_group_weights(w, w1, err1, hinv, i1, i2, i, gsize)
+                current = _current_group_weights(w, w1, err1, hinv, i1, i2, i, gsize, pending)
                 s, z = compute_qparams(current, spec, scale_dtype)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, g : g + 1], zero[:, g : g + 1]
@@ -553,6 +603,8 @@ def _solve_columns(
             q = dequantize_codes(c, s, z, spec)  # the exact value QuantizedWeight.dequantize() returns
             codes[:, col] = c[:, 0]
             e = (wc - q) / hinv1[i, i]
+            if pending is not None:
+                e = e - pending[:, col : col + 1]
             w1[:, i + 1 :] -= e @ hinv1[i : i + 1, i + 1 :]
             err1[:, i : i + 1] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
@@ -560,18 +612,21 @@ def _solve_columns(
 
 
 def _current_group_weights(
-    w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, i: int, gsize: int
+    w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, i: int, gsize: int, pending: Tensor | None = None
 ) -> Tensor:
     """The group starting at solver column ``i1 + i``, with every error compensation so far applied.
 
     Columns inside the current block are up to date in ``w1``; columns past the block have not yet
     received this block's pending updates (lazy batching), so they are applied here to a copy. Without
     this, a group that starts mid-block (group size < block size, or not dividing it) would get its
-    scale from stale weights and the result would depend on ``block_size``.
+    scale from stale weights and the result would depend on ``block_size``. A deferred FP-target shift
+    (``pending``) reaches a column only as the columns before it are solved, so the share its own group's
+    earlier columns still owe it is added too: the group's parameters are then those of ``W*``.
     """
-    end = i1 + i + gsize
-    inside = w1[:, i : min(end, i2) - i1]
-    if end <= i2:
-        return inside
-    outside = w[:, i2:end] - err1 @ hinv[i1:i2, i2:end]
-    return torch.cat([inside, outside], dim=1)
+    start, end = i1 + i, i1 + i + gsize
+    current = w1[:, i : min(end, i2) - i1]
+    if end > i2:
+        current = torch.cat([current, w[:, i2:end] - err1 @ hinv[i1:i2, i2:end]], dim=1)
+    if pending is not None:
+        current = current + pending[:, start:end] @ torch.triu(hinv[start:end, start:end], diagonal=1)
+    return current

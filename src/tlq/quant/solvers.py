@@ -97,11 +97,10 @@ class GPTQCalibrator:
             raise RuntimeError("this calibrator was solved already")
         acc, self.hessian = self.hessian, None
         cross, self.cross = self.cross, None
-        shift = None if cross is None else cross.take_shift()  # [out, in] float32; the float64 sum is freed
-        del cross
-        # take_hessian() passed straight in: no local keeps it alive while the solver frees it.
+        # take_hessian() and take_shift() ([out, in] float32; the float64 sums are freed) passed straight
+        # in: no local keeps them alive while the solver overwrites or frees them.
         return gptq_quantize(weight, acc.take_hessian(), self.scheme.weights, self.cfg, scale_dtype=self.scale_dtype,
-                             consume_hessian=True, target_shift=shift)
+                             consume_hessian=True, target_shift=None if cross is None else cross.take_shift())
 
 
 def make_calibrator(method: str, weight: Tensor, scheme: QuantScheme, gptq: GPTQConfig, scale_dtype: torch.dtype | None, device: torch.device | str) -> LinearCalibrator:
