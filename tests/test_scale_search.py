@@ -294,7 +294,7 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
             spec = replace(adapter.spec, smooth_mappings=tuple(replace(m, rowwise=False) for m in adapter.spec.smooth_mappings))
             monkeypatch.setattr(adapter, "spec", spec)
         if how == "whole layer calls uncut":
-            monkeypatch.setattr(smoothing, "_row_cuts", lambda *_a: [])
+            monkeypatch.setattr(smoothing, "row_cuts", lambda *_a: [])
         rows = [0]
         for layer in adapter.decoder_layers(model):
             layer.mlp.gate_proj.register_forward_hook(lambda _m, args, _o: rows.__setitem__(0, rows[0] + args[0].shape[1]))
@@ -328,7 +328,7 @@ def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_famil
             return w
 
         if not cut:
-            monkeypatch.setattr(smoothing, "_row_cuts", lambda *_a: [])
+            monkeypatch.setattr(smoothing, "row_cuts", lambda *_a: [])
         seen = _record_searches(monkeypatch)
         result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
         runs.append((seen, result))

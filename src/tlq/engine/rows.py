@@ -99,6 +99,33 @@ def query_cut(attn: nn.Module | None, rows: list[Tensor | None]) -> QueryRows | 
     return QueryRows(attn, rows)
 
 
+def row_cuts(layer: nn.Module, row_blocks: list[nn.Module], attention: str, rows: list[Tensor | None]) -> list[Any]:
+    """Both cuts installed on ``layer``: its outermost row-wise blocks ``row_blocks`` (the adapter's mappings
+    say which: the MLP, ``o_proj``; :func:`outermost_row_blocks`) map the kept rows only, and its causal
+    attention (the adapter spec's ``attention`` name) computes queries at the kept rows only. Each has
+    ``remove()``; while ``rows[0]`` is ``None`` they compute every row."""
+    cuts: list[Any] = [RowsOnly(block, rows) for block in row_blocks]
+    attn = query_cut(_submodule(layer, attention), rows)
+    return cuts + ([attn] if attn is not None else [])
+
+
+def kept_rows(weights: Tensor | None) -> Tensor | None:
+    """The 1-D positions of ``weights`` (``[..., seq]``) above zero, or ``None`` where every row counts
+    (no weights, or all positive): what ``rows[0]`` is set to per sample."""
+    if weights is None:
+        return None
+    kept = (weights.reshape(-1) > 0).nonzero().reshape(-1)
+    return None if kept.numel() == weights.numel() else kept
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    """``layer``'s submodule ``name``, or None where this layer has none (a linear-attention layer)."""
+    try:
+        return layer.get_submodule(name) if name else None
+    except AttributeError:
+        return None
+
+
 def _implementation(attn: nn.Module, name: str) -> Callable[..., tuple[Tensor, Any]]:
     """The attention function ``attn`` would call: a registered one, or its modeling file's eager one."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

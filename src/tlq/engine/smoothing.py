@@ -25,7 +25,7 @@ from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
-from tlq.engine.rows import RowsOnly, outermost_row_blocks, query_cut
+from tlq.engine.rows import kept_rows, outermost_row_blocks, row_cuts
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
@@ -252,14 +252,14 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
                 hooks.append(add_input_quantizer(lin, scheme.activations))
         row_blocks = [ctx.layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(ctx.layer))]
         if whole:
-            hooks += _row_cuts(ctx, row_blocks, rows)
+            hooks += row_cuts(ctx.layer, row_blocks, ctx.adapter.spec.attention, rows)
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
         # on a GPU a read per sample is a host round trip per sample and candidate
         total = None
         with loss_precision(calls.module, ctx.config.search.loss_dtype, blocks=row_blocks):
             for i, w in enumerate(weights):
-                kept = None if w is None else (w > 0).nonzero().reshape(-1)
-                rows[0] = None if kept is None or kept.numel() == w.numel() else kept.to(ctx.device)
+                kept = kept_rows(w)
+                rows[0] = None if kept is None else kept.to(ctx.device)
                 out = calls.run(i, ctx.dev).float()
                 err = (out - calls.targets[i].to(out.device).float()).pow(2).sum(-1)[0]
                 part = ((err * w.to(err.device)).sum() if w is not None else err.sum()).double()
@@ -340,23 +340,6 @@ def _as_float(out: Any) -> Any:
     if isinstance(out, tuple):
         return tuple(_as_float(o) for o in out)
     return out
-
-
-def _row_cuts(ctx: LayerContext, row_blocks: list[nn.Module], rows: list[Tensor | None]) -> list[Any]:
-    """Installed cuts for a candidate judged on the whole layer: its outermost row-wise blocks (the
-    adapter's mappings say which: the MLP, ``o_proj``) map the kept rows only, and its causal attention
-    (the spec's ``attention``) computes queries at the kept rows only (:mod:`tlq.engine.rows`)."""
-    cuts: list[Any] = [RowsOnly(block, rows) for block in row_blocks]
-    attention = query_cut(_submodule(ctx.layer, ctx.adapter.spec.attention), rows)
-    return cuts + ([attention] if attention is not None else [])
-
-
-def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
-    """``layer``'s submodule ``name``, or None where this layer has none (a linear-attention layer)."""
-    try:
-        return layer.get_submodule(name) if name else None
-    except AttributeError:
-        return None
 
 
 class BlockCalls:

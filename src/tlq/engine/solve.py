@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from tlq.engine import distributed as D
 from tlq.engine.context import LayerContext, LayerState
+from tlq.engine.rows import kept_rows, outermost_row_blocks, row_cuts
 from tlq.models.base import run_layer
 from tlq.models.moe import RoutedLinear, rows_of
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
@@ -194,14 +195,21 @@ def _calibrator(ctx: LayerContext, module: nn.Module) -> LinearCalibrator:
 @torch.no_grad()
 def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, LinearCalibrator], xs: Any, fp_ref: tuple[nn.Module, Any] | None) -> None:
     """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
-    forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens."""
+    forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens.
+
+    With the token-level calibration set most rows weigh nothing, so both forwards run with the row cuts
+    of :mod:`tlq.engine.rows` (the scale search's): queries, the MLP and ``o_proj`` at the rows some linear
+    of the group keeps only. The statistics are those of the uncut forward up to float rounding.
+    """
     current: dict[str, Tensor | None] = {}
     fp_inputs: dict[str, Tensor] = {}
+    rows: list[Tensor | None] = [None]  # this sample's kept rows, read by the cuts and the hooks
     wants_fp = fp_ref is not None and any(c.needs_fp_inputs for c in cals.values())
 
     def make_hook(name: str) -> Callable:
         def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
-            cals[name].observe(args[0], rows_of(m, current[name], args[0]), x_fp=fp_inputs.pop(name, None))
+            w = _weights_of_rows(current[name], args[0], rows[0])
+            cals[name].observe(args[0], rows_of(m, w, args[0]), x_fp=fp_inputs.pop(name, None))
 
         return hook
 
@@ -215,6 +223,8 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     fp_names = [n for n in mods if cals[n].needs_fp_inputs] if wants_fp else []
     fp_mods = [fp_ref[0].get_submodule(n) for n in fp_names]
     handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip(fp_names, fp_mods)]
+    cut = not any(isinstance(m, RoutedLinear) for m in mods.values())  # a routed linear's rows index the uncut block input
+    cuts = (_row_cuts(ctx, ctx.layer, rows) + (_row_cuts(ctx, fp_ref[0], rows) if fp_mods else [])) if cut else []
     # registered after the observers, so a stop fires only once the group's last linear has been observed
     stops = [_PartialForward(list(mods.values()))] + ([_PartialForward(fp_mods)] if fp_mods else [])
     try:
@@ -222,14 +232,36 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
             for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
                 w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
                 current[name] = None if w is None else w.to(ctx.device).reshape(1, -1)
+            rows[0] = _union_of_kept_rows(list(current.values())) if cuts else None
             if fp_mods:
                 stops[1].run(fp_ref[0], ctx.dev(fp_ref[1][s]), ctx.dev(kw))
             stops[0].run(ctx.layer, ctx.dev(x), ctx.dev(kw))
     finally:
         for h in handles:
             h.remove()
-        for stop in stops:
+        for stop in stops + cuts:
             stop.remove()
+
+
+def _row_cuts(ctx: LayerContext, layer: nn.Module, rows: list[Tensor | None]) -> list[Any]:
+    """The row cuts on ``layer`` (the layer itself, or its FP copy: the same names)."""
+    blocks = [layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(layer))]
+    return row_cuts(layer, blocks, ctx.adapter.spec.attention, rows)
+
+
+def _union_of_kept_rows(weights: list[Tensor | None]) -> Tensor | None:
+    """The rows at least one linear of the group keeps (``None``: all rows, as when one has no weights)."""
+    if not weights or any(w is None for w in weights):
+        return None
+    return kept_rows(torch.stack([w.reshape(-1) for w in weights]).amax(0))
+
+
+def _weights_of_rows(weights: Tensor | None, x: Tensor, kept: Tensor | None) -> Tensor | None:
+    """``weights`` of the rows ``x`` holds: all of them, or the kept ones where a row-wise block was run
+    on the kept rows only (its linears then see ``x[:, kept]``)."""
+    if weights is None or kept is None or x[..., 0].numel() == weights.numel():
+        return weights
+    return weights[..., kept]
 
 
 class _Observed(Exception):
