@@ -158,7 +158,8 @@ def test_candidate_applied_matches_folding_and_restores_weights():
         torch.testing.assert_close(lin(norm(x)), out, rtol=1e-5, atol=1e-5)
 
 
-def _record_searches(monkeypatch) -> list:
+def _record_searches(monkeypatch, stats: list | None = None) -> list:
+    """Every search's result, in order (and, into ``stats``, the channel statistics it searched on)."""
     import tlq.engine.smoothing as sm
 
     seen = []
@@ -166,6 +167,8 @@ def _record_searches(monkeypatch) -> list:
     def recording(*args, **kwargs):
         result = search_scales(*args, **kwargs)
         seen.append(result)
+        if stats is not None:
+            stats.append(args[3])
         return result
 
     monkeypatch.setattr(sm, "search_scales", recording)
@@ -316,8 +319,28 @@ def test_rowwise_blocks_search_only_the_weighted_rows(tiny_vlm_dir, tiny_calib_j
 def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_family(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
     """TLQ's layer-scope attention candidates run the layer's row-wise blocks (MLP or MoE block, o_proj)
     on the kept rows only: the losses and exponents equal those of full-layer calls, whatever the block."""
+    _assert_cut_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family, "row_cuts")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "llava_onevision"])
+def test_record_passes_on_kept_rows_record_the_same_statistics(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
+    """The FP pass that records a mapping runs the MLP, o_proj and attention queries at the kept rows only:
+    the channel statistics equal those of the uncut pass to float rounding. (Rounding can still move one
+    fake-quantized weight across a boundary, so later losses are not compared.)"""
+    (cut, result), (uncut, _) = _assert_cut_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family, "layer_row_cuts", compare=False)
+    num_mappings = len(result.layers[0].search_alphas)
+    assert num_mappings >= 3
+    for a, b in zip(cut[:num_mappings], uncut[:num_mappings]):  # layer 0: the same folds before each pass
+        torch.testing.assert_close(a.abs_mean, b.abs_mean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.abs_max, b.abs_max, rtol=1e-5, atol=1e-7)
+
+
+def _assert_cut_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family: str, uncut: str, compare: bool = True):
+    """TLQ's search with half the tokens outside the budget, once as is and once with ``uncut`` (a row-cut
+    installer of tlq.engine.smoothing) doing nothing: the same search (``compare``), or the statistics each
+    search call got, per run."""
     cfg = build_config("w4a8", "tlq", search_grid=5, solver="rtn", num_samples=2)
-    runs = []
+    runs, stats = [], []
     for cut in (True, False):
         adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")
         samples = load_calibration(tiny_calib_jsonl, processor, adapter, model, num_samples=2, max_seq_len=4096, seed=0)
@@ -328,13 +351,16 @@ def test_whole_layer_candidates_on_kept_rows_give_the_same_losses_in_every_famil
             return w
 
         if not cut:
-            monkeypatch.setattr(smoothing, "row_cuts", lambda *_a: [])
-        seen = _record_searches(monkeypatch)
+            monkeypatch.setattr(smoothing, uncut, lambda *_a: [])
+        seen = _record_searches(monkeypatch, got := [])
         result = LayerwiseEngine(adapter, model, cfg, dev, token_weights=weights, progress=False).calibrate(samples)
         runs.append((seen, result))
+        stats.append((got, result))
         monkeypatch.undo()
-    (fast, fast_res), (ref, ref_res) = runs
-    _assert_same_search(fast, fast_res, ref, ref_res, codes=False)
+    if compare:
+        (fast, fast_res), (ref, ref_res) = runs
+        _assert_same_search(fast, fast_res, ref, ref_res, codes=False)
+    return stats
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])

@@ -109,6 +109,12 @@ def row_cuts(layer: nn.Module, row_blocks: list[nn.Module], attention: str, rows
     return cuts + ([attn] if attn is not None else [])
 
 
+def layer_row_cuts(layer: nn.Module, adapter: Any, rows: list[Tensor | None]) -> list[Any]:
+    """:func:`row_cuts` on a decoder layer (or a copy of one) where its adapter's mappings and spec say."""
+    blocks = [layer.get_submodule(n) for n in outermost_row_blocks(adapter.smooth_mappings(layer))]
+    return row_cuts(layer, blocks, adapter.spec.attention, rows)
+
+
 def kept_rows(weights: Tensor | None) -> Tensor | None:
     """The 1-D positions of ``weights`` (``[..., seq]``) above zero, or ``None`` where every row counts
     (no weights, or all positive): what ``rows[0]`` is set to per sample."""
@@ -116,6 +122,14 @@ def kept_rows(weights: Tensor | None) -> Tensor | None:
         return None
     kept = (weights.reshape(-1) > 0).nonzero().reshape(-1)
     return None if kept.numel() == weights.numel() else kept
+
+
+def weights_of_rows(weights: Tensor | None, x: Tensor, kept: Tensor | None) -> Tensor | None:
+    """``weights`` (``[..., seq]``) of the rows ``x`` holds: all of them, or the kept ones where a row-wise
+    block ran on the kept rows only (a linear or block inside it then sees ``x[:, kept]``)."""
+    if weights is None or kept is None or x[..., 0].numel() == weights.numel():
+        return weights
+    return weights[..., kept.to(weights.device)]
 
 
 def _submodule(layer: nn.Module, name: str) -> nn.Module | None:

@@ -25,9 +25,9 @@ from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
-from tlq.engine.rows import kept_rows, outermost_row_blocks, row_cuts
+from tlq.engine.rows import kept_rows, layer_row_cuts, outermost_row_blocks, row_cuts, weights_of_rows
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
-from tlq.models.moe import expert_of, rows_of
+from tlq.models.moe import RoutedLinear, expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
@@ -175,18 +175,29 @@ def _record_mappings(ctx: LayerContext, recordings: Sequence[Recording], xs: Any
     a candidate's loss, so evaluating candidates on the kept rows gives the same loss for a fraction of
     the work. ``layer_outputs``: if a list, the layer's own outputs (on the CPU, without what the model
     adds between layers) are appended to it: the targets of candidates judged on the whole layer,
-    without a second FP pass."""
-    current: dict[str, Tensor | None] = {"w": None}
+    without a second FP pass.
+
+    The pass itself runs the kept rows only where the token set leaves rows out (the row cuts of
+    :mod:`tlq.engine.rows`: the MLP, ``o_proj`` and attention queries): every recorded quantity is read
+    at positive-weight rows only (statistics, kept block rows, targets under a weighted loss), so the
+    rows not computed were never used. Not in a layer with routed experts, whose rows index the whole
+    block input."""
+    current: dict[str, Any] = {"w": None, "rows": None}
     recorders = [_Recorder(ctx, r, current) for r in recordings]
     handles = [h for r in recorders for h in r.install()]
+    cell: list[Tensor | None] = [None]
+    dense = not any(isinstance(m, RoutedLinear) for m in ctx.layer.modules())
+    cuts = layer_row_cuts(ctx.layer, ctx.adapter, cell) if dense and any(w is not None for w in weights) else []
     try:
         for x, kw, w in zip(xs, kwargs, weights):
-            current["w"] = w
+            kept = kept_rows(w) if cuts else None
+            current["w"], current["rows"] = w, kept
+            cell[0] = None if kept is None else kept.to(ctx.device)
             out = run_layer(ctx.layer, ctx.dev(x), ctx.dev(kw))
             if layer_outputs is not None:
                 layer_outputs.append(out.to("cpu"))
     finally:
-        for h in handles:
+        for h in handles + cuts:
             h.remove()
     return [r.result(weights) for r in recorders]
 
@@ -205,7 +216,7 @@ class _Recorder:
 
     def install(self) -> list[Any]:
         r = self.recording
-        handles = [r.first.register_forward_hook(lambda m, args, _o: self.acc.add(args[0], rows_of(m, self.current["w"])))]
+        handles = [r.first.register_forward_hook(lambda m, args, _o: self.acc.add(args[0], rows_of(m, self._weights(args[0]))))]
         if r.block:
             handles.append(self.ctx.layer.get_submodule(r.block).register_forward_hook(self._record, with_kwargs=True))
         return handles
@@ -217,7 +228,7 @@ class _Recorder:
             self.keyword = "hidden_states"
             rest_kw = dict(kw)
             main, rest = rest_kw.pop("hidden_states"), ((), rest_kw)
-        out, w = main_output(out), self.current["w"]
+        out, w = main_output(out), self._weights(main)
         if self.recording.rowwise and w is not None:
             rows = (w > 0).nonzero().reshape(-1).to(main.device)
             main, out, w = main[:, rows], out[:, rows], w[rows.to(w.device)]
@@ -225,6 +236,10 @@ class _Recorder:
         self.rests.append(tree_to(rest, "cpu"))
         self.outputs.append(out.detach().to("cpu"))
         self.kept.append(w)
+
+    def _weights(self, x: Tensor) -> Tensor | None:
+        """The sample's token weights of the rows ``x`` holds (the kept ones inside a cut block)."""
+        return weights_of_rows(self.current["w"], x, self.current["rows"])
 
     def result(self, weights: list[Tensor | None]) -> tuple[ChannelStats | None, BlockCalls | None, list[Tensor | None]]:
         D.reduce_channel_stats_(self.acc)

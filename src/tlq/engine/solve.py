@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tlq.engine import distributed as D
 from tlq.engine.context import LayerContext, LayerState
-from tlq.engine.rows import kept_rows, outermost_row_blocks, row_cuts
+from tlq.engine.rows import kept_rows, layer_row_cuts, weights_of_rows
 from tlq.models.base import run_layer
 from tlq.models.moe import RoutedLinear, rows_of
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
@@ -208,7 +208,7 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
 
     def make_hook(name: str) -> Callable:
         def hook(m: nn.Module, args: tuple, _out: Tensor) -> None:
-            w = _weights_of_rows(current[name], args[0], rows[0])
+            w = weights_of_rows(current[name], args[0], rows[0])
             cals[name].observe(args[0], rows_of(m, w, args[0]), x_fp=fp_inputs.pop(name, None))
 
         return hook
@@ -224,7 +224,7 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     fp_mods = [fp_ref[0].get_submodule(n) for n in fp_names]
     handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip(fp_names, fp_mods)]
     cut = not any(isinstance(m, RoutedLinear) for m in mods.values())  # a routed linear's rows index the uncut block input
-    cuts = (_row_cuts(ctx, ctx.layer, rows) + (_row_cuts(ctx, fp_ref[0], rows) if fp_mods else [])) if cut else []
+    cuts = (layer_row_cuts(ctx.layer, ctx.adapter, rows) + (layer_row_cuts(fp_ref[0], ctx.adapter, rows) if fp_mods else [])) if cut else []
     # registered after the observers, so a stop fires only once the group's last linear has been observed
     stops = [_PartialForward(list(mods.values()))] + ([_PartialForward(fp_mods)] if fp_mods else [])
     try:
@@ -243,25 +243,11 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
             stop.remove()
 
 
-def _row_cuts(ctx: LayerContext, layer: nn.Module, rows: list[Tensor | None]) -> list[Any]:
-    """The row cuts on ``layer`` (the layer itself, or its FP copy: the same names)."""
-    blocks = [layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(layer))]
-    return row_cuts(layer, blocks, ctx.adapter.spec.attention, rows)
-
-
 def _union_of_kept_rows(weights: list[Tensor | None]) -> Tensor | None:
     """The rows at least one linear of the group keeps (``None``: all rows, as when one has no weights)."""
     if not weights or any(w is None for w in weights):
         return None
     return kept_rows(torch.stack([w.reshape(-1) for w in weights]).amax(0))
-
-
-def _weights_of_rows(weights: Tensor | None, x: Tensor, kept: Tensor | None) -> Tensor | None:
-    """``weights`` of the rows ``x`` holds: all of them, or the kept ones where a row-wise block was run
-    on the kept rows only (its linears then see ``x[:, kept]``)."""
-    if weights is None or kept is None or x[..., 0].numel() == weights.numel():
-        return weights
-    return weights[..., kept]
 
 
 class _Observed(Exception):
