@@ -223,7 +223,8 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     fp_names = [n for n in mods if cals[n].needs_fp_inputs] if wants_fp else []
     fp_mods = [fp_ref[0].get_submodule(n) for n in fp_names]
     handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip(fp_names, fp_mods)]
-    cut = not any(isinstance(m, RoutedLinear) for m in mods.values())  # a routed linear's rows index the uncut block input
+    # not for routed linears (their rows index the uncut block input), nor without token weights (plain GPTQ)
+    cut = ctx.token_weights is not None and not any(isinstance(m, RoutedLinear) for m in mods.values())
     cuts = (layer_row_cuts(ctx.layer, ctx.adapter, rows) + (layer_row_cuts(fp_ref[0], ctx.adapter, rows) if fp_mods else [])) if cut else []
     # registered after the observers, so a stop fires only once the group's last linear has been observed
     stops = [_PartialForward(list(mods.values()))] + ([_PartialForward(fp_mods)] if fp_mods else [])
