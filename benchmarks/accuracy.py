@@ -89,6 +89,8 @@ VARIANTS.update({
     "TLQ record per mapping": ("tlq", {"search_record": "mapping", "importance_dtype": "auto"}),
     "TLQ importance float32": ("tlq", {"search_record": "layer", "importance_dtype": "compute"}),
     "TLQ before record and importance cuts": ("tlq", {"search_record": "mapping", "importance_dtype": "compute"}),
+    # kept-rows statistics/record passes and the deferred FP-target shift (docs/methods.md: not the default)
+    "TLQ kept-rows passes + deferred shift": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs

@@ -188,19 +188,15 @@ def test_statistics_passes_stop_after_the_group_and_solve_alike(tiny_vlm_dir, ti
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "qwen3_5", "qwen3_vl_moe"])
-def test_statistics_passes_compute_the_kept_rows_only_and_solve_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family):
-    """With the token-level calibration set, the statistics passes (the layer's and its FP copy's) run the
-    MLP and the attention queries at the rows some linear of the group keeps: fewer rows through the MLP's
-    linears, and the codes of the uncut passes up to float rounding (attention in causal chunks). MoE stages
-    (routed rows index the whole block input) and linear-attention layers keep what they can."""
-    import tlq.engine.solve as solve
-
+def test_statistics_passes_compute_the_kept_rows_only_and_solve_alike(tiny_vlm_dir, tiny_calib_jsonl, family):
+    """With ``--kept-rows-passes``, the statistics passes (the layer's and its FP copy's) run the MLP and the
+    attention queries at the rows some linear of the group keeps in the token-level set: fewer rows through
+    the MLP's linears, and the codes of the uncut passes up to float rounding (attention in causal chunks).
+    MoE stages (routed rows index the whole block input) and linear-attention layers keep what they can."""
     codes, mlp_rows = {}, {}
     for how in ("uncut", "cut"):
         adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
-        if how == "uncut":
-            monkeypatch.setattr(solve, "layer_row_cuts", lambda *_a: [])
-        cfg = build_config("w4a8", "tlq", scale_search="none", num_samples=4)
+        cfg = build_config("w4a8", "tlq", scale_search="none", num_samples=4, kept_rows_passes=how == "cut")
         token_weights = _token_set(adapter, model, samples, cfg)
         rows = [0]  # rows through the (shared-expert) down_proj in the engine: streams and statistics passes
         for layer in adapter.decoder_layers(model):
@@ -209,7 +205,6 @@ def test_statistics_passes_compute_the_kept_rows_only_and_solve_alike(tiny_vlm_d
                 m.register_forward_pre_hook(lambda _m, args: rows.__setitem__(0, rows[0] + args[0][..., 0].numel()))
         result = LayerwiseEngine(adapter, model, cfg, dev, progress=False, token_weights=token_weights).calibrate(samples)
         codes[how], mlp_rows[how] = {k: q.codes for k, q in result.quantized.items()}, rows[0]
-        monkeypatch.undo()
     assert codes["uncut"].keys() == codes["cut"].keys()
     same = sum(int((codes["uncut"][k] == c).sum()) for k, c in codes["cut"].items()) / sum(c.numel() for c in codes["cut"].values())
     assert same > 0.999  # measured 1.0 in all four families

@@ -449,7 +449,7 @@ def test_deferred_target_shift_solves_w_star_like_the_applied_one(group_size, bl
     cross = CrossAccumulator(w)
     cross.add(x_fp, x_q)
     shift = cross.take_shift()
-    cfg = GPTQConfig(target="fp", block_size=block_size)
+    cfg = GPTQConfig(target="fp", block_size=block_size, fp_shift="deferred")
     kept = shift.clone()
     deferred = gptq_quantize(w, h.hessian, spec, cfg, target_shift=shift)
     assert torch.equal(shift, kept)  # only a handed-over shift (consume_hessian) is written over
@@ -553,3 +553,12 @@ def test_inverse_cholesky_by_one_factorisation_equals_the_two_factorisation_rout
     bad = h.clone()
     bad[0, 0] = -1.0
     assert _try_inverse_cholesky_(bad.to(dtype)) is None
+
+
+def test_the_fp_shift_is_applied_unless_deferred_is_asked():
+    """The default keeps the reference arithmetic (the deferred shift missed the val rule; docs/methods.md),
+    and an unknown choice is refused with the choices named."""
+    assert GPTQConfig().fp_shift == "applied"
+    with pytest.raises(ConfigError, match="applied, deferred"):
+        GPTQConfig(fp_shift="lazy")
+

@@ -339,7 +339,7 @@ def _assert_cut_alike(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, family: str, 
     """TLQ's search with half the tokens outside the budget, once as is and once with ``uncut`` (a row-cut
     installer of tlq.engine.smoothing) doing nothing: the same search (``compare``), or the statistics each
     search call got, per run."""
-    cfg = build_config("w4a8", "tlq", search_grid=5, solver="rtn", num_samples=2)
+    cfg = build_config("w4a8", "tlq", search_grid=5, solver="rtn", num_samples=2, kept_rows_passes=True)
     runs, stats = [], []
     for cut in (True, False):
         adapter, model, processor, _d, dev, _dt = load_model(tiny_vlm_dir(family), device="cpu")

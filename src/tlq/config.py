@@ -130,8 +130,16 @@ class GPTQConfig:
     # a chunk of experts each: the same statistics (experts read the block's input independently) for one
     # extra forward per chunk. Qwen3.5-35B-A3B's 512 gate/up linears would need 16 GiB in one pass.
     stats_memory_gib: float = 4.0
+    # How the FP target's shift is computed (the same W* up to float rounding): "applied" = W D accumulated
+    # row by row through W and W* formed before the column loop; "deferred" = D itself for linears with
+    # out >= in and W*'s second triangular product inside GPTQ's own error updates (less arithmetic; at
+    # 7B widths most of the FP target's). Not the default: it missed the val rule for rounding-level
+    # changes (docs/methods.md, "TLQ's statistics passes on the kept rows").
+    fp_shift: str = "applied"
 
     def __post_init__(self) -> None:
+        if self.fp_shift not in GPTQ_FP_SHIFTS:
+            raise ConfigError(f"unknown FP-target shift {self.fp_shift!r}; choose one of: {', '.join(GPTQ_FP_SHIFTS)}")
         if not self.stats_memory_gib > 0:
             raise ConfigError(f"--gptq-stats-memory must be a positive number of GiB (default 4), got {self.stats_memory_gib}")
         if self.min_tokens < 1 or self.min_tokens_in < 1:
@@ -146,6 +154,7 @@ class GPTQConfig:
 
 
 GPTQ_TARGETS = ("quantized", "fp")
+GPTQ_FP_SHIFTS = ("applied", "deferred")
 
 
 @dataclass
@@ -306,6 +315,11 @@ class SelectionConfig:
     token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
     min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
     seed: int = 0  # tie-breaking permutation
+    # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
+    # rows some linear keeps (MLP, o_proj and attention queries; tlq.engine.rows), as the search's
+    # candidates always do: the same statistics up to float rounding, about half their forward work. Not
+    # the default: it missed the val rule for rounding-level changes (docs/methods.md).
+    kept_rows_passes: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.token_fraction <= 1.0:
@@ -536,6 +550,10 @@ OPTIONS: tuple[Option, ...] = (
            "bfloat16 (through autocast; norms, softmax and the loss stay float32) or auto (bfloat16 where the CPU has it)",
            group=_PARTS, choices=MATMUL_DTYPES),
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
+    Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
+           "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
+    Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "
+           "W*'s second product inside GPTQ's error updates; equal up to float rounding, less arithmetic)", group=_PARTS, choices=GPTQ_FP_SHIFTS),
     Option("quantized_inputs", "quantized_inputs", "calibrate each layer on the quantized path (--fp-inputs: on FP inputs, as AWQ/MBQ do)", group=_PARTS, type=bool, negative="--fp-inputs"),
     Option("device", "device", "auto | cpu | cuda | cuda:N", group="compute"),
     Option("dtype", "dtype", "compute dtype: auto (float32 on CPU, the checkpoint's on a GPU) | float32 | bfloat16 | float16", group="compute"),

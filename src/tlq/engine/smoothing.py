@@ -177,7 +177,7 @@ def _record_mappings(ctx: LayerContext, recordings: Sequence[Recording], xs: Any
     adds between layers) are appended to it: the targets of candidates judged on the whole layer,
     without a second FP pass.
 
-    The pass itself runs the kept rows only where the token set leaves rows out (the row cuts of
+    With ``selection.kept_rows_passes`` the pass runs the kept rows only (the row cuts of
     :mod:`tlq.engine.rows`: the MLP, ``o_proj`` and attention queries): every recorded quantity is read
     at positive-weight rows only (statistics, kept block rows, targets under a weighted loss), so the
     rows not computed were never used. Not in a layer with routed experts, whose rows index the whole
@@ -187,7 +187,8 @@ def _record_mappings(ctx: LayerContext, recordings: Sequence[Recording], xs: Any
     handles = [h for r in recorders for h in r.install()]
     cell: list[Tensor | None] = [None]
     dense = not any(isinstance(m, RoutedLinear) for m in ctx.layer.modules())
-    cuts = layer_row_cuts(ctx.layer, ctx.adapter, cell) if dense and any(w is not None for w in weights) else []
+    wanted = ctx.config.selection.kept_rows_passes and dense and any(w is not None for w in weights)
+    cuts = layer_row_cuts(ctx.layer, ctx.adapter, cell) if wanted else []
     try:
         for x, kw, w in zip(xs, kwargs, weights):
             kept = kept_rows(w) if cuts else None

@@ -197,9 +197,10 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     """Feed every linear of ``mods`` its inputs (after activation fake-quantization, which the
     forward hook sees), token weights and, for an FP target, the FP copy's inputs of the same tokens.
 
-    With the token-level calibration set most rows weigh nothing, so both forwards run with the row cuts
-    of :mod:`tlq.engine.rows` (the scale search's): queries, the MLP and ``o_proj`` at the rows some linear
-    of the group keeps only. The statistics are those of the uncut forward up to float rounding.
+    With ``selection.kept_rows_passes`` (the token-level calibration set leaves most rows weightless) both
+    forwards run with the row cuts of :mod:`tlq.engine.rows` (the scale search's): queries, the MLP and
+    ``o_proj`` at the rows some linear of the group keeps only. The statistics are those of the uncut
+    forward up to float rounding.
     """
     current: dict[str, Tensor | None] = {}
     fp_inputs: dict[str, Tensor] = {}
@@ -223,8 +224,9 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     fp_names = [n for n in mods if cals[n].needs_fp_inputs] if wants_fp else []
     fp_mods = [fp_ref[0].get_submodule(n) for n in fp_names]
     handles += [m.register_forward_hook(make_fp_hook(n)) for n, m in zip(fp_names, fp_mods)]
-    # not for routed linears (their rows index the uncut block input), nor without token weights (plain GPTQ)
-    cut = ctx.token_weights is not None and not any(isinstance(m, RoutedLinear) for m in mods.values())
+    # when asked (SelectionConfig.kept_rows_passes), with token weights, and not for routed linears (their
+    # rows index the uncut block input)
+    cut = ctx.config.selection.kept_rows_passes and ctx.token_weights is not None and not any(isinstance(m, RoutedLinear) for m in mods.values())
     cuts = (layer_row_cuts(ctx.layer, ctx.adapter, rows) + (layer_row_cuts(fp_ref[0], ctx.adapter, rows) if fp_mods else [])) if cut else []
     # registered after the observers, so a stop fires only once the group's last linear has been observed
     stops = [_PartialForward(list(mods.values()))] + ([_PartialForward(fp_mods)] if fp_mods else [])

@@ -381,8 +381,8 @@ def gptq_quantize(
     ``target_shift`` (``[out, in]``, from :meth:`CrossAccumulator.take_shift`, normalised like
     ``hessian``) makes the target the FP model's output: the columns are solved for
     ``W* = W + target_shift H^-1`` (with GPTQ's own damped inverse), and static group parameters are
-    computed from ``W*``. With groups chosen inside the column loop (the default), half of that product
-    rides the loop's own error updates instead (:func:`defer_target_shift_`).
+    computed from ``W*``. With ``cfg.fp_shift == "deferred"`` and groups chosen inside the column loop,
+    half of that product rides the loop's own error updates instead (:func:`defer_target_shift_`).
     """
     _check_gptq_inputs(weight, hessian, cfg)
     in_f = weight.shape[1]
@@ -411,7 +411,7 @@ def gptq_quantize(
         # a dead column's shift is exactly zero (its quantized input is), so the masked weights stay zero
         shift = target_shift[:, perm] if cfg.act_order else target_shift
         del target_shift
-        if static:  # the group parameters are taken from all of W* before the loop
+        if static or cfg.fp_shift == "applied":  # static groups take their parameters from all of W* before the loop
             apply_target_shift_(w, shift, hinv)
         else:  # W*'s second product rides the solver's own error updates
             pending = defer_target_shift_(w, shift, hinv, in_place=consume_hessian)

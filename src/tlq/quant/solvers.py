@@ -64,7 +64,8 @@ class GPTQCalibrator:
         self.cfg = cfg
         self.scale_dtype = scale_dtype
         self.hessian: HessianAccumulator | None = HessianAccumulator(weight.shape[1], device=device)
-        self.cross = CrossAccumulator(weight, device=device) if cfg.target == "fp" else None
+        form = None if cfg.fp_shift == "deferred" else "output"  # None: by shape
+        self.cross = CrossAccumulator(weight, device=device, form=form) if cfg.target == "fp" else None
 
     @property
     def needs_fp_inputs(self) -> bool:
