@@ -136,7 +136,8 @@ class CrossAccumulator:
     ``D = sum_t w_t (x_fp - x_q) x_q^T``, ``sum_t w_t ||W x_fp,t - Q x_q,t||^2 = tr((Q - W*) H (Q - W*)^T) +
     const`` for ``W* = W + W D H^-1``, so GPTQ run on ``W*`` solves it (``gptq_quantize(..., target_shift=)``
     forms ``W*`` from its own factor of ``H``). Only the shift ``S = W D`` (``[out, in]``) is ever needed,
-    and it can be accumulated in either of two forms, chosen per linear by its shape:
+    and it can be accumulated in either of two forms (``form``; by default chosen per linear by its shape,
+    which the solver asks for only with ``GPTQConfig.fp_shift == "deferred"``, else the output form):
 
     * ``"input"`` (``out >= in``: q/o projections, ``gate/up``): ``D`` itself, ``in x in``, one product of
       ``in^2`` per token row; ``W D`` is formed once, at :meth:`take_shift`.
