@@ -109,10 +109,14 @@ def row_cuts(layer: nn.Module, row_blocks: list[nn.Module], attention: str, rows
     return cuts + ([attn] if attn is not None else [])
 
 
+def layer_row_blocks(layer: nn.Module, adapter: Any) -> list[nn.Module]:
+    """The outermost row-wise blocks of a decoder layer (or a copy of one), as its adapter's mappings name them."""
+    return [layer.get_submodule(n) for n in outermost_row_blocks(adapter.smooth_mappings(layer))]
+
+
 def layer_row_cuts(layer: nn.Module, adapter: Any, rows: list[Tensor | None]) -> list[Any]:
     """:func:`row_cuts` on a decoder layer (or a copy of one) where its adapter's mappings and spec say."""
-    blocks = [layer.get_submodule(n) for n in outermost_row_blocks(adapter.smooth_mappings(layer))]
-    return row_cuts(layer, blocks, adapter.spec.attention, rows)
+    return row_cuts(layer, layer_row_blocks(layer, adapter), adapter.spec.attention, rows)
 
 
 def kept_rows(weights: Tensor | None) -> Tensor | None:

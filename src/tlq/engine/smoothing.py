@@ -25,7 +25,7 @@ from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
 from tlq.engine.activations import release_store
 from tlq.engine.context import LayerContext, LayerState
-from tlq.engine.rows import kept_rows, layer_row_cuts, outermost_row_blocks, row_cuts, weights_of_rows
+from tlq.engine.rows import kept_rows, layer_row_blocks, layer_row_cuts, row_cuts, weights_of_rows
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
 from tlq.models.moe import RoutedLinear, expert_of, rows_of
 from tlq.quant.quantizer import add_input_quantizer
@@ -186,8 +186,9 @@ def _record_mappings(ctx: LayerContext, recordings: Sequence[Recording], xs: Any
     recorders = [_Recorder(ctx, r, current) for r in recordings]
     handles = [h for r in recorders for h in r.install()]
     cell: list[Tensor | None] = [None]
-    dense = not any(isinstance(m, RoutedLinear) for m in ctx.layer.modules())
-    wanted = ctx.config.selection.kept_rows_passes and dense and any(w is not None for w in weights)
+    # the option first: the module walk that finds routed experts runs only where it is on
+    wanted = ctx.config.selection.kept_rows_passes and any(w is not None for w in weights)
+    wanted = wanted and not any(isinstance(m, RoutedLinear) for m in ctx.layer.modules())
     cuts = layer_row_cuts(ctx.layer, ctx.adapter, cell) if wanted else []
     try:
         for x, kw, w in zip(xs, kwargs, weights):
@@ -266,7 +267,7 @@ def _quantized_loss(ctx: LayerContext, linears: list[nn.Linear], calls: BlockCal
             lin.weight.data = rtn_fake_quantize(lin.weight, scheme.weights, scale_dtype=ctx.scale_dtype)
             if scheme.activations is not None:
                 hooks.append(add_input_quantizer(lin, scheme.activations))
-        row_blocks = [ctx.layer.get_submodule(n) for n in outermost_row_blocks(ctx.adapter.smooth_mappings(ctx.layer))]
+        row_blocks = layer_row_blocks(ctx.layer, ctx.adapter)
         if whole:
             hooks += row_cuts(ctx.layer, row_blocks, ctx.adapter.spec.attention, rows)
         # summed where the outputs are (float64, as Python floats would be) and read once per candidate:
