@@ -91,6 +91,8 @@ VARIANTS.update({
     "TLQ before record and importance cuts": ("tlq", {"search_record": "mapping", "importance_dtype": "compute"}),
     # kept-rows statistics/record passes and the deferred FP-target shift (docs/methods.md: not the default)
     "TLQ kept-rows passes + deferred shift": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred"}),
+    # the three rounding-level cuts together, judged by a paired non-inferiority test (docs/methods.md)
+    "TLQ three rounding-level cuts": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred", "search_record": "layer"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs
