@@ -129,6 +129,33 @@ def test_fp_target_follows_the_fp_model_more_closely(tiny_vlm_dir, tiny_calib_js
     assert sum(r.rel_error for r in fp.layers[1:]) < sum(r.rel_error for r in plain.layers[1:])
 
 
+@pytest.mark.parametrize("method,short", [("gptq", "fp"), ("awq", "q"), ("rtn", "both"), ("tlq", None)])
+def test_a_stream_no_step_reads_runs_the_error_samples_only(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch, method, short):
+    """Plain GPTQ reads only the quantized stream, AWQ only the FP one, RTN neither, TLQ both: an unread
+    stream runs the first ``error_samples`` samples (for the report's error), and the codes are those of a
+    run with both streams whole."""
+    lengths: list[int] = []
+    advance = LayerwiseEngine._advance
+
+    def counting(self, index, layer, xs, kwargs, between):
+        lengths.append(len(xs))
+        return advance(self, index, layer, xs, kwargs, between)
+
+    monkeypatch.setattr(LayerwiseEngine, "_advance", counting)
+    *_, cut = _calibrate(tiny_vlm_dir, tiny_calib_jsonl, "w4a16", method, error_samples=2)
+    fp_lengths, q_lengths = lengths[0::2], lengths[1::2]  # per layer: the FP stream, then the quantized one
+    assert fp_lengths == [2 if short in ("fp", "both") else 4] * len(cut.layers)
+    assert q_lengths == [2 if short in ("q", "both") else 4] * len(cut.layers)
+    lengths.clear()
+    *_, whole = _calibrate(tiny_vlm_dir, tiny_calib_jsonl, "w4a16", method, error_samples=0)
+    assert lengths == [4] * (2 * len(whole.layers))
+    assert whole.quantized.keys() == cut.quantized.keys()
+    assert all(torch.equal(whole.quantized[n].codes, cut.quantized[n].codes) for n in whole.quantized)
+    assert all(0 < c.rel_error < 1 for c in cut.layers)
+    if short is None:
+        assert [c.rel_error for c in cut.layers] == [w.rel_error for w in whole.layers]
+
+
 def test_engine_runs_the_steps_the_config_lists_in_that_order(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
     """The preset's step list drives the layer: a step left out does not run, and the order is kept."""
     from dataclasses import replace

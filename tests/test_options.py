@@ -10,7 +10,7 @@ from tlq.config import OPTIONS, ConfigError, QuantizeConfig, _get_path, build_co
 
 # A value different from the gptq preset's for each option (as typed on the command line), and the field value it gives.
 NON_DEFAULT = {
-    "num_samples": ("7", 7), "max_seq_len": ("100", 100), "seed": ("3", 3), "group_size": ("-1", None),
+    "num_samples": ("7", 7), "max_seq_len": ("100", 100), "seed": ("3", 3), "error_samples": ("0", 0), "group_size": ("-1", None),
     "symmetric": (None, True), "damp_percent": ("0.05", 0.05), "block_size": ("64", 64), "act_order": (None, True), "gptq_min_tokens": ("128", 128), "gptq_min_tokens_in": ("8", 8), "gptq_stats_memory": ("0.5", 0.5),
     "solver": ("rtn", "rtn"), "gptq_target": ("fp", "fp"), "scale_search": ("awq", "awq"), "search_grid": ("5", 5), "search_coarse": ("3", 3),
     "search_scope": ("block", "block"), "search_samples": ("9", 9), "search_dtype": ("bfloat16", "bfloat16"), "search_record": ("layer", "layer"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tlq.eval.paired import mcnemar
@@ -56,3 +58,52 @@ def test_validity_bars_judge_fp16_and_baselines_only(benchmark):
     assert bars["w3a16"] is True  # 85 - 82 = 3 points
     assert bars["w4a8"] is False  # 85 - 84 = 1 point
     assert all(ok for bar, ok in bars.items() if bar not in ("w3a16", "w4a8"))
+
+
+def test_ratio_upper_bound_matches_a_hand_computed_t_bound():
+    from tlq.eval.paired import ratio_upper_bound
+
+    ref = [1.0, 2.0, 4.0, 1.0]
+    new = [2.0, 2.0, 2.0, 1.0]  # log ratios: ln2, 0, -ln2, 0 -> mean 0, sample std ln2 * sqrt(2/3)
+    b = ratio_upper_bound(new, ref)
+    std = math.log(2) * math.sqrt(2 / 3)
+    assert b.n == 4 and b.geomean == pytest.approx(1.0)
+    assert b.log_std == pytest.approx(std)
+    assert b.upper == pytest.approx(math.exp(2.3533634 * std / 2), rel=1e-6)  # t_{0.95, 3} = 2.3534
+
+
+def test_ratio_upper_bound_tightens_with_more_pairs_and_refuses_bad_input():
+    from tlq.eval.paired import ratio_upper_bound
+
+    few = ratio_upper_bound([1.1, 0.9, 1.2], [1.0, 1.0, 1.0])
+    many = ratio_upper_bound([1.1, 0.9, 1.2] * 10, [1.0, 1.0, 1.0] * 10)
+    assert many.geomean == pytest.approx(few.geomean) and many.upper < few.upper
+    with pytest.raises(ValueError, match="positive"):
+        ratio_upper_bound([1.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="two pairs"):
+        ratio_upper_bound([1.0], [1.0])
+
+
+def _accuracy_run(variants: dict[str, list[float]], acc: dict[str, float]) -> dict:
+    """A benchmarks/accuracy.py JSON with one model and one scheme: per variant, KL per seed."""
+    cells = {v: {"scheme": "w3a16", "variant": v, "accuracy": {"mean": acc[v]}, "runs": [{"seed": s, "kl": k} for s, k in enumerate(kls)]}
+             for v, kls in variants.items()}
+    return {"command": "x", "data": "val", "num_test": 300, "num_calib": 64, "models": {"m": {"cells": cells}}}
+
+
+def test_noninferiority_decides_by_the_bound_the_cells_and_accuracy(benchmark):
+    ni = benchmark("noninferiority")
+    ref = [1e-4, 2e-4, 3e-4, 1e-4, 2e-4, 3e-4]
+    same = ni.merged([_accuracy_run({"R": ref, "C": [k * 1.02 for k in ref]}, {"R": 0.9, "C": 0.9})])
+    d = ni.decide(same, "C", "R", margin=1.25, max_cell=1.5, confidence=0.95)
+    assert d["passed"] and d["bound"]["geomean"] == pytest.approx(1.02)
+    worse = ni.merged([_accuracy_run({"R": ref, "C": [k * 1.4 for k in ref]}, {"R": 0.9, "C": 0.9})])
+    assert not ni.decide(worse, "C", "R", 1.25, 1.5, 0.95)["passed"]  # bound above the margin
+    lost = ni.merged([_accuracy_run({"R": ref, "C": ref}, {"R": 0.9, "C": 0.9 - 2 / 300})])
+    d = ni.decide(lost, "C", "R", 1.25, 1.5, 0.95)
+    assert not d["passed"] and d["cells"][0]["accuracy_gap_samples"] == pytest.approx(-2.0)
+    # two processes of one run merge; a variant in both is refused
+    two = ni.merged([_accuracy_run({"R": ref}, {"R": 0.9}), _accuracy_run({"C": ref}, {"C": 0.9})])
+    assert ni.decide(two, "C", "R", 1.25, 1.5, 0.95)["passed"]
+    with pytest.raises(SystemExit, match="more than one run"):
+        ni.decide(ni.merged([_accuracy_run({"R": ref}, {"R": 0.9})] * 2), "C", "R", 1.25, 1.5, 0.95)

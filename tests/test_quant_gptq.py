@@ -336,6 +336,24 @@ def test_taken_hessian_equals_hessian_and_empties_the_accumulator() -> None:
         acc.take_hessian()
 
 
+def test_hessian_upper_blocks_and_mirror_equal_the_whole_product() -> None:
+    """The accumulator computes only the blocks on and above the diagonal; read at any point, its sum is the
+    whole Gram product's, bit for bit (widths that do not divide the row block; a merge of a stale one)."""
+    g = torch.Generator().manual_seed(11)
+    for width in (40, 600):
+        x = torch.randn(500, width, generator=g)
+        acc = HessianAccumulator(width)
+        acc.add(x[:200])
+        assert torch.equal(acc.raw_sum, (x[:200].T @ x[:200]).double())
+        acc.add(x[200:])  # stale again: read through merge and hessian
+        other = HessianAccumulator(width)
+        other.add(x[:50])
+        other.merge(acc)
+        whole = (x[:50].T @ x[:50]).double() + ((x[:200].T @ x[:200]).double() + (x[200:].T @ x[200:]).double())
+        assert torch.equal(other.raw_sum, whole) and torch.equal(other.raw_sum, other.raw_sum.T)
+        assert torch.equal(acc.hessian, ((x[:200].T @ x[:200]).double() + (x[200:].T @ x[200:]).double()) / 500)
+
+
 def test_consumed_hessian_is_freed_before_the_column_solve(data, monkeypatch) -> None:
     """With consume_hessian the in x in float64 buffer must be gone while the solver works: for a wide
     layer it is the largest allocation of the calibration (peak memory of streamed GPTQ)."""

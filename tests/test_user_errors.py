@@ -103,7 +103,7 @@ def test_report_path_problems_are_refused_first(project, tmp_path):
     ("flag", "value", "needle"),
     [("--group-size", "0", "--group-size must be a positive"), ("--damp", "2", "--damp must be in [0, 1)"),
      ("--block-size", "0", "--block-size must be a positive"), ("--num-samples", "0", "--num-samples must be positive"),
-     ("--scheme", "w5a5", "unknown scheme")],
+     ("--error-samples", "-1", "--error-samples must be 0"), ("--scheme", "w5a5", "unknown scheme")],
 )
 def test_bad_options_refused_fast_leaving_nothing(project, tmp_path, flag, value, needle):
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -235,3 +236,24 @@ def release_store(store: object, keep: tuple = ()) -> None:
     list or ``None`` needs nothing."""
     if isinstance(store, ActivationStore) and not any(store is k for k in keep):
         store.close()
+
+
+class Prefix:
+    """The first ``n`` items of a per-sample sequence, without copying (a spilling store stays on disk).
+
+    Why: a step or stream that runs on the globally first samples only (the scale search's
+    ``max_samples``, the report's ``error_samples``) reads this rank's share of them, a prefix of its list."""
+
+    def __init__(self, seq: Any, n: int) -> None:
+        self.seq, self.n = seq, min(n, len(seq))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.seq[i]
+
+    def __iter__(self) -> Any:
+        return (self.seq[i] for i in range(self.n))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
-from tlq.engine.activations import MemoryBudget, activation_list, release_store
+from tlq.engine.activations import MemoryBudget, Prefix, activation_list, release_store
 from tlq.engine.context import LayerContext, LayerState, TokenWeightFn
 from tlq.engine.checkpoint import ResumeState
 from tlq.engine.distributed import DistContext
@@ -55,7 +55,9 @@ class LayerReport:
     """What happened at one decoder layer."""
 
     index: int
-    rel_error: float  # ||L_q(X_q) - L_fp(X_fp)||^2 / ||L_fp(X_fp)||^2 over all calibration tokens
+    # ||L_q(X_q) - L_fp(X_fp)||^2 / ||L_fp(X_fp)||^2 over the calibration tokens of both streams (every sample,
+    # or the first calib.error_samples where the method reads only one stream)
+    rel_error: float
     seconds: float
     peak_mem_mb: float  # GPU peak on CUDA, else the process's peak RSS so far
     num_linears: int
@@ -161,14 +163,15 @@ class LayerwiseEngine:
         ctx = self._context(i, layer, kwargs, between)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        read_fp, read_q = self.config.streams_read()
         with self.clock("FP stream"):
-            fp_out = self._advance(i, layer, x_fp, kwargs, between)
+            fp_out = self._advance(i, layer, x_fp if read_fp else self._error_prefix(x_fp), kwargs, between)
         state = LayerState(x_fp, x_q)
         for phase, step in self.steps:
             with self.clock(phase):
                 step(ctx, state)
         with self.clock("quantized stream"):
-            q_out = self._advance(i, layer, x_q, kwargs, between)
+            q_out = self._advance(i, layer, x_q if read_q else self._error_prefix(x_q), kwargs, between)
         num, den = squared_error_sums(q_out, fp_out)
         num, den = D.all_reduce_scalars_sum([num, den])  # no-op in a single process
         peak = torch.tensor([peak_memory_mb(self.device)], dtype=torch.float64)
@@ -230,6 +233,13 @@ class LayerwiseEngine:
 
     def _dev(self, x: Any) -> Any:
         return tree_to(x, self.device)
+
+    def _error_prefix(self, xs: Any) -> Any:
+        """This rank's share of the globally first ``calib.error_samples`` samples of a stream that the
+        method's steps do not read: it runs for the report's error only (a prefix of the rank's list, as
+        sample ids are ascending; paired with the same prefix of the other stream by position)."""
+        k = self.config.calib.error_samples
+        return xs if k == 0 else Prefix(xs, sum(1 for sid in self.sample_ids if sid < k))
 
     @torch.no_grad()
     def _advance(self, index: int, layer: nn.Module, xs: Any, kwargs: list[dict[str, Any]], between: list[dict[str, Any]]) -> Any:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from tlq.config import QuantizeConfig
 from tlq.engine import distributed as D
-from tlq.engine.activations import release_store
+from tlq.engine.activations import Prefix, release_store
 from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import kept_rows, layer_row_blocks, layer_row_cuts, row_cuts, weights_of_rows
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
@@ -387,21 +387,3 @@ class BlockCalls:
         if self.owned:
             release_store(self.mains)
             release_store(self.targets)
-
-
-class Prefix:
-    """The first ``n`` items of a sequence, without copying (a spilling store stays on disk)."""
-
-    def __init__(self, seq: Any, n: int) -> None:
-        self.seq, self.n = seq, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.seq[i]
-
-    def __iter__(self) -> Any:
-        return (self.seq[i] for i in range(self.n))

@@ -157,7 +157,7 @@ def _bounded(ctx: LayerContext, groups: list[list[str]]) -> list[list[str]]:
 
 
 def wants_fp_inputs(ctx: LayerContext) -> bool:
-    return ctx.config.solver == "gptq" and ctx.config.gptq.target == "fp"
+    return ctx.config.fp_target
 
 
 def _groups(ctx: LayerContext, xs: Any) -> list[list[str]]:

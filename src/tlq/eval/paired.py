@@ -1,9 +1,13 @@
-"""Paired significance of an accuracy difference between two models scored on the same samples.
+"""Paired significance of a difference between two calibrations scored on the same samples.
 
 Two quantized models answer the same test questions, so their errors are correlated; an unpaired test
 on the two accuracies would need far larger differences to say anything. McNemar's exact test uses only
 the discordant samples (one model right, the other wrong): under "no difference" each discordant sample
 is a fair coin, so the count where the first model wins is Binomial(b + c, 1/2).
+
+For a continuous score that only ever compares as a ratio (KL divergence across seeds and cells spans
+orders of magnitude), :func:`ratio_upper_bound` bounds the geometric-mean ratio of paired runs from
+above: the question a non-inferiority decision asks ("is the new setting worse by more than a margin?").
 """
 
 from __future__ import annotations
@@ -42,3 +46,38 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> McNemar:
     losses = sum(1 for a, b in zip(first, second) if b and not a)
     p = min(1.0, 2.0 * _binom_tail(min(wins, losses), wins + losses))
     return McNemar(wins, losses, p)
+
+
+@dataclass(frozen=True)
+class RatioBound:
+    """Paired ratios ``new / ref``: ``geomean`` their geometric mean, ``upper`` its one-sided upper confidence
+    bound (t distribution on the log ratios, ``n - 1`` degrees of freedom), ``log_std`` the log ratios' sample
+    standard deviation."""
+
+    n: int
+    geomean: float
+    upper: float
+    log_std: float
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ratio_upper_bound(new: Sequence[float], ref: Sequence[float], confidence: float = 0.95) -> RatioBound:
+    """Upper confidence bound of the geometric-mean ratio of paired positive scores (e.g. KL per seed and cell).
+
+    Why logs: a rounding-level change scales a run's KL up or down by a factor, so the log ratio is the
+    quantity whose mean over pairs is the systematic effect and whose spread is the noise."""
+    if len(new) != len(ref) or len(new) < 2:
+        raise ValueError(f"a paired ratio bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
+    if any(v <= 0 or not math.isfinite(v) for v in [*new, *ref]):
+        raise ValueError("ratios need positive finite scores on both sides")
+    from scipy.stats import t
+
+    d = [math.log(a / b) for a, b in zip(new, ref)]
+    n = len(d)
+    mean = sum(d) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    upper = mean + float(t.ppf(confidence, n - 1)) * std / math.sqrt(n)
+    return RatioBound(n, math.exp(mean), math.exp(upper), std, confidence)

@@ -54,6 +54,10 @@ class HessianAccumulator:
 
     Distributed use: all-reduce (sum) ``raw_sum`` and ``total_weight`` (and ``num_tokens``) in place; both
     are tensors on ``device`` for that reason, and ``hessian`` is derived from them on demand.
+
+    Symmetry: ``add`` computes only the row blocks' parts on and above the diagonal (:func:`_add_gram_`,
+    half the multiply-adds of the whole product; at 7B widths a ``down_proj`` Hessian is 1.3e12 per sample of
+    3,735 tokens); the lower part is copied from the upper when ``raw_sum`` is next read.
     """
 
     def __init__(
@@ -68,13 +72,22 @@ class HessianAccumulator:
             raise ValueError(f"in_features must be positive, got {in_features}")
         self.in_features = in_features
         self.compute_dtype = compute_dtype
-        self.raw_sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._lower_stale = False  # the upper part has sums the strictly-lower blocks have not been given yet
         self.total_weight = torch.zeros((), dtype=dtype, device=device)
         self.num_tokens = torch.zeros((), dtype=torch.int64, device=device)
 
     @property
     def device(self) -> torch.device:
-        return self.raw_sum.device
+        return self._sum.device
+
+    @property
+    def raw_sum(self) -> Tensor:
+        """The running ``sum_t w_t x_t x_t^T`` (float64 by default), whole and symmetric: what an all-reduce sums."""
+        if self._lower_stale:
+            _mirror_upper_(self._sum)
+            self._lower_stale = False
+        return self._sum
 
     def add(self, x: Tensor, weights: Tensor | None = None) -> None:
         """Accumulate tokens ``x`` ``[..., in]`` with optional non-negative weights ``[...]``.
@@ -92,7 +105,8 @@ class HessianAccumulator:
             rows = rows[keep] * w.sqrt().unsqueeze(1)
         if rows.shape[0] == 0:
             return
-        _add_product_(self.raw_sum, rows, rows)
+        _add_gram_(self._sum, rows)
+        self._lower_stale = True
         self.total_weight += total
         self.num_tokens += rows.shape[0]
 
@@ -118,7 +132,7 @@ class HessianAccumulator:
         """:attr:`hessian`, computed in the running sum's own storage and handed over: the accumulator is
         left empty (no further ``add``), so that only one ``in x in`` buffer exists instead of two."""
         self._check_nonempty()
-        h, self.raw_sum = self.raw_sum.div_(self.total_weight), self.raw_sum.new_empty(0)
+        h, self._sum = self.raw_sum.div_(self.total_weight), self._sum.new_empty(0)
         return h
 
     def _check_nonempty(self) -> None:
@@ -288,6 +302,27 @@ def _add_widened_(total: Tensor, part: Tensor) -> None:
     """
     for rows in _row_blocks(total.shape[0]):
         total[rows] += part[rows]
+
+
+def _add_gram_(total: Tensor, a: Tensor) -> None:
+    """``total += a^T a`` on and above ``total``'s diagonal row blocks only (block ``R`` gets its columns from
+    ``R``'s start on); the strictly-lower blocks are left for :func:`_mirror_upper_`.
+
+    Why: a Gram matrix is symmetric, so half of :func:`_add_product_`'s multiply-adds repeat the other half.
+    Each computed entry is the same dot product as the whole product's, and the whole product of a matrix with
+    itself is exactly symmetric, so the mirrored result equals it (bit for bit on CPU BLAS, tested)."""
+    n = total.shape[0]
+    for rows in _row_blocks(n):
+        total[rows, rows.start:] += a[:, rows].T @ a[:, rows.start:]
+
+
+def _mirror_upper_(total: Tensor) -> None:
+    """Copy the blocks above the diagonal row blocks of a square ``total`` onto those below them (the lower
+    part :func:`_add_gram_` leaves out)."""
+    n = total.shape[0]
+    for rows in _row_blocks(n):
+        end = min(rows.stop, n)
+        total[end:, rows] = total[rows, end:].T
 
 
 def _add_product_(total: Tensor, a: Tensor, b: Tensor) -> None:
