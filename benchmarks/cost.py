@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,15 @@ def write_calibration(out: Path, n: int, px: int, seed: int = 0) -> Path:
         lines.append(json.dumps({"image": f"{i:03d}.png", "question": "What is in the picture? Answer in one word.", "answer": "noise"}))
     (out / "calib.jsonl").write_text("\n".join(lines) + "\n")
     return out / "calib.jsonl"
+
+
+def cut_inputs(args: Any, prefix: str) -> tuple[Path, Path]:
+    """The checkpoint and calibration file a one-process benchmark measures (``args``: ``shape``, ``layers``,
+    ``vision_depth``, ``num_samples``, ``image_px`` and ``work``, a folder or None for a fresh temporary one):
+    built once under the same names, so that benchmarks pointed at one ``--work`` share them."""
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
+    return model, write_calibration(work / f"calib-{args.image_px}-{args.num_samples}", args.num_samples, args.image_px)
 
 
 # A child's rusage counts the memory of whoever forked it (Linux carries the parent's resident set over

@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,7 @@ from typing import Iterator
 import torch
 
 from _report import command_line, write_report
-from cost import SHAPES, build_checkpoint, write_calibration
+from cost import SHAPES, cut_inputs
 from tlq.api import build_config, calibrate
 from tlq.quant import gptq
 
@@ -106,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/gptq_cuts")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(args.work or tempfile.mkdtemp(prefix="tlq-gptqcuts-"))
-    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
-    calib = write_calibration(work / f"calib-{args.image_px}-{args.num_samples}", args.num_samples, args.image_px)
+    model, calib = cut_inputs(args, "tlq-gptqcuts-")
     result = {"command": command_line("gptq_cuts.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "shape": args.shape, "layers": args.layers, "vision_depth": args.vision_depth, "num_samples": args.num_samples,

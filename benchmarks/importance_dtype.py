@@ -19,14 +19,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from _report import command_line, write_report
-from cost import SHAPES, build_checkpoint, write_calibration
+from cost import SHAPES, cut_inputs
 from tlq.api import load_model
 from tlq.data.calibration import load_calibration
 from tlq.importance.gradients import token_gradients
@@ -60,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="where the checkpoint is built (default: a temporary folder)")
     p.add_argument("--out", default="docs/importance_dtype")
     args = p.parse_args(argv)
-    work = Path(args.work or tempfile.mkdtemp(prefix="tlq-impdtype-"))
-    model_dir = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
-    calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
+    model_dir, calib = cut_inputs(args, "tlq-impdtype-")
     adapter, model, processor, _d, dev, _dt = load_model(model_dir, device="cpu")
     samples = load_calibration(calib, processor, adapter, model, num_samples=args.num_samples, max_seq_len=1 << 16, seed=0)
     layer0 = [adapter.capture_layer0_inputs(model, s.inputs) for s in samples]

@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,7 @@ from typing import Iterator
 import torch
 
 from _report import command_line, write_report
-from cost import SHAPES, build_checkpoint, write_calibration
+from cost import SHAPES, cut_inputs
 from search_cuts import cpu_clock
 from tlq.api import build_config, calibrate
 from tlq.engine import solve
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/stats_passes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(args.work or tempfile.mkdtemp(prefix="tlq-stats-"))
-    model = build_checkpoint(args.shape, args.layers, args.vision_depth, work / f"{args.shape}-L{args.layers}-V{args.vision_depth}")
-    calib = write_calibration(work / f"calib-{args.image_px}", args.num_samples, args.image_px)
+    model, calib = cut_inputs(args, "tlq-stats-")
     methods = args.methods.split(",")
     result = {"command": command_line("stats_passes.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

@@ -35,7 +35,7 @@ def solve_step(ctx: LayerContext, state: LayerState) -> None:
     (function-preserving) scale folding, so that its inputs are in the same scaled coordinates as the
     quantized layer's; the copy is freed before the last, widest group is solved.
     """
-    fp_ref = (_fp_copy(ctx.layer), state.x_fp) if wants_fp_inputs(ctx) else None
+    fp_ref = (_fp_copy(ctx.layer), state.x_fp) if ctx.config.fp_target else None
     xs = state.inputs(ctx.config)
     groups = _bounded(ctx, _groups(ctx, xs))
     for group in groups:
@@ -154,10 +154,6 @@ def _bounded(ctx: LayerContext, groups: list[list[str]]) -> list[list[str]]:
             used += need
         out.append(chunk)
     return out
-
-
-def wants_fp_inputs(ctx: LayerContext) -> bool:
-    return ctx.config.fp_target
 
 
 def _groups(ctx: LayerContext, xs: Any) -> list[list[str]]:
