@@ -89,10 +89,13 @@ VARIANTS.update({
     "TLQ record per mapping": ("tlq", {"search_record": "mapping", "importance_dtype": "auto"}),
     "TLQ importance float32": ("tlq", {"search_record": "layer", "importance_dtype": "compute"}),
     "TLQ before record and importance cuts": ("tlq", {"search_record": "mapping", "importance_dtype": "compute"}),
-    # kept-rows statistics/record passes and the deferred FP-target shift (docs/methods.md: not the default)
-    "TLQ kept-rows passes + deferred shift": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred"}),
-    # the three rounding-level cuts together, judged by a paired non-inferiority test (docs/methods.md)
+    # kept-rows statistics/record passes and the deferred FP-target shift (docs/methods.md: not adopted alone)
+    "TLQ kept-rows passes + deferred shift": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred", "search_record": "mapping"}),
+    # the three rounding-level cuts together, judged by a paired non-inferiority test (docs/methods.md): adopted,
+    # so the first entry is TLQ's preset today and the second is the preset the test compared it against.
+    # Variants above that name one of the three ran when the other two were off (their docs give the commit).
     "TLQ three rounding-level cuts": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred", "search_record": "layer"}),
+    "TLQ before the three rounding-level cuts": ("tlq", {"kept_rows_passes": False, "gptq_fp_shift": "applied", "search_record": "mapping"}),
 })
 # Stress schemes, harsher than any the library exports (no vLLM kernel serves them), for asking where on
 # the built-in models accuracy starts to separate the methods at all (docs/accuracy-stress.md). Each runs

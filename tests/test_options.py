@@ -51,6 +51,21 @@ def test_unset_options_keep_the_preset_and_the_field_defaults():
             assert opt.help_text().endswith(f"(default: {_get_path(QuantizeConfig(), opt.path)})")
 
 
+def test_tlq_preset_carries_the_three_rounding_level_cuts_and_the_baselines_do_not():
+    """The cuts that passed the paired non-inferiority rule (docs/methods.md) are TLQ's alone; each is
+    overridable back to the path it replaced, and a switched search kind keeps the record choice."""
+    tlq = build_config("w3a16", "tlq")
+    assert (tlq.search.record, tlq.selection.kept_rows_passes, tlq.gptq.fp_shift) == ("layer", True, "deferred")
+    for method in ("awq", "mbq", "smoothquant", "gptq"):
+        base = build_config("w3a16", method)
+        assert (base.search.record, base.selection.kept_rows_passes, base.gptq.fp_shift) == ("mapping", False, "applied")
+    old = build_config("w3a16", "tlq", search_record="mapping", kept_rows_passes=False, gptq_fp_shift="applied")
+    assert (old.search.record, old.selection.kept_rows_passes, old.gptq.fp_shift) == ("mapping", False, "applied")
+    assert build_config("w3a16", "tlq", scale_search="smoothquant").search.record == "layer"
+    help_of = {o.name: o.help_text() for o in OPTIONS}
+    assert all(help_of[n].endswith("(default: the --method preset's)") for n in ("search_record", "kept_rows_passes", "gptq_fp_shift"))
+
+
 def test_scale_search_kind_change_starts_from_that_kind():
     """Plain SmoothQuant's fixed 0.5 does not follow a switch to AWQ; auto picks by the scheme."""
     assert build_config("w8a8", "smoothquant").search.fixed_alpha == 0.5
