@@ -418,6 +418,30 @@ def test_loss_precision_runs_matmuls_in_bf16_and_restores_the_weights():
     assert torch.equal(block(x), ref)  # no hook left behind
 
 
+def test_loss_precision_casts_only_the_expert_that_runs_alone():
+    """While one expert is judged alone, the idle experts are neither cast nor hooked (they do not run),
+    and the block's output is bit-identical to casting every expert first (what the search did before)."""
+    from tlq.models.moe import ExpertMLP, UnfusedExperts, running_modules
+
+    torch.manual_seed(0)
+    experts = UnfusedExperts([ExpertMLP(64, 256, nn.functional.silu, torch.float32, torch.device("cpu")) for _ in range(4)])
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.05)
+    x, index, weights = torch.randn(12, 64), torch.randint(0, 4, (12, 2)), torch.rand(12, 2)
+    assert {id(m) for m in running_modules(experts)} == {id(m) for m in experts.modules()}
+    with torch.no_grad(), smoothing.loss_precision(experts, "bfloat16", min_weights=1000), experts.alone(1):  # every expert cast
+        every_cast = experts(x, index, weights)
+    with torch.no_grad(), experts.alone(1):
+        assert {id(m) for m in running_modules(experts)} == {id(experts), *(id(m) for m in experts[1].modules())}
+        with smoothing.loss_precision(experts, "bfloat16", min_weights=1000):
+            dtypes = [[lin.weight.dtype for lin in (ex.gate_proj, ex.up_proj, ex.down_proj)] for ex in experts]
+            one = experts(x, index, weights)
+    assert dtypes[1] == [torch.bfloat16] * 3 and all(d == [torch.float32] * 3 for e, d in enumerate(dtypes) if e != 1)
+    hits = (index == 1).any(-1)
+    assert hits.any() and one[hits].abs().sum() > 0 and torch.equal(one, every_cast)
+    assert all(p.dtype == torch.float32 for p in experts.parameters())  # restored
+
+
 class _GatedMLP(nn.Module):
     def __init__(self, hidden: int = 64, inner: int = 256, small: bool = False) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ from tlq.engine.activations import Prefix, release_store
 from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import kept_rows, layer_row_blocks, layer_row_cuts, row_cuts, weights_of_rows
 from tlq.models.base import SmoothMapping, main_output, run_layer, tree_to
-from tlq.models.moe import RoutedLinear, expert_of, rows_of
+from tlq.models.moe import RoutedLinear, expert_of, rows_of, running_modules
 from tlq.quant.quantizer import add_input_quantizer
 from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, ChannelStatsAccumulator, alpha_grid, can_fold, candidate_scales, fold_scales, search_scales
@@ -311,7 +311,8 @@ def loss_precision(module: nn.Module, loss_dtype: str, min_weights: int | None =
     (``rows x intermediate``) bought nothing: without it the search took 0.93-0.98x the time at
     LLaVA-OneVision-0.5B widths (docs/cost.md, run 10)."""
     min_weights = BF16_MIN_WEIGHTS if min_weights is None else min_weights
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weights]
+    # only what can run (an expert judged alone leaves the others idle: nothing to cast or hook there)
+    linears = [m for m in running_modules(module) if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.numel() >= min_weights]
     loss_dtype = resolve_matmul_dtype(loss_dtype, linears[0].weight.device) if linears else "compute"
     if loss_dtype == "compute":
         yield

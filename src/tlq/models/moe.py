@@ -153,6 +153,23 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
+def running_modules(root: nn.Module) -> Iterator[nn.Module]:
+    """``root.modules()`` less the experts that :meth:`UnfusedExperts.alone` leaves out: what a forward of
+    ``root`` can run now. Why: work prepared per module for one forward (a dtype cast, a hook) is wasted on
+    the 255 experts that stay idle while one expert's candidate is judged, and at 256 experts of 3 linears
+    that waste was most of a MoE layer's scale search (docs/cost-qwen3.md)."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        mod = todo.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        yield mod
+        kids = [mod[mod.only]] if isinstance(mod, UnfusedExperts) and mod.only is not None else list(mod.children())
+        todo.extend(reversed(kids))
+
+
 @dataclass(frozen=True)
 class FusedSlice:
     """One expert's weight inside a fused parameter: ``fused[expert, rows[0]:rows[1]]`` (all rows: None)."""
