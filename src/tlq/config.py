@@ -430,7 +430,8 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
       (docs/methods.md); the baselines keep their papers' full grid. Three cuts that change results only
       by float rounding are on together (``record="layer"``, ``kept_rows_passes``, ``fp_shift="deferred"``):
       they passed a paired non-inferiority rule written before the val run (docs/methods.md, "The three
-      rounding-level cuts together"), for 0.8-0.9x TLQ's calibration time at 0.5B widths (docs/cost.md).
+      rounding-level cuts together"); at LLaVA-OneVision-0.5B widths TLQ went from 1.75x to 1.43x its GPTQ
+      (docs/cost.md, runs 11 and 14).
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {
