@@ -142,7 +142,9 @@ def make_task(args) -> Task:
         from dataclasses import replace
 
         # the easy data of the curriculum: no clutter, or the fields --curriculum-option names
-        easy = replace(cfg, **needle_options(args.curriculum_option)) if args.curriculum_option else replace(cfg, num_plain=0, num_fragments=0)
+        # (a count question keeps its digits: the plain ones are what it counts)
+        clutter = {"num_fragments": 0} if cfg.question == "count" else {"num_plain": 0, "num_fragments": 0}
+        easy = replace(cfg, **needle_options(args.curriculum_option)) if args.curriculum_option else replace(cfg, **clutter)
         return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets, tuple(needle.FRAME_COLOURS), easy)
     cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
     bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))

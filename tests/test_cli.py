@@ -19,26 +19,45 @@ SCHEMES = ["w4a16", "w3a16", "w8a8", "w4a8"]
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantize_reload_matches_in_memory(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, family, scheme):
-    model_dir = tiny_vlm_dir(family)
-    out, report = tmp_path / "out", tmp_path / "report.json"
-    rc = main(["quantize", "--model", str(model_dir), "--calib", str(tiny_calib_jsonl), "--out", str(out),
-               "--scheme", scheme, "--method", "gptq", "--num-samples", "4", "--report", str(report), "--quiet"])
-    assert rc == 0
-    rep = json.loads(report.read_text())
-    assert rep["scheme"] == scheme and rep["num_samples"] == 4
-    assert len(rep["layers"]) == 2 and all(layer["rel_error"] > 0 for layer in rep["layers"])
-
-    # The same calibration in memory (deterministic) gives the reference logits.
-    run = calibrate(model_dir, tiny_calib_jsonl, build_config(scheme, "gptq", num_samples=4, device="cpu"), progress=False)
-    sample = load_calibration(tiny_calib_jsonl, run.processor, run.adapter, run.model, num_samples=1, max_seq_len=4096, seed=0)[0]
-    reloaded = load_quantized(out, run.adapter.spec.model_class, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        expected = run.model(**sample.inputs, use_cache=False).logits
-        got = reloaded(**sample.inputs, use_cache=False).logits
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    out = _quantize_and_compare(tiny_vlm_dir(family), tiny_calib_jsonl, tmp_path, scheme, "gptq")
     assert (out / "chat_template.jinja").exists() or (out / "chat_template.json").exists() or "chat_template" in (
         out / "tokenizer_config.json"
     ).read_text() + (out / "processor_config.json").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8"])
+@pytest.mark.parametrize("method", ["gptq", "tlq"])
+def test_quantize_the_2026_families(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, family, scheme, method):
+    """`tlq quantize` on Qwen3-VL (DeepStack), its MoE, and Qwen3.5 (hybrid DeltaNet/attention, dense and
+    MoE): TLQ and GPTQ at w4a16 and w4a8, each export reloading to the in-memory calibration's logits and
+    decoding its tokens (the hybrid layers' recurrent cache and the routed experts on the generation path)."""
+    _quantize_and_compare(tiny_vlm_dir(family), tiny_calib_jsonl, tmp_path, scheme, method, generate=True)
+
+
+def _quantize_and_compare(model_dir, calib, tmp_path, scheme: str, method: str, generate: bool = False):
+    """Run `tlq quantize`, check its report, and compare the reloaded export's logits with the same
+    (deterministic) calibration run in memory; returns the output directory."""
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    rc = main(["quantize", "--model", str(model_dir), "--calib", str(calib), "--out", str(out),
+               "--scheme", scheme, "--method", method, "--num-samples", "4", "--report", str(report), "--quiet"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    run = calibrate(model_dir, calib, build_config(scheme, method, num_samples=4, device="cpu"), progress=False)
+    assert rep["scheme"] == scheme and rep["num_samples"] == 4
+    assert len(rep["layers"]) == len(run.adapter.decoder_layers(run.model)) and all(layer["rel_error"] > 0 for layer in rep["layers"])
+    sample = load_calibration(calib, run.processor, run.adapter, run.model, num_samples=1, max_seq_len=4096, seed=0)[0]
+    # tlq's reloader restores routed experts per expert (transformers alone leaves them unloaded)
+    reloaded = load_quantized(out, run.adapter.spec.model_class, torch.device("cpu"), torch.float32, adapter=run.adapter)
+    with torch.no_grad():
+        expected = run.model(**sample.inputs, use_cache=False).logits
+        got = reloaded(**sample.inputs, use_cache=False).logits
+        if generate:
+            prompt = {k: v for k, v in sample.inputs.items() if k != "labels"}
+            want = run.model.generate(**prompt, max_new_tokens=4, do_sample=False)
+            assert torch.equal(reloaded.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    return out
 
 
 def _run_cli(capsys, argv):

@@ -219,4 +219,27 @@ def test_sum_questions_add_the_two_named_frames_digits():
     with pytest.raises(ConfigError, match="two frames"):
         NeedleVQAConfig(asked_colours=("red",), question="sum")
     with pytest.raises(ConfigError, match="question must be"):
-        NeedleVQAConfig(question="count")
+        NeedleVQAConfig(question="difference")
+
+
+def test_count_questions_answer_how_many_cells_hold_the_named_digit():
+    """question="count": the answer is the number of cells whose digit is the one the question names,
+    those cells are the ground truth, every count of count_range occurs, and the default sets are unchanged."""
+    cfg = NeedleVQAConfig(question="count", count_range=(1, 4))
+    samples = generate_samples("val", 60, cfg)
+    for s in samples:
+        digit = s.extra["digit"]
+        held = [cell for cell, lab in enumerate(s.labels) if lab == digit]
+        assert s.extra["relevant_tokens"] == held and s.answer == str(len(held)) and f" {digit}" in s.question
+        assert sum(lab >= 0 for lab in s.labels) == cfg.num_framed + cfg.num_plain
+        assert sum(m > 0 for m in s.marks) == cfg.num_framed  # frames stay, as clutter
+    assert {s.answer for s in samples} == {"1", "2", "3", "4"}
+    assert len({s.extra["digit"] for s in samples}) == 10
+    assert max(len(s.extra["relevant_tokens"]) for s in samples) / 64 <= 0.2
+    plain = generate_samples("val", 2)  # a count_range on a read config draws nothing
+    again = generate_samples("val", 2, NeedleVQAConfig(count_range=(2, 3)))
+    assert [x.question for x in plain] == [y.question for y in again]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(plain, again))
+    with pytest.raises(ConfigError, match="count_range"):
+        NeedleVQAConfig(question="count", count_range=(0, 3))
+    NeedleVQAConfig(num_plain=0, num_framed=1)  # count_range is only checked when counting

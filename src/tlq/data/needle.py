@@ -41,6 +41,7 @@ __all__ = [
     "PREAMBLE",
     "QUESTION_TEMPLATES",
     "SUM_TEMPLATES",
+    "COUNT_TEMPLATES",
     "DEFAULT_SIZES",
     "NeedleVQAConfig",
     "generate_samples",
@@ -103,7 +104,14 @@ SUM_TEMPLATES: tuple[str, ...] = (
 )
 """``question="sum"``: two frames named, the answer is ``(a + b) mod 10``."""
 
-QUESTIONS = ("read", "sum")
+COUNT_TEMPLATES: tuple[str, ...] = (
+    "How many times does the digit {d} appear on the page?",
+    "Count the handwritten digits {d} on the page. How many are there?",
+    "How many of the digits on the page are a {d}?",
+)
+"""``question="count"``: one digit named, the answer is how many cells hold it (``count_range``)."""
+
+QUESTIONS = ("read", "sum", "count")
 
 PREAMBLE_SOURCES = ("fixed", "generated")
 
@@ -139,7 +147,13 @@ class NeedleVQAConfig(CellGrid):
             digits in the first two ``asked_colours``' frames (every image holds both; the other frames are
             distractors). Why: reading is one lookup a quantized model keeps easily; adding two read digits
             makes the decoder's MLPs hold a 100-entry table, knowledge stored in weights as in a real model,
-            with two sparse targets (2 of 64 tokens) instead of one.
+            with two sparse targets (2 of 64 tokens) instead of one. ``"count"`` = how many of the page's
+            digits are the one the question names (``count_range``; the frames stay, as clutter). Why:
+            a transformer counts through its softmax's denominator, so neighbouring counts differ by a
+            small change of one attention output; that margin, not a single lookup, is what a quantizer's
+            noise can move, and the answer needs every copy of the digit (1-5 of 64 tokens) and no other.
+        count_range: (lo, hi) number of cells holding the asked digit (``question="count"``, uniform); every
+            other digit on the page is a different one.
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
             different digit at weight ``1 - a`` (the answer stays the dominant digit). Why: real images
             are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
@@ -164,6 +178,7 @@ class NeedleVQAConfig(CellGrid):
     asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
     question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
+    count_range: tuple[int, int] = (1, 5)
     test_fraction: float = 0.3
     seed: int = 0
 
@@ -186,6 +201,11 @@ class NeedleVQAConfig(CellGrid):
             raise ConfigError(f"question must be one of {', '.join(QUESTIONS)}, got {self.question!r}")
         if self.question == "sum" and (len(self.asked_colours) < 2 or self.num_framed < 2):
             raise ConfigError("question='sum' names two frames: give at least two asked_colours and num_framed >= 2")
+        c_lo, c_hi = self.count_range
+        if self.question == "count" and not 1 <= c_lo <= c_hi <= min(9, self.num_framed + self.num_plain):
+            raise ConfigError(
+                f"count_range must satisfy 1 <= lo <= hi <= min(9, num_framed + num_plain) (a one-digit answer), got {self.count_range}"
+            )
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
@@ -270,16 +290,16 @@ def _generated_sentence(rng: np.random.Generator) -> str:
     return form.format(a=pick(_ADJECTIVES), b=pick(_ADJECTIVES), n=pick(_NOUNS), m=pick(_NOUNS), o=pick(_NOUNS), v=pick(_VERBS), d=pick(_ADVERBS))
 
 
-def _question(colour: str, cfg: NeedleVQAConfig, rng: np.random.Generator, other: str | None = None) -> str:
+def _question(templates: tuple[str, ...], cfg: NeedleVQAConfig, rng: np.random.Generator, **names: object) -> str:
+    """Preamble sentences, then one of ``templates`` filled with ``names``."""
     lo, hi = cfg.preamble_range
     k = int(rng.integers(lo, hi + 1))
     if cfg.preamble == "generated":
         sentences = [_generated_sentence(rng) for _ in range(k)]
     else:
         sentences = [PREAMBLE[int(i)] for i in sorted(rng.choice(len(PREAMBLE), size=k, replace=False))]
-    templates = QUESTION_TEMPLATES if other is None else SUM_TEMPLATES
     template = templates[int(rng.integers(len(templates)))]
-    return " ".join([*sentences, template.format(c=colour, d=other)])
+    return " ".join([*sentences, template.format(**names)])
 
 
 def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
@@ -299,6 +319,8 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     digit_cells = [int(c) for c in order[:n_digits]]
     frag_cells = [int(c) for c in order[n_digits : n_digits + cfg.num_fragments]]
     labels = [int(v) for v in img_rng.integers(10, size=n_digits)]
+    if cfg.question == "count":
+        asked_digit, labels = _count_labels(n_digits, cfg, img_rng)
     lo, hi = cfg.intensity_range
     cells = {cell: (scan(lab), float(img_rng.uniform(lo, hi))) for cell, lab in zip(digit_cells, labels)}
     names = list(FRAME_COLOURS)
@@ -322,20 +344,35 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     if cfg.question == "sum":
         at = {colour: cell for cell, colour in frames.items()}
         a, b = (at[c] for c in cfg.asked_colours[:2])
-        turns = [(_question(cfg.asked_colours[0], cfg, q_rng, other=cfg.asked_colours[1]), str((cell_label[a] + cell_label[b]) % 10))]
+        turns = [(_question(SUM_TEMPLATES, cfg, q_rng, c=cfg.asked_colours[0], d=cfg.asked_colours[1]), str((cell_label[a] + cell_label[b]) % 10))]
         extra = {"relevant_tokens": sorted((a, b)), "token_grid": [cfg.rows, cfg.cols], "frame": "+".join(cfg.asked_colours[:2])}
         if a in overprint:
             extra["blend"] = [round(overprint[a][1], 4), round(overprint[b][1], 4)]
         return Sample(image, turns[0][0], turns[0][1], "needle-sum", turns, grid_labels, extra=extra, marks=marks)
+    if cfg.question == "count":
+        held = sorted(cell for cell, lab in cell_label.items() if lab == asked_digit)
+        turns = [(_question(COUNT_TEMPLATES, cfg, q_rng, d=asked_digit), str(len(held)))]
+        extra = {"relevant_tokens": held, "token_grid": [cfg.rows, cfg.cols], "digit": asked_digit}
+        return Sample(image, turns[0][0], turns[0][1], "needle-count", turns, grid_labels, extra=extra, marks=marks)
     framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
     framed = framed[first:] + framed[:first]
-    turns = [(_question(colour, cfg, q_rng), str(cell_label[cell])) for cell, colour in framed]
+    turns = [(_question(QUESTION_TEMPLATES, cfg, q_rng, c=colour), str(cell_label[cell])) for cell, colour in framed]
     target = framed[0][0]
     extra = {"relevant_tokens": [target], "token_grid": [cfg.rows, cfg.cols], "frame": framed[0][1]}
     if target in overprint:
         extra["blend"] = round(overprint[target][1], 4)
     return Sample(image, turns[0][0], turns[0][1], "needle", turns, grid_labels, extra=extra, marks=marks)
+
+
+def _count_labels(n_digits: int, cfg: NeedleVQAConfig, rng: np.random.Generator) -> tuple[int, list[int]]:
+    """``question="count"``: the asked digit, and the page's labels with exactly ``k ~ count_range`` of
+    them equal to it, at random slots (frames fall on random slots too, so they say nothing of the count)."""
+    digit = int(rng.integers(10))
+    k = int(rng.integers(cfg.count_range[0], cfg.count_range[1] + 1))
+    holders = set(int(i) for i in rng.choice(n_digits, size=k, replace=False))
+    labels = [digit if i in holders else (digit + 1 + int(rng.integers(9))) % 10 for i in range(n_digits)]
+    return digit, labels
 
 
 def _overprints(
@@ -377,6 +414,8 @@ def corpus(cfg: NeedleVQAConfig | None = None) -> list[str]:
         texts += [form.format(a=a, b=a, n=n, m=n, o=n, v=v, d=d)
                   for form in _SENTENCE_FORMS for a, n, v, d in zip(_ADJECTIVES * 2, _NOUNS, _VERBS * 2, _ADVERBS * 3)]
     texts += [t.format(c=c) for t in QUESTION_TEMPLATES for c in FRAME_COLOURS]
+    if cfg is not None and cfg.question == "count":
+        texts += [t.format(d=d) for t in COUNT_TEMPLATES for d in range(10)]
     if cfg is not None and cfg.question == "sum":
         texts += [t.format(c=c, d=d) for t in SUM_TEMPLATES for c in FRAME_COLOURS for d in FRAME_COLOURS if c != d]
     return texts + [str(d) for d in range(10)]
