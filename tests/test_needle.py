@@ -242,4 +242,8 @@ def test_count_questions_answer_how_many_cells_hold_the_named_digit():
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(plain, again))
     with pytest.raises(ConfigError, match="count_range"):
         NeedleVQAConfig(question="count", count_range=(0, 3))
+    fixed = generate_samples("val", 10, NeedleVQAConfig(question="count", count_digits=(7,)))
+    assert {s.extra["digit"] for s in fixed} == {7} and all(s.answer == str(s.labels.count(7)) for s in fixed)
+    with pytest.raises(ConfigError, match="count_digits"):
+        NeedleVQAConfig(question="count", count_digits=(10,))
     NeedleVQAConfig(num_plain=0, num_framed=1)  # count_range is only checked when counting

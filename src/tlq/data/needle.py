@@ -154,6 +154,9 @@ class NeedleVQAConfig(CellGrid):
             noise can move, and the answer needs every copy of the digit (1-5 of 64 tokens) and no other.
         count_range: (lo, hi) number of cells holding the asked digit (``question="count"``, uniform); every
             other digit on the page is a different one.
+        count_digits: the digits a count question may name. One digit (e.g. ``(7,)``) makes the cue fixed,
+            as ``asked_colours=("red",)`` does for reading: the answer position's query is then the same in
+            every sample, one hop instead of reading the named digit first and then looking for it.
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
             different digit at weight ``1 - a`` (the answer stays the dominant digit). Why: real images
             are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
@@ -179,6 +182,7 @@ class NeedleVQAConfig(CellGrid):
     question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
     count_range: tuple[int, int] = (1, 5)
+    count_digits: tuple[int, ...] = tuple(range(10))
     test_fraction: float = 0.3
     seed: int = 0
 
@@ -206,6 +210,8 @@ class NeedleVQAConfig(CellGrid):
             raise ConfigError(
                 f"count_range must satisfy 1 <= lo <= hi <= min(9, num_framed + num_plain) (a one-digit answer), got {self.count_range}"
             )
+        if not self.count_digits or not set(self.count_digits) <= set(range(10)):
+            raise ConfigError(f"count_digits must be a non-empty subset of 0..9, got {list(self.count_digits)}")
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
@@ -368,7 +374,7 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
 def _count_labels(n_digits: int, cfg: NeedleVQAConfig, rng: np.random.Generator) -> tuple[int, list[int]]:
     """``question="count"``: the asked digit, and the page's labels with exactly ``k ~ count_range`` of
     them equal to it, at random slots (frames fall on random slots too, so they say nothing of the count)."""
-    digit = int(rng.integers(10))
+    digit = cfg.count_digits[int(rng.integers(len(cfg.count_digits)))]
     k = int(rng.integers(cfg.count_range[0], cfg.count_range[1] + 1))
     holders = set(int(i) for i in rng.choice(n_digits, size=k, replace=False))
     labels = [digit if i in holders else (digit + 1 + int(rng.integers(9))) % 10 for i in range(n_digits)]
