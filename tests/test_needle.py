@@ -247,3 +247,22 @@ def test_count_questions_answer_how_many_cells_hold_the_named_digit():
     with pytest.raises(ConfigError, match="count_digits"):
         NeedleVQAConfig(question="count", count_digits=(10,))
     NeedleVQAConfig(num_plain=0, num_framed=1)  # count_range is only checked when counting
+
+
+def test_blended_counts_overprint_every_digit_both_ways_and_keep_the_count():
+    """A count with target_blend: the copies get another digit printed over them and every other digit
+    gets the named one (at weight 1 - a), so each cell is in doubt; labels and answer stay the dominant ones."""
+    from tlq.data.needle import _overprints
+
+    cfg = NeedleVQAConfig(question="count", count_digits=(7,), target_blend=(0.55, 0.7))
+    cell_label = {3: 7, 9: 2, 20: 7, 41: 5}
+    printed = _overprints({9: "red"}, cell_label, cfg, np.random.default_rng(0), scan=lambda label: label, counted=7)
+    assert sorted(printed) == sorted(cell_label)  # every digit cell, copies or not, framed or not
+    for cell, (other, weight) in printed.items():
+        assert 0.55 <= weight <= 0.7
+        assert other == 7 if cell_label[cell] != 7 else other != 7
+    base = NeedleVQAConfig(question="count", count_digits=(7,))
+    blended = NeedleVQAConfig(question="count", count_digits=(7,), target_blend=(0.55, 0.7))
+    for p, b in zip(generate_samples("val", 8, base), generate_samples("val", 8, blended)):
+        assert b.answer == p.answer and b.labels == p.labels and b.extra["relevant_tokens"] == p.extra["relevant_tokens"]
+        assert len(b.extra["blend"]) == len(b.extra["relevant_tokens"]) and "blend" not in p.extra

@@ -12,6 +12,8 @@ digit scans, shipped inside the package):
   each other; ``num_plain`` more digits without a frame; faint scan fragments and noise as background;
 - a question naming one frame colour ("What is the digit in the red frame?"), so the answer needs exactly
   one visual token (the framed cell) and the colour word of the text;
+  (``question="sum"``: two named frames; ``question="count"``: how many cells hold a named digit, so the
+  answer needs every copy of it and no other token);
 - a preamble of instructions before the question (2-4 sentences drawn from ``PREAMBLE``) that the answer
   never needs.
 
@@ -158,7 +160,8 @@ class NeedleVQAConfig(CellGrid):
             as ``asked_colours=("red",)`` does for reading: the answer position's query is then the same in
             every sample, one hop instead of reading the named digit first and then looking for it.
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
-            different digit at weight ``1 - a`` (the answer stays the dominant digit). Why: real images
+            different digit at weight ``1 - a`` (the answer stays the dominant digit); for a count, of every
+            digit on the page, the copies overprinted with another digit and the rest with the named one. Why: real images
             are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
             gives calibrated near-ties, the answers a quantizer flips first. ``(1.0, 1.0)`` (the default)
             draws nothing extra, so the samples are those of a config without the field.
@@ -342,7 +345,7 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     frames = dict(zip(digit_cells[: cfg.num_framed], colours))
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
     cell_label = dict(zip(digit_cells, labels))
-    overprint = _overprints(frames, cell_label, cfg, img_rng, scan)
+    overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit if cfg.question == "count" else None)
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
@@ -359,6 +362,8 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
         held = sorted(cell for cell, lab in cell_label.items() if lab == asked_digit)
         turns = [(_question(COUNT_TEMPLATES, cfg, q_rng, d=asked_digit), str(len(held)))]
         extra = {"relevant_tokens": held, "token_grid": [cfg.rows, cfg.cols], "digit": asked_digit}
+        if overprint:
+            extra["blend"] = [round(overprint[c][1], 4) for c in held]
         return Sample(image, turns[0][0], turns[0][1], "needle-count", turns, grid_labels, extra=extra, marks=marks)
     framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
@@ -382,15 +387,29 @@ def _count_labels(n_digits: int, cfg: NeedleVQAConfig, rng: np.random.Generator)
 
 
 def _overprints(
-    frames: dict[int, str], cell_label: dict[int, int], cfg: NeedleVQAConfig, rng: np.random.Generator, scan: Any
+    frames: dict[int, str],
+    cell_label: dict[int, int],
+    cfg: NeedleVQAConfig,
+    rng: np.random.Generator,
+    scan: Any,
+    counted: int | None = None,
 ) -> dict[int, tuple[int, float]]:
-    """Each askable framed cell -> (a scan of another digit, the weight of its own): ``cfg.target_blend``."""
+    """Cell -> (a scan of another digit, the weight of its own), weights from ``cfg.target_blend``.
+
+    Reading: each askable framed cell gets a different digit. Counting (``counted`` = the named digit): every
+    digit cell is overprinted, the copies with a different digit and every other cell with the named one,
+    so each cell is in doubt both ways and the count is unsure exactly where some weights are near 0.5."""
     lo, hi = cfg.target_blend
     if lo == hi == 1.0:
         return {}
     out = {}
-    for cell in sorted(c for c, colour in frames.items() if colour in cfg.asked_colours):
-        other = (cell_label[cell] + 1 + int(rng.integers(9))) % 10
+    if counted is None:
+        cells = sorted(c for c, colour in frames.items() if colour in cfg.asked_colours)
+    else:
+        cells = sorted(cell_label)
+    for cell in cells:
+        own = cell_label[cell]
+        other = counted if counted is not None and own != counted else (own + 1 + int(rng.integers(9))) % 10
         out[cell] = (scan(other), float(rng.uniform(lo, hi)))
     return out
 
