@@ -11,9 +11,9 @@ digit scans, shipped inside the package):
 - ``num_framed`` digits in frames of distinct colours (drawn from ``FRAME_COLOURS``), the look-alikes of
   each other; ``num_plain`` more digits without a frame; faint scan fragments and noise as background;
 - a question naming one frame colour ("What is the digit in the red frame?"), so the answer needs exactly
-  one visual token (the framed cell) and the colour word of the text;
-  (``question="sum"``: two named frames; ``question="count"``: how many cells hold a named digit, so the
-  answer needs every copy of it and no other token);
+  one visual token (the framed cell) and the colour word of the text (``question="sum"``: two named
+  frames; ``question="count"``: how many cells hold a named digit, so the answer needs every copy of it
+  and no other token);
 - a preamble of instructions before the question (2-4 sentences drawn from ``PREAMBLE``) that the answer
   never needs.
 
@@ -161,8 +161,8 @@ class NeedleVQAConfig(CellGrid):
             every sample, one hop instead of reading the named digit first and then looking for it.
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
             different digit at weight ``1 - a`` (the answer stays the dominant digit); for a count, of every
-            digit on the page, the copies overprinted with another digit and the rest with the named one. Why: real images
-            are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
+            digit on the page, the copies overprinted with another digit and the rest with the named one.
+            Why: real images are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
             gives calibrated near-ties, the answers a quantizer flips first. ``(1.0, 1.0)`` (the default)
             draws nothing extra, so the samples are those of a config without the field.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
@@ -328,6 +328,7 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     digit_cells = [int(c) for c in order[:n_digits]]
     frag_cells = [int(c) for c in order[n_digits : n_digits + cfg.num_fragments]]
     labels = [int(v) for v in img_rng.integers(10, size=n_digits)]
+    asked_digit = None  # the digit a count question names
     if cfg.question == "count":
         asked_digit, labels = _count_labels(n_digits, cfg, img_rng)
     lo, hi = cfg.intensity_range
@@ -345,7 +346,7 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     frames = dict(zip(digit_cells[: cfg.num_framed], colours))
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
     cell_label = dict(zip(digit_cells, labels))
-    overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit if cfg.question == "count" else None)
+    overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit)
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
