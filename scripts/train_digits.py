@@ -128,7 +128,7 @@ def needle_options(pairs: list[str]) -> dict:
         value = ast.literal_eval(text)
         if isinstance(known[key], float) and isinstance(value, int):
             value = float(value)
-        if type(value) is not type(known[key]):
+        if known[key] is not None and type(value) is not type(known[key]):
             raise SystemExit(f"--needle-option {pair!r}: {key} takes a {type(known[key]).__name__}, got {value!r}")
         out[key] = value
     return out

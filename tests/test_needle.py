@@ -266,3 +266,24 @@ def test_blended_counts_overprint_every_digit_both_ways_and_keep_the_count():
     for p, b in zip(generate_samples("val", 8, base), generate_samples("val", 8, blended)):
         assert b.answer == p.answer and b.labels == p.labels and b.extra["relevant_tokens"] == p.extra["relevant_tokens"]
         assert len(b.extra["blend"]) == len(b.extra["relevant_tokens"]) and "blend" not in p.extra
+
+
+def test_blend_cells_overprints_only_that_many_cells_per_page():
+    """blend_cells=k: k of the page's digit cells, drawn per page, are overprinted and the rest stay clean
+    (their own weight reported as 1.0), so the doubt is a share of the pages, not all of them."""
+    from tlq.data.needle import _overprints
+
+    cfg = NeedleVQAConfig(question="count", count_digits=(7,), target_blend=(0.55, 0.7), blend_cells=2)
+    cell_label = {3: 7, 9: 2, 20: 7, 41: 5, 50: 1}
+    chosen = set()
+    for seed in range(12):
+        printed = _overprints({}, cell_label, cfg, np.random.default_rng(seed), scan=lambda label: label, counted=7)
+        assert len(printed) == 2 and set(printed) <= set(cell_label)
+        chosen |= set(printed)
+    assert chosen == set(cell_label)  # drawn per page, not a fixed pair
+    base = NeedleVQAConfig(question="count", count_digits=(7,))
+    for p, b in zip(generate_samples("val", 8, base), generate_samples("val", 8, cfg)):
+        assert b.answer == p.answer and b.labels == p.labels
+        assert len(b.extra["blend"]) == len(p.extra["relevant_tokens"]) and all(0.55 <= w <= 0.7 or w == 1.0 for w in b.extra["blend"])
+    with pytest.raises(ConfigError, match="blend_cells"):
+        NeedleVQAConfig(blend_cells=0)

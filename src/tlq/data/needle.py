@@ -165,6 +165,10 @@ class NeedleVQAConfig(CellGrid):
             Why: real images are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
             gives calibrated near-ties, the answers a quantizer flips first. ``(1.0, 1.0)`` (the default)
             draws nothing extra, so the samples are those of a config without the field.
+        blend_cells: how many of those cells (drawn at random per page) are overprinted; ``None`` = all.
+            Why: a count is wrong when any one of its 12 cells is misread, so overprinting all of them
+            makes most pages unsure and many wrong; a few blended cells per page keep the doubt to a
+            share of the answers.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
     """
 
@@ -184,6 +188,7 @@ class NeedleVQAConfig(CellGrid):
     asked_colours: tuple[str, ...] = tuple(FRAME_COLOURS)
     question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
+    blend_cells: int | None = None
     count_range: tuple[int, int] = (1, 5)
     count_digits: tuple[int, ...] = tuple(range(10))
     test_fraction: float = 0.3
@@ -218,6 +223,8 @@ class NeedleVQAConfig(CellGrid):
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
+        if self.blend_cells is not None and self.blend_cells < 1:
+            raise ConfigError(f"blend_cells must be None (every candidate cell) or >= 1, got {self.blend_cells}")
         if self.preamble not in PREAMBLE_SOURCES:
             raise ConfigError(f"preamble must be one of {', '.join(PREAMBLE_SOURCES)}, got {self.preamble!r}")
         lo, hi = self.preamble_range
@@ -356,15 +363,15 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
         a, b = (at[c] for c in cfg.asked_colours[:2])
         turns = [(_question(SUM_TEMPLATES, cfg, q_rng, c=cfg.asked_colours[0], d=cfg.asked_colours[1]), str((cell_label[a] + cell_label[b]) % 10))]
         extra = {"relevant_tokens": sorted((a, b)), "token_grid": [cfg.rows, cfg.cols], "frame": "+".join(cfg.asked_colours[:2])}
-        if a in overprint:
-            extra["blend"] = [round(overprint[a][1], 4), round(overprint[b][1], 4)]
+        if overprint:
+            extra["blend"] = [round(_own_weight(overprint, a), 4), round(_own_weight(overprint, b), 4)]
         return Sample(image, turns[0][0], turns[0][1], "needle-sum", turns, grid_labels, extra=extra, marks=marks)
     if cfg.question == "count":
         held = sorted(cell for cell, lab in cell_label.items() if lab == asked_digit)
         turns = [(_question(COUNT_TEMPLATES, cfg, q_rng, d=asked_digit), str(len(held)))]
         extra = {"relevant_tokens": held, "token_grid": [cfg.rows, cfg.cols], "digit": asked_digit}
         if overprint:
-            extra["blend"] = [round(overprint[c][1], 4) for c in held]
+            extra["blend"] = [round(_own_weight(overprint, c), 4) for c in held]
         return Sample(image, turns[0][0], turns[0][1], "needle-count", turns, grid_labels, extra=extra, marks=marks)
     framed = [(cell, c) for cell, c in frames.items() if c in cfg.asked_colours]  # one turn per asked colour
     first = int(q_rng.integers(len(framed)))
@@ -372,8 +379,8 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     turns = [(_question(QUESTION_TEMPLATES, cfg, q_rng, c=colour), str(cell_label[cell])) for cell, colour in framed]
     target = framed[0][0]
     extra = {"relevant_tokens": [target], "token_grid": [cfg.rows, cfg.cols], "frame": framed[0][1]}
-    if target in overprint:
-        extra["blend"] = round(overprint[target][1], 4)
+    if overprint:
+        extra["blend"] = round(_own_weight(overprint, target), 4)
     return Sample(image, turns[0][0], turns[0][1], "needle", turns, grid_labels, extra=extra, marks=marks)
 
 
@@ -408,11 +415,18 @@ def _overprints(
         cells = sorted(c for c, colour in frames.items() if colour in cfg.asked_colours)
     else:
         cells = sorted(cell_label)
+    if cfg.blend_cells is not None and cfg.blend_cells < len(cells):
+        cells = sorted(int(c) for c in rng.choice(cells, size=cfg.blend_cells, replace=False))
     for cell in cells:
         own = cell_label[cell]
         other = counted if counted is not None and own != counted else (own + 1 + int(rng.integers(9))) % 10
         out[cell] = (scan(other), float(rng.uniform(lo, hi)))
     return out
+
+
+def _own_weight(overprint: dict[int, tuple[int, float]], cell: int) -> float:
+    """The weight of a cell's own digit: 1.0 where ``blend_cells`` left it clean."""
+    return overprint[cell][1] if cell in overprint else 1.0
 
 
 def generate_samples(
