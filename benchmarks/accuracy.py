@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schemes", default="w3a16,w4a16,w4a8", help="library schemes, or the stress schemes " + ", ".join(STRESS_SCHEMES))
     p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--data", choices=("test", "val"), default="test",
-                   help="score on the model's test set, or on the digits val split (held out, for choosing defaults)")
+                   help="score on the model's test set, or on its val split (held out, for choosing defaults)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
     p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
@@ -365,7 +365,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['machine']}; torch {result['torch']}; finished {result['finished']} ({result['minutes']:.0f} min).",
         f"Calibration: {result['num_calib']} samples per seed drawn from each model's calib.jsonl, seeds {result['seeds']}; "
         + (f"test: {result['num_test']} samples of each model's test.jsonl. " if result.get("data", "test") == "test"
-           else f"scored on the first {result['num_test']} samples of the digits val split (held out from calibration and test; for choosing defaults). ")
+           else f"scored on the first {result['num_test']} samples of the model's val split (held out from calibration and test; for choosing defaults). ")
         + "Accuracy is exact match of greedy answers; "
         "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
         "",
