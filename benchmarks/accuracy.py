@@ -379,7 +379,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "margin" in fp:
             m = fp["margin"]
             lines += [f"FP16 answer margin (top-1 minus top-2 log-probability at the first answer token): median "
-                      f"{m['median']:.2f} nats; {100 * m['share_below_1']:.1f}% of the test samples are under 1 nat.", ""]
+                      f"{m['median']:.2f} nats; {100 * m['share_below_1']:.1f}% of the scored samples are under 1 nat.", ""]
         if rows.get("relevant_token_share") is not None:
             lines += ["Validity bars (docs/needle.md; judged on FP16 and the baselines only):", "", "| bar | measured | passed |", "|---|---|---|"]
             lines += [f"| {bar} | {val} | {'-' if ok is None else ('yes' if ok else '**no**')} |" for bar, val, ok in validity(rows, fp["num_samples"])]
