@@ -285,5 +285,6 @@ def test_blend_cells_overprints_only_that_many_cells_per_page():
     for p, b in zip(generate_samples("val", 8, base), generate_samples("val", 8, cfg)):
         assert b.answer == p.answer and b.labels == p.labels
         assert len(b.extra["blend"]) == len(p.extra["relevant_tokens"]) and all(0.55 <= w <= 0.7 or w == 1.0 for w in b.extra["blend"])
-    with pytest.raises(ConfigError, match="blend_cells"):
-        NeedleVQAConfig(blend_cells=0)
+    for bad in (0, "3"):
+        with pytest.raises(ConfigError, match="blend_cells"):
+            NeedleVQAConfig(blend_cells=bad)

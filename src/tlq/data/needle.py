@@ -223,7 +223,7 @@ class NeedleVQAConfig(CellGrid):
         b_lo, b_hi = self.target_blend
         if not 0.5 <= b_lo <= b_hi <= 1.0:
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
-        if self.blend_cells is not None and self.blend_cells < 1:
+        if self.blend_cells is not None and (not isinstance(self.blend_cells, int) or self.blend_cells < 1):
             raise ConfigError(f"blend_cells must be None (every candidate cell) or >= 1, got {self.blend_cells}")
         if self.preamble not in PREAMBLE_SOURCES:
             raise ConfigError(f"preamble must be one of {', '.join(PREAMBLE_SOURCES)}, got {self.preamble!r}")
