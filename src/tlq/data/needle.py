@@ -162,9 +162,10 @@ class NeedleVQAConfig(CellGrid):
         target_blend: (lo, hi) range of the weight ``a`` of each askable framed digit, overprinted with a
             different digit at weight ``1 - a`` (the answer stays the dominant digit); for a count, of every
             digit on the page, the copies overprinted with another digit and the rest with the named one.
-            Why: real images are often hard to read, and a model that learned them is unsure exactly there; ``a`` near 0.5
-            gives calibrated near-ties, the answers a quantizer flips first. ``(1.0, 1.0)`` (the default)
-            draws nothing extra, so the samples are those of a config without the field.
+            Why: real images are often hard to read, and a model that learned them is unsure exactly
+            there; ``a`` near 0.5 gives calibrated near-ties, the answers a quantizer flips first.
+            ``(1.0, 1.0)`` (the default) draws nothing extra, so the samples are those of a config without
+            the field.
         blend_cells: how many of those cells (drawn at random per page) are overprinted; ``None`` = all.
             Why: a count is wrong when any one of its 12 cells is misread, so overprinting all of them
             makes most pages unsure and many wrong; a few blended cells per page keep the doubt to a
@@ -405,8 +406,9 @@ def _overprints(
     """Cell -> (a scan of another digit, the weight of its own), weights from ``cfg.target_blend``.
 
     Reading: each askable framed cell gets a different digit. Counting (``counted`` = the named digit): every
-    digit cell is overprinted, the copies with a different digit and every other cell with the named one,
-    so each cell is in doubt both ways and the count is unsure exactly where some weights are near 0.5."""
+    digit cell is a candidate, the copies overprinted with a different digit and every other cell with the
+    named one, so each cell is in doubt both ways and the count is unsure exactly where some weights are
+    near 0.5. ``cfg.blend_cells`` (if set) keeps only that many candidates, drawn per page."""
     lo, hi = cfg.target_blend
     if lo == hi == 1.0:
         return {}
