@@ -258,7 +258,8 @@ def test_blended_counts_overprint_every_digit_both_ways_and_keep_the_count():
     cell_label = {3: 7, 9: 2, 20: 7, 41: 5}
     printed = _overprints({9: "red"}, cell_label, cfg, np.random.default_rng(0), scan=lambda label: label, counted=7)
     assert sorted(printed) == sorted(cell_label)  # every digit cell, copies or not, framed or not
-    for cell, (other, weight) in printed.items():
+    for cell, (other, weight, digit) in printed.items():
+        assert digit == other  # scan=identity here, so the scan id is the digit
         assert 0.55 <= weight <= 0.7
         assert other == 7 if cell_label[cell] != 7 else other != 7
     base = NeedleVQAConfig(question="count", count_digits=(7,))
@@ -288,3 +289,35 @@ def test_blend_cells_overprints_only_that_many_cells_per_page():
     for bad in (0, "3"):
         with pytest.raises(ConfigError, match="blend_cells"):
             NeedleVQAConfig(blend_cells=bad)
+
+
+def test_sampled_blend_labels_draw_each_cell_by_its_ink_and_leave_the_image_alone():
+    """blend_label='sampled': an overprinted cell keeps its own digit with probability its weight (so a
+    0.5 overprint is a coin flip and a clean cell never changes), from a stream of its own: the pixels are
+    those of the dominant labels, and a count still answers how many cells now hold the digit."""
+    from tlq.data.needle import _sampled_labels
+
+    rng = np.random.default_rng(0)
+    flips = sum(_sampled_labels({1: 7}, {1: (0, 0.5, 3)}, rng)[1] == 3 for _ in range(2000))
+    assert 900 < flips < 1100
+    assert all(_sampled_labels({1: 7, 2: 4}, {1: (0, 1.0, 3)}, rng) == {1: 7, 2: 4} for _ in range(200))
+    opts = dict(question="count", count_digits=(7,), target_blend=(0.5, 0.6), blend_cells=3)
+    dominant = generate_samples("val", 30, NeedleVQAConfig(**opts))
+    sampled = generate_samples("val", 30, NeedleVQAConfig(**opts, blend_label="sampled"))
+    moved = 0
+    for d, s in zip(dominant, sampled):
+        assert np.array_equal(np.asarray(d.image), np.asarray(s.image)) and d.labels == s.labels
+        assert s.answer == str(len(s.extra["relevant_tokens"]))
+        moved += s.answer != d.answer
+    assert 5 <= moved <= 25  # three cells near a coin flip on every page: many answers move, not all
+    reads = generate_samples("val", 30, NeedleVQAConfig(asked_colours=("red",), target_blend=(0.5, 0.5), blend_label="sampled"))
+    plain = generate_samples("val", 30, NeedleVQAConfig(asked_colours=("red",), target_blend=(0.5, 0.5)))
+    assert 5 <= sum(r.answer != p.answer for r, p in zip(reads, plain)) <= 25
+
+
+def test_blend_label_is_checked_where_it_is_configured():
+    with pytest.raises(ConfigError, match="blend_label must be one of"):
+        NeedleVQAConfig(blend_label="soft")
+    with pytest.raises(ConfigError, match="one-digit answer"):  # 12 blended cells could make a count of 12
+        NeedleVQAConfig(question="count", target_blend=(0.5, 1.0), blend_label="sampled")
+    NeedleVQAConfig(question="count", target_blend=(0.5, 1.0), blend_label="sampled", blend_cells=3)

@@ -116,6 +116,7 @@ COUNT_TEMPLATES: tuple[str, ...] = (
 QUESTIONS = ("read", "sum", "count")
 
 PREAMBLE_SOURCES = ("fixed", "generated")
+BLEND_LABELS = ("dominant", "sampled")  # NeedleVQAConfig.blend_label
 
 DEFAULT_SIZES: dict[str, int] = {"calibration": 128, "val": 300, "test": 1000}
 """Sizes when ``n=None``: a 1,000-sample test set makes a 1-point difference measurable."""
@@ -170,6 +171,14 @@ class NeedleVQAConfig(CellGrid):
             Why: a count is wrong when any one of its 12 cells is misread, so overprinting all of them
             makes most pages unsure and many wrong; a few blended cells per page keep the doubt to a
             share of the answers.
+        blend_label: what an overprinted cell counts as in the answer. ``"dominant"`` (the default): its own
+            digit, the one with the larger weight, so every earlier sample set is unchanged. ``"sampled"``:
+            its own digit with probability equal to its weight ``a``, else the digit printed over it, drawn
+            per cell from a stream of its own (the image is the same as with ``"dominant"``). Why: with a
+            deterministic label a model can learn to resolve a 0.55/0.45 overprint and grows sure of it,
+            whatever its depth; when the answer is itself uncertain in proportion to the ink, as with
+            images people would label differently, the calibrated answer is a near-tie and no amount of
+            training removes that doubt.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
     """
 
@@ -190,6 +199,7 @@ class NeedleVQAConfig(CellGrid):
     question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
     blend_cells: int | None = None
+    blend_label: str = "dominant"
     count_range: tuple[int, int] = (1, 5)
     count_digits: tuple[int, ...] = tuple(range(10))
     test_fraction: float = 0.3
@@ -226,6 +236,14 @@ class NeedleVQAConfig(CellGrid):
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
         if self.blend_cells is not None and (not isinstance(self.blend_cells, int) or self.blend_cells < 1):
             raise ConfigError(f"blend_cells must be None (every candidate cell) or >= 1, got {self.blend_cells}")
+        if self.blend_label not in BLEND_LABELS:
+            raise ConfigError(f"blend_label must be one of {', '.join(BLEND_LABELS)}, got {self.blend_label!r}")
+        blended = self.num_framed + self.num_plain if self.blend_cells is None else self.blend_cells
+        if self.blend_label == "sampled" and self.question == "count" and c_hi + blended > 9:
+            raise ConfigError(
+                f"blend_label='sampled' can raise a count by one per blended cell: count_range's hi ({c_hi}) + blended "
+                f"cells ({blended}) must be <= 9 (a one-digit answer); set blend_cells or lower count_range"
+            )
         if self.preamble not in PREAMBLE_SOURCES:
             raise ConfigError(f"preamble must be one of {', '.join(PREAMBLE_SOURCES)}, got {self.preamble!r}")
         lo, hi = self.preamble_range
@@ -267,10 +285,10 @@ def _render(
     fragments: dict[int, int],
     cfg: NeedleVQAConfig,
     rng: np.random.Generator,
-    overprint: dict[int, tuple[int, float]] | None = None,
+    overprint: dict[int, tuple[int, float, int]] | None = None,
 ) -> Image.Image:
     """cells: cell -> (scan id, brightness); frames: cell -> colour name; fragments: cell -> scan id;
-    overprint: cell -> (second scan id, weight of the cell's own digit)."""
+    overprint: cell -> (second scan id, weight of the cell's own digit, second digit)."""
     images, _ = load_scans()
     w, h = cfg.image_size
     ink = np.zeros((h, w), np.float32)
@@ -278,7 +296,7 @@ def _render(
     for cell, (sid, bright) in sorted(cells.items()):
         patch = _digit_patch(images[sid], cfg.digit_px)
         if cell in overprint:
-            other, weight = overprint[cell]
+            other, weight, _digit = overprint[cell]
             patch = weight * patch + (1.0 - weight) * _digit_patch(images[other], cfg.digit_px)
         _place(ink, patch * bright, cell, cfg, rng)
     for cell, sid in sorted(fragments.items()):
@@ -357,7 +375,9 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit)
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
-    grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))
+    grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))  # what is drawn dominant
+    if cfg.blend_label == "sampled":
+        cell_label = _sampled_labels(cell_label, overprint, np.random.default_rng([cfg.seed, 7000 + code, index, 2]))
     marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
     if cfg.question == "sum":
         at = {colour: cell for cell, colour in frames.items()}
@@ -402,8 +422,9 @@ def _overprints(
     rng: np.random.Generator,
     scan: Any,
     counted: int | None = None,
-) -> dict[int, tuple[int, float]]:
-    """Cell -> (a scan of another digit, the weight of its own), weights from ``cfg.target_blend``.
+) -> dict[int, tuple[int, float, int]]:
+    """Cell -> (a scan of another digit, the weight of its own, that other digit), weights from
+    ``cfg.target_blend``.
 
     Reading: each askable framed cell gets a different digit. Counting (``counted`` = the named digit): every
     digit cell is a candidate, the copies overprinted with a different digit and every other cell with the
@@ -422,11 +443,23 @@ def _overprints(
     for cell in cells:
         own = cell_label[cell]
         other = counted if counted is not None and own != counted else (own + 1 + int(rng.integers(9))) % 10
-        out[cell] = (scan(other), float(rng.uniform(lo, hi)))
+        out[cell] = (scan(other), float(rng.uniform(lo, hi)), other)
     return out
 
 
-def _own_weight(overprint: dict[int, tuple[int, float]], cell: int) -> float:
+def _sampled_labels(cell_label: dict[int, int], overprint: dict[int, tuple[int, float, int]], rng: np.random.Generator) -> dict[int, int]:
+    """``blend_label="sampled"``: each overprinted cell keeps its own digit with probability its weight,
+    else takes the digit printed over it (cells in sorted order, one draw each, so the labels are fixed
+    by the seed and the sample index alone)."""
+    out = dict(cell_label)
+    for cell in sorted(overprint):
+        _scan, weight, other = overprint[cell]
+        if rng.random() >= weight:
+            out[cell] = other
+    return out
+
+
+def _own_weight(overprint: dict[int, tuple[int, float, int]], cell: int) -> float:
     """The weight of a cell's own digit: 1.0 where ``blend_cells`` left it clean."""
     return overprint[cell][1] if cell in overprint else 1.0
 
