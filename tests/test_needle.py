@@ -293,7 +293,7 @@ def test_blend_cells_overprints_only_that_many_cells_per_page():
 
 def test_sampled_blend_labels_draw_each_cell_by_its_ink_and_leave_the_image_alone():
     """blend_label='sampled': an overprinted cell keeps its own digit with probability its weight (so a
-    0.5 overprint is a coin flip and a clean cell never changes), from a stream of its own: the pixels are
+    0.5 overprint is a coin flip and a weight of 1 never flips), from a stream of its own: the pixels are
     those of the dominant labels, and a count still answers how many cells now hold the digit."""
     from tlq.data.needle import _sampled_labels
 
