@@ -315,6 +315,35 @@ def test_sampled_blend_labels_draw_each_cell_by_its_ink_and_leave_the_image_alon
     assert 5 <= sum(r.answer != p.answer for r, p in zip(reads, plain)) <= 25
 
 
+def test_blend_pages_leaves_a_share_of_pages_clean_and_every_other_pixel_alone():
+    """blend_pages=p: about a share p of the pages keep their blended cell; a clean page is the blended
+    page without the overprint (same cells, scans, noise), and its answer is the dominant one."""
+    opts = dict(question="count", count_digits=(7,), target_blend=(0.5, 0.6), blend_cells=1, blend_label="sampled")
+    every = generate_samples("val", 120, NeedleVQAConfig(**opts))
+    some = generate_samples("val", 120, NeedleVQAConfig(**opts, blend_pages=0.35))
+    plain = generate_samples("val", 120, NeedleVQAConfig(question="count", count_digits=(7,)))
+    blended = 0
+    for e, s, p in zip(every, some, plain):
+        img_e, img_s = np.asarray(e.image, np.int16), np.asarray(s.image, np.int16)
+        assert s.labels == e.labels == p.labels
+        if "blend" in s.extra:
+            blended += 1
+            assert np.array_equal(img_e, img_s) and s.answer == e.answer
+            continue
+        assert s.answer == p.answer  # clean: the dominant count, nothing sampled
+        (cell,) = [c for c, w in zip(e.extra["relevant_tokens"], e.extra["blend"]) if w < 1.0] or [None]
+        differs = np.argwhere(np.abs(img_e - img_s).max(axis=2) > 0)
+        assert len(differs) > 0  # the overprint was removed ...
+        rows, cols = set(differs[:, 0] // 28), set(differs[:, 1] // 28)
+        assert len(rows) == 1 and len(cols) == 1  # ... from one cell only
+        if cell is not None:
+            assert (rows.pop(), cols.pop()) == divmod(cell, 8)
+    assert 25 <= blended <= 60  # 35% of 120 = 42
+    for bad in (0.0, 1.5, "half"):
+        with pytest.raises(ConfigError, match="blend_pages"):
+            NeedleVQAConfig(blend_pages=bad)
+
+
 def test_blend_label_is_checked_where_it_is_configured():
     with pytest.raises(ConfigError, match="blend_label must be one of"):
         NeedleVQAConfig(blend_label="soft")

@@ -171,6 +171,13 @@ class NeedleVQAConfig(CellGrid):
             Why: a count is wrong when any one of its 12 cells is misread, so overprinting all of them
             makes most pages unsure and many wrong; a few blended cells per page keep the doubt to a
             share of the answers.
+        blend_pages: the share of pages that carry the blended cells, decided per page from a stream of its
+            own; the other pages are drawn exactly as if blended but left clean, so every pixel outside the
+            blended cell is the same either way. ``1.0`` (the default) blends every page. Why: with a weight
+            range such as ``(0.65, 1.0)`` on every page a model sees a faint overprint it cannot weigh and
+            hedges the same amount everywhere; near-tie blends (``(0.5, 0.6)``) on a share of the pages are
+            a visible either-or, sure on clean pages and a coin flip on blended ones, which is the split a
+            calibrated reader of real images has.
         blend_label: what an overprinted cell counts as in the answer. ``"dominant"`` (the default): its own
             digit, the one with the larger weight, so every earlier sample set is unchanged. ``"sampled"``:
             its own digit with probability equal to its weight ``a``, else the digit printed over it, drawn
@@ -199,6 +206,7 @@ class NeedleVQAConfig(CellGrid):
     question: str = "read"
     target_blend: tuple[float, float] = (1.0, 1.0)
     blend_cells: int | None = None
+    blend_pages: float = 1.0
     blend_label: str = "dominant"
     count_range: tuple[int, int] = (1, 5)
     count_digits: tuple[int, ...] = tuple(range(10))
@@ -236,6 +244,8 @@ class NeedleVQAConfig(CellGrid):
             raise ConfigError(f"target_blend must satisfy 0.5 <= lo <= hi <= 1 (the answer's digit dominates), got {self.target_blend}")
         if self.blend_cells is not None and (not isinstance(self.blend_cells, int) or self.blend_cells < 1):
             raise ConfigError(f"blend_cells must be None (every candidate cell) or >= 1, got {self.blend_cells}")
+        if not isinstance(self.blend_pages, (int, float)) or not 0.0 < self.blend_pages <= 1.0:
+            raise ConfigError(f"blend_pages must be a share in (0, 1] (no blends at all: target_blend=(1.0, 1.0)), got {self.blend_pages!r}")
         if self.blend_label not in BLEND_LABELS:
             raise ConfigError(f"blend_label must be one of {', '.join(BLEND_LABELS)}, got {self.blend_label!r}")
         blended = self.num_framed + self.num_plain if self.blend_cells is None else self.blend_cells
@@ -373,6 +383,8 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
     cell_label = dict(zip(digit_cells, labels))
     overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit)
+    if overprint and cfg.blend_pages < 1.0 and np.random.default_rng([cfg.seed, 7000 + code, index, 3]).random() >= cfg.blend_pages:
+        overprint = {}  # drawn above all the same, so the rest of the page is what a blended one shows
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))  # what is drawn dominant
