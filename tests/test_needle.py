@@ -344,6 +344,32 @@ def test_blend_pages_leaves_a_share_of_pages_clean_and_every_other_pixel_alone()
             NeedleVQAConfig(blend_pages=bad)
 
 
+def test_sampled_below_draws_only_near_ties_and_keeps_clear_overprints_dominant():
+    """sampled_below=b: a cell below weight b is a draw, a cell at or above it keeps its own digit; the
+    default (1.0) is the plain sampled rule, so earlier sampled sets are unchanged."""
+    from tlq.data.needle import _sampled_labels
+
+    rng = np.random.default_rng(0)
+    near = sum(_sampled_labels({1: 7}, {1: (0, 0.52, 3)}, rng, below=0.55)[1] == 3 for _ in range(2000))
+    assert 850 < near < 1070  # 48% flips
+    assert all(_sampled_labels({1: 7}, {1: (0, 0.56, 3)}, rng, below=0.55) == {1: 7} for _ in range(500))
+    opts = dict(question="count", count_digits=(7,), target_blend=(0.5, 1.0), blend_cells=3, blend_label="sampled")
+    every = generate_samples("val", 60, NeedleVQAConfig(**opts))
+    assert [s.answer for s in every] == [s.answer for s in generate_samples("val", 60, NeedleVQAConfig(**opts, sampled_below=1.0))]
+    near_only = generate_samples("val", 60, NeedleVQAConfig(**opts, sampled_below=0.6))
+    dominant = generate_samples("val", 60, NeedleVQAConfig(**{**opts, "blend_label": "dominant"}))
+    moved_all = sum(a.answer != d.answer for a, d in zip(every, dominant))
+    moved_near = sum(a.answer != d.answer for a, d in zip(near_only, dominant))
+    assert 0 < moved_near < moved_all
+    for a, d in zip(near_only, dominant):
+        assert np.array_equal(np.asarray(a.image), np.asarray(d.image))
+    with pytest.raises(ConfigError, match="only applies to blend_label='sampled'"):
+        NeedleVQAConfig(sampled_below=0.6)
+    for bad in (0.5, 1.2, "x"):
+        with pytest.raises(ConfigError, match="sampled_below must be"):
+            NeedleVQAConfig(blend_label="sampled", blend_cells=3, question="count", target_blend=(0.5, 1.0), sampled_below=bad)
+
+
 def test_blend_label_is_checked_where_it_is_configured():
     with pytest.raises(ConfigError, match="blend_label must be one of"):
         NeedleVQAConfig(blend_label="soft")

@@ -186,6 +186,11 @@ class NeedleVQAConfig(CellGrid):
             whatever its depth; when the answer is itself uncertain in proportion to the ink, as with
             images people would label differently, the calibrated answer is a near-tie and no amount of
             training removes that doubt.
+        sampled_below: with ``blend_label="sampled"``, only the overprinted cells whose own weight is below
+            this are drawn; the clearer ones keep their dominant digit. ``1.0`` (the default) draws every
+            one. Why: people disagree about an overprint only near a tie, and a model trained on a clear
+            one should still learn to resolve it (the fine reading a quantizer's noise can break), while
+            a near-tie stays a coin flip (the doubt). One knob, both kinds of cell on the same page.
         test_fraction, seed: the scan pools and the random streams, as in :mod:`tlq.data.digits`.
     """
 
@@ -208,6 +213,7 @@ class NeedleVQAConfig(CellGrid):
     blend_cells: int | None = None
     blend_pages: float = 1.0
     blend_label: str = "dominant"
+    sampled_below: float = 1.0
     count_range: tuple[int, int] = (1, 5)
     count_digits: tuple[int, ...] = tuple(range(10))
     test_fraction: float = 0.3
@@ -248,6 +254,10 @@ class NeedleVQAConfig(CellGrid):
             raise ConfigError(f"blend_pages must be a share in (0, 1] (no blends at all: target_blend=(1.0, 1.0)), got {self.blend_pages!r}")
         if self.blend_label not in BLEND_LABELS:
             raise ConfigError(f"blend_label must be one of {', '.join(BLEND_LABELS)}, got {self.blend_label!r}")
+        if not isinstance(self.sampled_below, (int, float)) or not 0.5 < self.sampled_below <= 1.0:
+            raise ConfigError(f"sampled_below must be in (0.5, 1] (a weight below which labels are drawn), got {self.sampled_below!r}")
+        if self.sampled_below < 1.0 and self.blend_label != "sampled":
+            raise ConfigError(f"sampled_below={self.sampled_below} only applies to blend_label='sampled'; set it or drop sampled_below")
         blended = self.num_framed + self.num_plain if self.blend_cells is None else self.blend_cells
         if self.blend_label == "sampled" and self.question == "count" and c_hi + blended > 9:
             raise ConfigError(
@@ -389,7 +399,7 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
 
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))  # what is drawn dominant
     if cfg.blend_label == "sampled":
-        cell_label = _sampled_labels(cell_label, overprint, np.random.default_rng([cfg.seed, 7000 + code, index, 2]))
+        cell_label = _sampled_labels(cell_label, overprint, np.random.default_rng([cfg.seed, 7000 + code, index, 2]), cfg.sampled_below)
     marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
     if cfg.question == "sum":
         at = {colour: cell for cell, colour in frames.items()}
@@ -459,14 +469,16 @@ def _overprints(
     return out
 
 
-def _sampled_labels(cell_label: dict[int, int], overprint: dict[int, tuple[int, float, int]], rng: np.random.Generator) -> dict[int, int]:
-    """``blend_label="sampled"``: each overprinted cell keeps its own digit with probability its weight,
-    else takes the digit printed over it (cells in sorted order, one draw each, so the labels are fixed
-    by the seed and the sample index alone)."""
+def _sampled_labels(
+    cell_label: dict[int, int], overprint: dict[int, tuple[int, float, int]], rng: np.random.Generator, below: float = 1.0
+) -> dict[int, int]:
+    """``blend_label="sampled"``: each overprinted cell whose own weight is below ``below`` keeps its own
+    digit with probability its weight, else takes the digit printed over it (cells in sorted order, one
+    draw each whether used or not, so the labels are fixed by the seed and the sample index alone)."""
     out = dict(cell_label)
     for cell in sorted(overprint):
         _scan, weight, other = overprint[cell]
-        if rng.random() >= weight:
+        if rng.random() >= weight and weight < below:
             out[cell] = other
     return out
 
