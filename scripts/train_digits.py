@@ -531,6 +531,10 @@ def parse_args(argv=None):
         "--grow-layers", type=int, default=0,
         help="with --init-from: deepen the decoder to this many layers, new layers inserted as identities (see grow_decoder)",
     )
+    p.add_argument(
+        "--grow-init", choices=GROW_INITS, default="identity",
+        help="with --grow-layers: identity = copies with zeroed outputs (exact); split = every copy and its original share the original's outputs equally (see grow_decoder)",
+    )
     p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
     p.add_argument("--curriculum-option", action="append", default=[], metavar="FIELD=VALUE",
                    help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
@@ -612,7 +616,7 @@ def main(argv=None) -> int:
     if args.init_from:
         model, processor, init_info = init_from(Path(args.init_from), out)
         if args.grow_layers:
-            grow_decoder(model, args.grow_layers)
+            grow_decoder(model, args.grow_layers, args.grow_init)
         return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv, init_info)
     log(f"building untrained {args.family} checkpoint in {out}")
     # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
@@ -655,37 +659,53 @@ def init_from(init: Path, out: Path):
     return model, processor, init_info
 
 
-@torch.no_grad()
-def grow_decoder(model, n_layers: int) -> None:
-    """Deepen a trained decoder without changing what it computes, so that depth can be studied on a
-    model that already solves the task (learning the needle lookup from scratch is luck at these budgets).
+GROW_INITS = ("identity", "split")  # --grow-init
 
-    New layers are spread evenly between the old ones; each starts as a copy of the layer before it with
-    its residual-branch outputs (``o_proj``, ``down_proj``) zeroed, i.e. an exact identity whose reads
-    already look at the subspaces the trained model uses, so training grows them into working layers."""
+
+@torch.no_grad()
+def grow_decoder(model, n_layers: int, init: str = "identity") -> None:
+    """Deepen a trained decoder (nearly) without changing what it computes, so that depth can be studied
+    on a model that already solves the task (learning the needle lookup from scratch is luck at these
+    budgets).
+
+    New layers are spread evenly between the old ones; each starts as a copy of the layer before it, so
+    its reads already look at the subspaces the trained model uses. ``init="identity"``: the copies'
+    residual-branch outputs (``o_proj``, ``down_proj``) are zeroed, an exact identity; training grows
+    them, but slowly (K7m's copies ended with 3-5x smaller output weights than the originals, so the
+    12-layer model was 4 working layers and 8 light ones). ``init="split"``: an original and its k - 1
+    copies each keep 1/k of its output weights, so they start as k small steps along the original's
+    update, close to the same function (not exact: each step reads the residual after the one before),
+    and every layer carries an equal share of the computation from the start."""
+    if init not in GROW_INITS:
+        raise SystemExit(f"--grow-init {init!r}: choose one of {', '.join(GROW_INITS)}")
     layers = decoder_layers(model)
     old = len(layers)
     if n_layers <= old:
         raise SystemExit(f"--grow-layers {n_layers}: the model already has {old} layers; pass a larger number")
     # slot i of the new stack holds old layer floor(i * old / n_layers) first time it appears, a copy after
     src = [i * old // n_layers for i in range(n_layers)]
+    share = {j: 1.0 / src.count(j) for j in set(src)}
     grown = []
     for i, j in enumerate(src):
-        if i > 0 and src[i - 1] == j:
-            layer = copy.deepcopy(layers[j])
+        layer = copy.deepcopy(layers[j]) if i > 0 and src[i - 1] == j else layers[j]
+        if layer is not layers[j] and init == "identity":
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        else:
-            layer = layers[j]
-        layer.self_attn.layer_idx = i
         grown.append(layer)
+    if init == "split":  # after the copies are taken, so each holds the original's full outputs first
+        for layer, j in zip(grown, src):
+            layer.self_attn.o_proj.weight.mul_(share[j])
+            layer.mlp.down_proj.weight.mul_(share[j])
+    for i, layer in enumerate(grown):
+        layer.self_attn.layer_idx = i
     model.model.language_model.layers = nn.ModuleList(grown)
     cfg = model.config.text_config
     cfg.num_hidden_layers = n_layers
     cfg.layer_types = [cfg.layer_types[0]] * n_layers
     if getattr(cfg, "max_window_layers", None) == old:
         cfg.max_window_layers = n_layers
-    log(f"decoder grown from {old} to {n_layers} layers (new layers start as identities)")
+    how = "new layers start as identities" if init == "identity" else "each original's outputs split among its copies"
+    log(f"decoder grown from {old} to {n_layers} layers ({how})")
 
 
 def finish_training(args, task, out: Path, info_path: Path, model, processor, test_split: str, test_n: int, argv, init_info: dict | None = None) -> int:

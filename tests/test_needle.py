@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -202,6 +203,39 @@ def test_growing_the_decoder_keeps_the_function_and_reloads(tiny_vlm_dir, script
     torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=1e-5)
     with pytest.raises(SystemExit, match="already has"):
         train.grow_decoder(model, 2)
+
+
+def test_split_growth_shares_each_layers_outputs_among_its_copies(tiny_vlm_dir, script):
+    """--grow-init split: an original layer and its copies each hold 1/k of its output weights (so every
+    layer carries a share of the work from the start) and the same reads; the function stays close to the
+    trained one (k small steps along one update: closer than stacking k full copies), not exact."""
+    from transformers import AutoModelForImageTextToText
+
+    train = script("train_digits")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir("qwen2_vl"), dtype=torch.float32).eval()
+    old = [copy.deepcopy(layer) for layer in train.decoder_layers(model)]
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    stacked = copy.deepcopy(model)  # the naive deepening: k full copies, each adding the whole update
+    train.grow_decoder(stacked, 3 * len(old), init="identity")
+    with torch.no_grad():
+        for i, layer in enumerate(train.decoder_layers(stacked)):
+            layer.self_attn.o_proj.weight.copy_(old[i // 3].self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(old[i // 3].mlp.down_proj.weight)
+    naive = (stacked(input_ids=ids).logits - before).abs().max().item()
+    train.grow_decoder(model, 3 * len(old), init="split")
+    grown = train.decoder_layers(model)
+    assert len(grown) == 3 * len(old) and [layer.self_attn.layer_idx for layer in grown] == list(range(len(grown)))
+    for i, layer in enumerate(grown):
+        src = old[i // 3]
+        torch.testing.assert_close(layer.self_attn.o_proj.weight, src.self_attn.o_proj.weight / 3)
+        torch.testing.assert_close(layer.mlp.down_proj.weight, src.mlp.down_proj.weight / 3)
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, src.self_attn.q_proj.weight)
+    after = model(input_ids=ids).logits
+    drift = (after - before).abs().max().item()
+    assert 0 < drift < 0.8 * naive
+    with pytest.raises(SystemExit, match="--grow-init"):
+        train.grow_decoder(model, 64, init="zeros")
 
 
 def test_sum_questions_add_the_two_named_frames_digits():
