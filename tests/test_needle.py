@@ -379,8 +379,8 @@ def test_blend_pages_leaves_a_share_of_pages_clean_and_every_other_pixel_alone()
 
 
 def test_sampled_below_draws_only_near_ties_and_keeps_clear_overprints_dominant():
-    """sampled_below=b: a cell below weight b is a draw, a cell at or above it keeps its own digit; the
-    default (1.0) is the plain sampled rule, so earlier sampled sets are unchanged."""
+    """sampled_below=b: a cell below weight b is a draw, a cell at or above it keeps its own digit, so
+    fewer answers move than under the plain sampled rule (the default, b = 1.0), and none of the pixels."""
     from tlq.data.needle import _sampled_labels
 
     rng = np.random.default_rng(0)
@@ -389,7 +389,6 @@ def test_sampled_below_draws_only_near_ties_and_keeps_clear_overprints_dominant(
     assert all(_sampled_labels({1: 7}, {1: (0, 0.56, 3)}, rng, below=0.55) == {1: 7} for _ in range(500))
     opts = dict(question="count", count_digits=(7,), target_blend=(0.5, 1.0), blend_cells=3, blend_label="sampled")
     every = generate_samples("val", 60, NeedleVQAConfig(**opts))
-    assert [s.answer for s in every] == [s.answer for s in generate_samples("val", 60, NeedleVQAConfig(**opts, sampled_below=1.0))]
     near_only = generate_samples("val", 60, NeedleVQAConfig(**opts, sampled_below=0.6))
     dominant = generate_samples("val", 60, NeedleVQAConfig(**{**opts, "blend_label": "dominant"}))
     moved_all = sum(a.answer != d.answer for a, d in zip(every, dominant))
