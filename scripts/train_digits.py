@@ -134,6 +134,13 @@ def needle_options(pairs: list[str]) -> dict:
     return out
 
 
+# make_tiny_vlm's image_size for the 224-px needle pages (8 x 8 cells of 28 px). Qwen2-VL: 56 gives
+# max_pixels 224^2, so each 28-px cell is one merged token. LLaVA-OneVision: the SigLIP base tile is the
+# page resized to 112 px, so each cell (14 px there, the 8-px digit scans still legible) is one 14-px
+# patch, and the anyres tile of the default pinpoints adds a second 64-token view plus one newline per row.
+NEEDLE_IMAGE_SIZE = {"qwen2_vl": 56, "llava_onevision": 112}
+
+
 def make_task(args) -> Task:
     if args.task == "needle":
         asked = tuple(args.needle_asked.split(",")) if args.needle_asked else tuple(needle.FRAME_COLOURS)
@@ -145,7 +152,8 @@ def make_task(args) -> Task:
         # (a count question keeps its digits: the plain ones are what it counts)
         clutter = {"num_fragments": 0} if cfg.question == "count" else {"num_plain": 0, "num_fragments": 0}
         easy = replace(cfg, **needle_options(args.curriculum_option)) if args.curriculum_option else replace(cfg, **clutter)
-        return Task("needle", needle, cfg, cfg, 56, 1 + len(needle.FRAME_COLOURS), sets, tuple(needle.FRAME_COLOURS), easy)
+        size = NEEDLE_IMAGE_SIZE[args.family]
+        return Task("needle", needle, cfg, cfg, size, 1 + len(needle.FRAME_COLOURS), sets, tuple(needle.FRAME_COLOURS), easy)
     cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
     bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
     bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
@@ -735,13 +743,16 @@ def finish_training(args, task, out: Path, info_path: Path, model, processor, te
     write_bench(out, task)
 
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    command = "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info.update(
         {
             "name": f"{task.name}-" + ("qwen2vl" if args.family == "qwen2_vl" else "llavaov"),
             "built_by": "scripts/train_digits.py",
-            "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "args": vars(args),
+            "num_layers": len(decoder_layers(model)),  # after --grow-layers, not the starting model's
             "initialized_from": None if init_info is None else {"dir": args.init_from, "command": init_info.get("command")},
+            "lineage": lineage(init_info, command),
             "task": task.name,
             "data_config": _jsonable(task.cfg),
             "bench_data_config": _jsonable(task.bench_cfg),
@@ -763,6 +774,14 @@ def finish_training(args, task, out: Path, info_path: Path, model, processor, te
         info_path.write_text(json.dumps(info, indent=1) + "\n")
     log("done")
     return 0
+
+
+def lineage(init_info: dict | None, command: str) -> list[str]:
+    """Every command from random weights to this model, in order: a model grown through several
+    ``--init-from`` stages is reproduced by running them all, and each stage only records its parent."""
+    if init_info is None:
+        return [command]
+    return list(init_info.get("lineage") or [init_info.get("command", "?")]) + [command]
 
 
 def _jsonable(cfg) -> dict:

@@ -75,18 +75,28 @@ def test_recipe_sets_are_generated_once_and_checked(tmp_path, monkeypatch, capsy
         builtin_set(model_dir, "test")
 
 
-@pytest.mark.slow
-def test_needle_builtin_loads_and_its_calibration_set_reproduces(tmp_path, monkeypatch):
-    """builtin:needle-qwen2vl ships its sets as a recipe: the generator must still produce, byte for byte,
-    the calibration set the model was measured with (its digest), and the model must load."""
-    from tlq.builtin import SETS_FILE, builtin_set
+# name -> (decoder layers, recipe fields the model was trained and measured on)
+NEEDLE_BUILTINS = {
+    "needle-qwen2vl": (4, {"question": "read", "asked_colours": ("red",), "noise_std": 0.25}),
+    "needle-count-qwen2vl": (12, {"question": "count", "count_digits": (7,), "blend_label": "sampled", "sampled_below": 0.55}),
+}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEEDLE_BUILTINS))
+def test_needle_builtin_loads_and_its_calibration_set_reproduces(name, tmp_path, monkeypatch):
+    """The needle built-ins ship their sets as a recipe: the generator must still produce, byte for byte,
+    the calibration set the model was measured with (its digest), and the model must load."""
+    from tlq.builtin import SETS_FILE, builtin_set, generator_config
+
+    layers, fields = NEEDLE_BUILTINS[name]
     monkeypatch.setenv("TLQ_CACHE_DIR", str(tmp_path / "cache"))
-    path = resolve_model_dir("builtin:needle-qwen2vl")
+    path = resolve_model_dir(f"builtin:{name}")
     recipe = json.loads((path / SETS_FILE).read_text())
     assert {k: v["samples"] for k, v in recipe["sets"].items()} == {"calib": 128, "val": 300, "test": 1000}
-    assert recipe["config"]["asked_colours"] == ["red"] and recipe["config"]["noise_std"] == 0.25
+    cfg = generator_config(recipe)  # the recipe's fields over the generator's defaults
+    assert {k: getattr(cfg, k) for k in fields} == fields
     calib = read_jsonl(builtin_set(path, "calib"))  # generated here; refused on a digest mismatch
     assert len(calib) == 128 and all(r.extra["relevant_tokens"] for r in calib)
-    adapter, model, *_ = load_model("builtin:needle-qwen2vl", device="cpu")
-    assert len(adapter.decoder_layers(model)) == 4
+    adapter, model, *_ = load_model(f"builtin:{name}", device="cpu")
+    assert len(adapter.decoder_layers(model)) == layers

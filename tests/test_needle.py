@@ -409,3 +409,13 @@ def test_blend_label_is_checked_where_it_is_configured():
     with pytest.raises(ConfigError, match="one-digit answer"):  # 12 blended cells could make a count of 12
         NeedleVQAConfig(question="count", target_blend=(0.5, 1.0), blend_label="sampled")
     NeedleVQAConfig(question="count", target_blend=(0.5, 1.0), blend_label="sampled", blend_cells=3)
+
+
+def test_training_lineage_lists_every_stage_from_random_weights(script):
+    """A model trained through --init-from stages records all of their commands in order, so it can be
+    rebuilt: a parent that predates the record contributes its own command, a later one its full list."""
+    train = script("train_digits")
+    assert train.lineage(None, "python a") == ["python a"]
+    assert train.lineage({"command": "python a"}, "python b") == ["python a", "python b"]
+    assert train.lineage({"command": "python b", "lineage": ["python a", "python b"]}, "python c") == ["python a", "python b", "python c"]
+    assert train.NEEDLE_IMAGE_SIZE == {"qwen2_vl": 56, "llava_onevision": 112}
