@@ -363,8 +363,13 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     pool_name, code = SPLITS[split]
     per_label = label_pools(cfg.seed, cfg.test_fraction, pool_name)
-    img_rng = np.random.default_rng([cfg.seed, 7000 + code, index, 0])
-    q_rng = np.random.default_rng([cfg.seed, 7000 + code, index, 1])
+
+    def stream(k: int) -> np.random.Generator:
+        """The sample's k-th independent random stream (0 image, 1 question, 2 drawn labels, 3 clean page):
+        one per purpose, so a new option drawing from its own stream leaves every earlier set unchanged."""
+        return np.random.default_rng([cfg.seed, 7000 + code, index, k])
+
+    img_rng, q_rng = stream(0), stream(1)
 
     def scan(label: int) -> int:
         return int(per_label[label][img_rng.integers(len(per_label[label]))])
@@ -393,13 +398,13 @@ def _make_sample(split: str, index: int, cfg: NeedleVQAConfig) -> Sample:
     fragments = {cell: scan(int(img_rng.integers(10))) for cell in frag_cells}
     cell_label = dict(zip(digit_cells, labels))
     overprint = _overprints(frames, cell_label, cfg, img_rng, scan, asked_digit)
-    if overprint and cfg.blend_pages < 1.0 and np.random.default_rng([cfg.seed, 7000 + code, index, 3]).random() >= cfg.blend_pages:
+    if overprint and cfg.blend_pages < 1.0 and stream(3).random() >= cfg.blend_pages:
         overprint = {}  # drawn above all the same, so the rest of the page is what a blended one shows
     image = _render(cells, frames, fragments, cfg, img_rng, overprint)
 
     grid_labels = tuple(cell_label.get(c, -1) for c in range(cfg.num_cells))  # what is drawn dominant
     if cfg.blend_label == "sampled":
-        cell_label = _sampled_labels(cell_label, overprint, np.random.default_rng([cfg.seed, 7000 + code, index, 2]), cfg.sampled_below)
+        cell_label = _sampled_labels(cell_label, overprint, stream(2), cfg.sampled_below)
     marks = tuple(1 + names.index(frames[c]) if c in frames else 0 for c in range(cfg.num_cells))
     if cfg.question == "sum":
         at = {colour: cell for cell, colour in frames.items()}
