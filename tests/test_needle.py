@@ -176,14 +176,15 @@ def test_training_text_loss_predicts_the_prompt_words_only(tiny_vlm_dir, script)
     assert int(text.sum()) > 20 and int((target == processor.image_token_id).sum()) > 0
 
 
-def test_growing_the_decoder_keeps_the_function_and_reloads(tiny_vlm_dir, script, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_growing_the_decoder_keeps_the_function_and_reloads(family, tiny_vlm_dir, script, tmp_path):
     """scripts/train_digits.py --grow-layers: new layers are spread between the old ones as exact
     identities (residual outputs zeroed), so the deeper model starts where the trained one was; the
-    config follows, so the saved model reloads with every layer."""
+    config follows, so the saved model reloads with every layer (both families the script trains)."""
     from transformers import AutoModelForImageTextToText
 
     train = script("train_digits")
-    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir("qwen2_vl"), dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir(family), dtype=torch.float32).eval()
     old = list(train.decoder_layers(model))
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     before = model(input_ids=ids).logits
