@@ -79,6 +79,7 @@ def test_recipe_sets_are_generated_once_and_checked(tmp_path, monkeypatch, capsy
 NEEDLE_BUILTINS = {
     "needle-qwen2vl": (4, {"question": "read", "asked_colours": ("red",), "noise_std": 0.25}),
     "needle-count-qwen2vl": (12, {"question": "count", "count_digits": (7,), "blend_label": "sampled", "sampled_below": 0.55}),
+    "needle-count-llavaov": (4, {"question": "count", "count_digits": (7,), "blend_label": "dominant", "noise_std": 0.15}),
 }
 
 
