@@ -419,4 +419,23 @@ def test_training_lineage_lists_every_stage_from_random_weights(script):
     assert train.lineage(None, "python a") == ["python a"]
     assert train.lineage({"command": "python a"}, "python b") == ["python a", "python b"]
     assert train.lineage({"command": "python b", "lineage": ["python a", "python b"]}, "python c") == ["python a", "python b", "python c"]
-    assert train.NEEDLE_IMAGE_SIZE == {"qwen2_vl": 56, "llava_onevision": 112}
+
+
+@pytest.mark.parametrize("family, visual_tokens", [("qwen2_vl", 64), ("llava_onevision", 64 + 64 + 8)])
+def test_needle_pages_give_each_model_one_token_per_cell(family, visual_tokens, script, tmp_path):
+    """The image size the training script builds each family with: Qwen2-VL merges each 28-px cell into one
+    token; LLaVA-OneVision's 112-px base tile has one patch per cell, and its anyres tile adds a second
+    view of 64 patches plus one newline per row."""
+    from transformers import AutoProcessor
+
+    from tlq.data.needle import NeedleVQAConfig, generate_samples
+    from tlq.models.tiny import make_tiny_vlm
+
+    train = script("train_digits")
+    out = make_tiny_vlm(family, tmp_path / family, num_layers=1, image_size=train.NEEDLE_IMAGE_SIZE[family])
+    processor = AutoProcessor.from_pretrained(out)
+    sample = generate_samples("val", 1, NeedleVQAConfig())[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor(images=[sample.image], text=[text], return_tensors="pt")["input_ids"][0]
+    assert int((ids == processor.image_token_id).sum()) == visual_tokens
