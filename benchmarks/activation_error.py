@@ -22,18 +22,16 @@ from activation_rank import capture_inputs
 from tlq.config import ActQuantSpec, WeightQuantSpec
 from tlq.quant.quantizer import fake_quantize_activation
 from tlq.quant.rtn import rtn_fake_quantize
+from tlq.quant.scale_search import ChannelStats, candidate_scales
 
 W4 = WeightQuantSpec(bits=4, group_size=None, symmetric=True)  # the weights of w4a8 / w4a4
+SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant's preset (tlq.config: fixed_alpha)
 
 
-def smooth_scales(x: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """SmoothQuant's per-input-channel scale, max|x_j|^a / max|W_j|^(1-a) (x / s and W * s keep x W^T)."""
-    s = x.abs().amax(0).clamp(min=1e-5) ** alpha / w.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)
-    return s.clamp(min=1e-5)
-
-
-def relative_errors(x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
-    """Output errors ||dY|| / ||Y|| (Y = x W^T) of weight-only and input-only quantization."""
+def relative_errors(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, float]:
+    """Output errors ||dY|| / ||Y|| (Y = x W^T) of weight-only and input-only quantization; the smoothed
+    case uses the scale SmoothQuant itself would fold (x / s, W * s keep x W^T)."""
+    w = linear.weight.detach().double()
     y = x @ w.T
     norm = y.norm()
 
@@ -41,7 +39,8 @@ def relative_errors(x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
         dx = fake_quantize_activation(xs.float(), ActQuantSpec(bits)).double() - xs
         return float((dx @ ws.T).norm() / norm)
 
-    s = smooth_scales(x, w)
+    stats = ChannelStats(x.abs().mean(0).float(), x.abs().amax(0).float())
+    s = candidate_scales("smoothquant", SMOOTHQUANT_ALPHA, stats, [linear]).double()
     tokens = x.abs().amax(1) / x.pow(2).mean(1).sqrt().clamp(min=1e-12)
     return {
         "peak_median": float(tokens.median()),
@@ -59,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=32)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    weights: dict[str, torch.Tensor] = {}
-    inputs = capture_inputs(args.model, args.num_samples, weights)
+    linears: dict[str, torch.nn.Linear] = {}
+    inputs = capture_inputs(args.model, args.num_samples, linears)
     print(f"{args.model}, {args.num_samples} calibration samples; output error ||dY|| / ||Y|| in %\n")
     print("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |")
     print("|---|---:|---:|---:|---:|---:|")
     for key, x in inputs.items():
-        e = relative_errors(x, weights[key])
+        e = relative_errors(x, linears[key])
         print(f"| {key} | {e['peak_median']:.1f} / {e['peak_max']:.1f} | {100 * e['w4']:.2f} | {100 * e['a4']:.2f} | "
               f"{100 * e['a8']:.3f} | {100 * e['a4_smoothed']:.2f} |")
     return 0

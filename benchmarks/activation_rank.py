@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 
-def capture_inputs(model_name: str, num_samples: int, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def capture_inputs(model_name: str, num_samples: int, linears: dict[str, torch.nn.Linear] | None = None) -> dict[str, torch.Tensor]:
     """Every decoder linear's inputs over the model's own calibration set, as [rows, width] float64
-    (and, into ``weights`` when given, each linear's weight under the same key, float64)."""
+    (and, into ``linears`` when given, each linear module under the same key)."""
     from tlq.builtin import builtin_set, default_dataset
     from tlq.data.calibration import load_calibration
     from tlq.pipeline import load_model
@@ -33,11 +33,11 @@ def capture_inputs(model_name: str, num_samples: int, weights: dict[str, torch.T
     def hook(key: str) -> Any:
         return lambda _m, args, _out: rows.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-    linears = {f"{i}.{name}": m for i, layer in enumerate(adapter.decoder_layers(model))
-               for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    if weights is not None:
-        weights.update({k: m.weight.detach().double() for k, m in linears.items()})
-    handles = [m.register_forward_hook(hook(k)) for k, m in linears.items()]
+    found = {f"{i}.{name}": m for i, layer in enumerate(adapter.decoder_layers(model))
+             for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    if linears is not None:
+        linears.update(found)
+    handles = [m.register_forward_hook(hook(k)) for k, m in found.items()]
     try:
         with torch.no_grad():
             for s in samples:

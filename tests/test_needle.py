@@ -435,7 +435,5 @@ def test_needle_pages_give_each_model_one_token_per_cell(family, visual_tokens, 
     out = make_tiny_vlm(family, tmp_path / family, num_layers=1, image_size=train.NEEDLE_IMAGE_SIZE[family])
     processor = AutoProcessor.from_pretrained(out)
     sample = generate_samples("val", 1, NeedleVQAConfig())[0]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    ids = processor(images=[sample.image], text=[text], return_tensors="pt")["input_ids"][0]
+    ids = train.Batcher(processor, family).prompt(sample.image, sample.question)["input_ids"][0]
     assert int((ids == processor.image_token_id).sum()) == visual_tokens
