@@ -106,6 +106,7 @@ STRESS_SCHEMES: dict[str, tuple[QuantScheme, str]] = {
 }
 DETERMINISTIC = {"RTN"}  # no calibration data: one run stands for every seed
 BASELINES = ("RTN", "SmoothQuant", "AWQ", "GPTQ", "MBQ")  # what TLQ is compared with in the summary
+ABLATION = "TLQ w/o token importance"  # ... and the ablation the method's claim is judged against
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -306,7 +307,14 @@ def summary_rows(rows: dict[str, Any], scheme: str) -> dict[str, Any] | None:
     best_acc = max(base, key=lambda c: (c["accuracy"]["mean"], -c["kl"]["mean"]))
     best_kl = min(base, key=lambda c: c["kl"]["mean"])
     tests = {b["variant"]: paired(tlq, b) for b in base}
+    ablation = cells.get(ABLATION)
     return {
+        "ablation": None if ablation is None else {
+            "accuracy": ablation["accuracy"],
+            "paired": paired(tlq, ablation),
+            "acc_win": beyond_spread(tlq["accuracy"], ablation["accuracy"], higher_is_better=True),
+            "acc_loss": beyond_spread(ablation["accuracy"], tlq["accuracy"], higher_is_better=True),
+        },
         "paired_vs_best": tests[best_acc["variant"]],
         "paired_win": all(t is not None and t["p"] < 0.05 and t["wins"] > t["losses"] for t in tests.values()),
         "tlq": tlq,
@@ -323,6 +331,17 @@ def _pm(stat: dict[str, float], scale: float = 1.0, fmt: str = ".2f") -> str:
     return f"{scale * stat['mean']:{fmt}} ± {scale * stat['std']:{fmt}}"
 
 
+def _mcnemar(test: dict[str, Any] | None) -> str:
+    return f"{test['wins']}/{test['losses']}, p={test['p']:.3g}" if test else "-"
+
+
+def _vs_ablation(ablation: dict[str, Any] | None) -> str:
+    if ablation is None:
+        return "not run"
+    verdict = "TLQ ahead" if ablation["acc_win"] else ("TLQ behind" if ablation["acc_loss"] else "within spread")
+    return f"{_pm(ablation['accuracy'], 100)}: {verdict}; {_mcnemar(ablation['paired'])}"
+
+
 def summary_markdown(result: dict[str, Any]) -> list[str]:
     """The computed summary: per (model, scheme), TLQ against the best baseline by accuracy (% of FP16)
     and by KL, and whether each gap is beyond the seed spread. Written from the numbers, never by hand."""
@@ -330,8 +349,9 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
              "A gap counts only when the mean ± std intervals over calibration seeds do not overlap.", "",
              "Paired test: McNemar (exact) on the same test samples, runs paired by seed and pooled; "
              "wins/losses = samples only TLQ / only the baseline answers right.", "",
-             "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | paired vs best (wins/losses, p) | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"The last column is TLQ against its own '{ABLATION}' ablation (accuracy verdict; paired wins/losses, p).", "",
+             "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | paired vs best (wins/losses, p) | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict | vs w/o token importance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     counts = {"acc_win": 0, "kl_win": 0, "cells": 0}
     for model, rows in result["models"].items():
         for scheme in dict.fromkeys(c["scheme"] for c in rows["cells"].values()):
@@ -345,10 +365,9 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
             kl_verdict = "TLQ lower" if s["kl_win"] else "within spread or higher"
             ba, bk = s["best_acc"], s["best_kl"]
             t = s["paired_vs_best"]
-            test = f"{t['wins']}/{t['losses']}, p={t['p']:.3g}" if t else "-"
             lines.append(
-                f"| {model} | {scheme} | {_pm(s['tlq']['accuracy'], 100)} | {ba['variant']} {_pm(ba['accuracy'], 100)} | {acc_verdict} | {test} | "
-                f"{_pm(s['tlq']['kl'], fmt='.1e')} | {bk['variant']} {_pm(bk['kl'], fmt='.1e')} | {s['kl_ratio']:.2f}x | {kl_verdict} |"
+                f"| {model} | {scheme} | {_pm(s['tlq']['accuracy'], 100)} | {ba['variant']} {_pm(ba['accuracy'], 100)} | {acc_verdict} | {_mcnemar(t)} | "
+                f"{_pm(s['tlq']['kl'], fmt='.1e')} | {bk['variant']} {_pm(bk['kl'], fmt='.1e')} | {s['kl_ratio']:.2f}x | {kl_verdict} | {_vs_ablation(s['ablation'])} |"
             )
     if counts["cells"] == 0:  # a run without TLQ and a baseline side by side (e.g. choosing a default)
         return []

@@ -195,7 +195,7 @@ def test_selection_budget_min_share_and_top_k():
     w[1, :n_vis] *= 1000
     visual = torch.zeros(seq, dtype=torch.bool)
     visual[:n_vis] = True
-    cfg = SelectionConfig(token_fraction=0.2, min_modality_share=0.1)
+    cfg = SelectionConfig(token_fraction=0.2, min_modality_share=0.1, token_floor=0)
     sel = select_tokens(w, visual, cfg)
     k, quota = 40, 4
     assert ((sel > 0).sum(-1) == k).all()  # the budget
@@ -208,23 +208,61 @@ def test_selection_budget_min_share_and_top_k():
         assert set(others.nonzero().reshape(-1).tolist()) == set(torch.where(~m, w[row], -1.0).topk(k - quota).indices.tolist())
     assert torch.equal(sel[sel > 0], w[sel > 0])  # selected tokens keep their weights
     # no minimum share: plain top-k; absolute budget; everything kept at fraction 1
-    plain = select_tokens(w, visual, SelectionConfig(token_fraction=0.2, min_modality_share=0.0))
+    plain = select_tokens(w, visual, SelectionConfig(token_fraction=0.2, min_modality_share=0.0, token_floor=0))
     assert set((plain[0] > 0).nonzero().reshape(-1).tolist()) == set(w[0].topk(k).indices.tolist())
-    assert ((select_tokens(w, visual, SelectionConfig(token_count=17)) > 0).sum(-1) == 17).all()
+    assert ((select_tokens(w, visual, SelectionConfig(token_count=17, token_floor=0)) > 0).sum(-1) == 17).all()
     assert torch.equal(select_tokens(w, visual, SelectionConfig(token_fraction=1.0)), w)
+
+
+def test_token_floor_keeps_a_small_set_whole_and_is_global():
+    cfg = SelectionConfig(token_fraction=0.5, token_floor=100)
+    assert cfg.budget(40, total_valid=80) == 40  # the whole set is under the floor: every token
+    assert cfg.budget(40, total_valid=160) == 25  # ceil(40 * 100 / 160): the sample's share of the floor
+    assert cfg.budget(40, total_valid=400) == 20  # the floor is below the fraction's budget: no change
+    assert SelectionConfig(token_count=5, token_floor=100).budget(40, total_valid=160) == 25
+    with pytest.raises(ConfigError, match="token_floor"):
+        SelectionConfig(token_floor=-1)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.rand(2, n, generator=g) for n in (30, 50, 40)]
+    visual = [torch.arange(n) < n // 2 for n in (30, 50, 40)]
+    whole = TokenCalibrationSet.select(weights, visual, SelectionConfig(token_floor=90))
+    kept = [int((w[0] > 0).sum()) for w in whole.weights]
+    assert kept == [23, 38, 30] and sum(kept) >= 90  # 120 tokens: 75% each rather than 50%
+    # A rank holding samples 1 and 2 selects exactly as the single process does, given the set's total.
+    shard = TokenCalibrationSet.select(weights[1:], visual[1:], SelectionConfig(token_floor=90), sample_ids=[1, 2], total_valid=120)
+    assert all(torch.equal(a, b) for a, b in zip(shard.weights, whole.weights[1:]))
+    local = TokenCalibrationSet.select(weights[1:], visual[1:], SelectionConfig(token_floor=90), sample_ids=[1, 2])
+    assert [int((w[0] > 0).sum()) for w in local.weights] == [50, 40]  # its own 90 tokens are all under the floor
+    assert torch.equal(TokenCalibrationSet.select(weights, visual, SelectionConfig(token_floor=120)).weights[1], weights[1])
+
+
+def test_pipeline_floors_the_budget_on_the_all_ranks_token_count(tiny_vlm_dir, tiny_calib_jsonl, monkeypatch):
+    from tlq import pipeline
+
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=2)
+    total = sum(s.seq_len for s in samples)
+    cfg = build_config("w4a16", "tlq", token_floor=total)
+
+    def selected(tcs: TokenCalibrationSet) -> int:
+        return sum(int((w.reshape(-1, w.shape[-1])[0] > 0).sum()) for w in tcs.weights)  # layer 0's first row
+
+    assert selected(pipeline.token_calibration_set(adapter, model, samples, cfg, torch.device("cpu"), False)) == total
+    # Another rank holds as many tokens again: the floor is half the set, so each sample keeps its half.
+    monkeypatch.setattr(pipeline, "all_reduce_scalar_sum", lambda x: 2 * x)
+    assert selected(pipeline.token_calibration_set(adapter, model, samples, cfg, torch.device("cpu"), False)) == sum(round(s.seq_len / 2) for s in samples)
 
 
 def test_selection_ties_are_random_but_seeded():
     w, visual = torch.ones(1, 100), torch.zeros(100, dtype=torch.bool)
-    a = select_tokens(w, visual, SelectionConfig(), generator=torch.Generator().manual_seed(0))
-    b = select_tokens(w, visual, SelectionConfig(), generator=torch.Generator().manual_seed(0))
+    a = select_tokens(w, visual, SelectionConfig(token_floor=0), generator=torch.Generator().manual_seed(0))
+    b = select_tokens(w, visual, SelectionConfig(token_floor=0), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and int((a > 0).sum()) == 50
     assert int((a[0, :50] > 0).sum()) < 50  # not simply the first half of the sequence
 
 
 def test_calibration_set_feeds_the_engine(tiny_vlm_dir, tiny_calib_jsonl):
     adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=3)
-    tcs = build_token_calibration_set(adapter, model, samples, ImportanceConfig(), SelectionConfig(token_fraction=0.5))
+    tcs = build_token_calibration_set(adapter, model, samples, ImportanceConfig(), SelectionConfig(token_fraction=0.5, token_floor=0))
     assert isinstance(tcs, TokenCalibrationSet)
     assert tcs.num_samples == 3 and tcs.num_layers == len(adapter.decoder_layers(model))
     fn = tcs.weight_fn()
@@ -384,7 +422,7 @@ def test_per_linear_gradients_equal_full_backprop(tiny_vlm_dir, tiny_calib_jsonl
 def test_per_linear_weights_reach_each_linear(tiny_vlm_dir, tiny_calib_jsonl):
     adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=3)
     cfg = ImportanceConfig(grad_at="linear")
-    tcs = build_token_calibration_set(adapter, model, samples, cfg, SelectionConfig(token_fraction=0.5))
+    tcs = build_token_calibration_set(adapter, model, samples, cfg, SelectionConfig(token_fraction=0.5, token_floor=0))
     names = tcs.linear_names
     assert tcs.weights[0].shape == (tcs.num_layers, 1 + len(names), samples[0].seq_len)
     fn = tcs.weight_fn()

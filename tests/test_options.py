@@ -15,7 +15,7 @@ NON_DEFAULT = {
     "solver": ("rtn", "rtn"), "gptq_target": ("fp", "fp"), "scale_search": ("awq", "awq"), "search_grid": ("5", 5), "search_coarse": ("3", 3),
     "search_scope": ("block", "block"), "search_samples": ("9", 9), "search_dtype": ("bfloat16", "bfloat16"), "search_record": ("layer", "layer"),
     "importance_dtype": ("bfloat16", "bfloat16"), "weighting": ("token", "token"),
-    "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25),
+    "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25), "token_floor": ("12345", 12345),
     "kept_rows_passes": (None, True), "gptq_fp_shift": ("deferred", "deferred"),
     "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"),
 }

@@ -44,6 +44,21 @@ def test_runs_pair_by_seed_and_a_deterministic_run_pairs_with_every_seed(benchma
     assert (t["wins"], t["losses"]) == (2 + 3, 1 + 1)
 
 
+def test_summary_judges_tlq_against_its_own_ablation(benchmark):
+    acc = benchmark("accuracy")
+    cells = {f"w2a16/{c['variant']}": c for c in (
+        _cell("TLQ", "w2a16", [(0, "1111"), (1, "1110")]),
+        _cell("GPTQ", "w2a16", [(0, "0000"), (1, "0001")]),
+        _cell("TLQ w/o token importance", "w2a16", [(0, "1100"), (1, "1100")]),
+    )}
+    s = acc.summary_rows({"cells": cells}, "w2a16")
+    assert s["ablation"]["acc_win"] and not s["ablation"]["acc_loss"]  # 87.5% vs 50%, no seed spread
+    assert (s["ablation"]["paired"]["wins"], s["ablation"]["paired"]["losses"]) == (3, 0)
+    assert "TLQ ahead; 3/0" in acc._vs_ablation(s["ablation"])
+    del cells["w2a16/TLQ w/o token importance"]
+    assert acc.summary_rows({"cells": cells}, "w2a16")["ablation"] is None and acc._vs_ablation(None) == "not run"
+
+
 def test_validity_bars_judge_fp16_and_baselines_only(benchmark):
     acc = benchmark("accuracy")
     n = 1000

@@ -57,6 +57,16 @@ def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_pat
     assert not resume_dir.exists()  # cleaned up once the output is complete
 
 
+def _calib_tokens(model: Path, calib: Path) -> int:
+    """Valid tokens of the whole calibration set, as a run of the CLI's defaults encodes it."""
+    from tlq.api import load_model
+    from tlq.data.calibration import load_calibration
+
+    adapter, hf_model, processor, *_ = load_model(model, device="cpu")
+    samples = load_calibration(calib, processor, adapter, hf_model, num_samples=128, max_seq_len=None, seed=0)
+    return sum(s.seq_len for s in samples)
+
+
 @pytest.mark.parametrize(
     ("scheme", "method", "common_extra", "two_rank_extra"),
     [("w4a8", "tlq", (), ()), ("w3a16", "mbq", (), ()), ("w4a16", "gptq", ("--gptq-target", "fp"), ("--stream",))],
@@ -66,7 +76,10 @@ def test_killed_run_resumes_byte_identical(deep_model, tiny_calib_jsonl, tmp_pat
 def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, common_extra, two_rank_extra):
     """TLQ (importance, token selection, weighted GPTQ) and MBQ (modality weights, scale search); and
     GPTQ with the FP target (its cross statistics all-reduced too), 2 ranks each streaming the layers
-    from disk against 1 in-memory process."""
+    from disk against 1 in-memory process. TLQ's token floor sits between one rank's tokens and the
+    set's: a floor counted per rank would keep every token on both ranks and change the codes."""
+    if method == "tlq":
+        common_extra = (*common_extra, "--token-floor", str(3 * _calib_tokens(deep_model, tiny_calib_jsonl) // 4))
     for nproc in ("1", "2"):
         extra = (*common_extra, *(two_rank_extra if nproc == "2" else ()))
         args = _quantize_args(deep_model, tiny_calib_jsonl, tmp_path / f"n{nproc}", "--nproc", nproc, "--no-resume", *extra,

@@ -323,6 +323,12 @@ class SelectionConfig:
     token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only)
     token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
     min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
+    # Keep at least this many valid tokens over the whole calibration set (all ranks): a small set keeps
+    # every token, a large one the budget above. Each sample keeps at least its share of the floor, so the
+    # set keeps max(budget, floor) tokens in all. On 8-sample sets (~2k tokens) halving the tokens lost
+    # accuracy; from 16 samples on it did not (docs/methods.md, "A floored token budget"). Real sets hold
+    # 10^5 tokens or more, so the floor only ever binds where calibration is cheap anyway.
+    token_floor: int = 2048
     seed: int = 0  # tie-breaking permutation
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
     # rows some linear keeps (MLP, o_proj and attention queries; tlq.engine.rows), as the search's
@@ -337,9 +343,16 @@ class SelectionConfig:
             raise ConfigError(f"token_count must be a positive number of tokens, got {self.token_count}")
         if not 0.0 <= self.min_modality_share <= 0.5:
             raise ConfigError(f"min_modality_share must be in [0, 0.5], got {self.min_modality_share}")
+        if self.token_floor < 0:
+            raise ConfigError(f"token_floor must be a number of tokens >= 0 (0: no floor), got {self.token_floor}")
 
-    def budget(self, num_valid: int) -> int:
+    def budget(self, num_valid: int, total_valid: int | None = None) -> int:
+        """Tokens one sample with ``num_valid`` valid tokens keeps, in a set of ``total_valid`` in all
+        (needed by ``token_floor``; without it the sample counts as the whole set)."""
         k = self.token_count if self.token_count is not None else round(self.token_fraction * num_valid)
+        if self.token_floor and num_valid:
+            total = max(total_valid or num_valid, num_valid)
+            k = max(k, math.ceil(num_valid * min(1.0, self.token_floor / total)))
         return max(1, min(int(k), num_valid)) if num_valid else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -580,6 +593,8 @@ OPTIONS: tuple[Option, ...] = (
            "bfloat16 (through autocast; norms, softmax and the loss stay float32) or auto (bfloat16 where the CPU has it)",
            group=_PARTS, choices=MATMUL_DTYPES),
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
+    Option("token_floor", "selection.token_floor", "the token-level set keeps at least this many tokens over all samples "
+           "(a smaller set keeps every token; 0: no floor)", group=_PARTS, type=int),
     Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
            "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
     Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "

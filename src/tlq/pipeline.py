@@ -20,7 +20,7 @@ import torch
 
 from tlq.config import ConfigError, QuantizeConfig, SelectionConfig
 from tlq.data.calibration import CalibSample, answers_cut, check_answers_kept, context_length, load_calibration
-from tlq.engine.distributed import all_reduce_max_, all_reduce_scalars_sum
+from tlq.engine.distributed import all_reduce_max_, all_reduce_scalar_sum, all_reduce_scalars_sum
 from tlq.engine.layerwise import EngineResult, LayerwiseEngine
 from tlq.models.base import ModelAdapter
 from tlq.preflight import check_model_dir
@@ -124,14 +124,17 @@ _WEIGHTING_KIND = {"uniform": "uniform", "modality": "modality"}
 
 def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, config: QuantizeConfig, device: torch.device, progress: bool, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list | None = None) -> Any:
     """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
-    from tlq.importance.calibset import build_token_calibration_set
+    from tlq.importance.calibset import build_token_calibration_set, sample_valid_mask
 
     if config.weighting == "uniform" and not config.token_select:
         return None
     kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
     importance = dc_replace(config.importance, kind=kind)
     selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
-    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store, layer0=layer0)
+    # The floor is over the whole set: a sample's budget must not depend on which rank holds it.
+    total_valid = int(all_reduce_scalar_sum(sum(int(sample_valid_mask(s).sum()) for s in samples)))
+    return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store, layer0=layer0,
+                                       total_valid=total_valid)
 
 
 @dataclass

@@ -7,6 +7,8 @@ of tokens:
 
 * the budget is ``token_count`` tokens, or ``round(token_fraction * n)`` of the sample's ``n`` valid
   tokens (at least 1, at most ``n``); every valid token (prompt, visual and answer) is a candidate;
+* ``token_floor`` raises it to at least the sample's share of the floor, ``ceil(n * floor / N)`` of
+  the set's ``N`` valid tokens: a set smaller than the floor keeps every token;
 * each modality present in the sample first gets its ``min_modality_share`` of the budget (its top
   tokens by weight, or all of them if it has fewer), so neither visual nor text tokens vanish;
 * the rest of the budget goes to the highest-weight remaining tokens. Ties are broken by a seeded
@@ -31,18 +33,19 @@ from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
 from tlq.models.base import ModelAdapter
 
 
-def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | None = None, valid_mask: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | None = None, valid_mask: Tensor | None = None, generator: torch.Generator | None = None, total_valid: int | None = None) -> Tensor:
     """Zero the weights of the tokens left out of the budget, per layer row: ``[L, seq] -> [L, seq]``
-    (``[L, rows, seq]`` per-linear weights: every row chooses its own tokens)."""
+    (``[L, rows, seq]`` per-linear weights: every row chooses its own tokens). ``total_valid``: the
+    valid tokens of the whole calibration set, for ``cfg.token_floor``."""
     cfg = cfg or SelectionConfig()
     if weights.dim() == 3:
-        return select_tokens(weights.flatten(0, 1), visual_mask, cfg, valid_mask, generator).reshape(weights.shape)
+        return select_tokens(weights.flatten(0, 1), visual_mask, cfg, valid_mask, generator, total_valid).reshape(weights.shape)
     w = weights.detach().float().cpu()
     num_layers, seq = w.shape
     visual = visual_mask.reshape(-1).to(torch.bool).cpu()
     valid = torch.ones(seq, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).to(torch.bool).cpu()
     n = int(valid.sum())
-    k = cfg.budget(n)
+    k = cfg.budget(n, total_valid)
     if k >= n:
         return w * valid
     n_vis, n_txt = int((visual & valid).sum()), int((~visual & valid).sum())
@@ -92,15 +95,21 @@ class TokenCalibrationSet:
         self.importance = importance
 
     @classmethod
-    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = ()) -> "TokenCalibrationSet":
-        """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights."""
+    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = (), total_valid: int | None = None) -> "TokenCalibrationSet":
+        """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights.
+
+        ``total_valid`` is the whole calibration set's count of valid tokens (the budget's floor depends on
+        it); a distributed run passes the sum over ranks, a single process may leave it to these samples'.
+        """
         cfg = cfg or SelectionConfig()
         # One tie-breaking stream per sample, keyed by its global id: a sample's selection must not depend
         # on which other samples share its process (distributed runs shard them).
         ids = sample_ids if sample_ids is not None else list(range(len(weights)))
         gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + sid) for sid in ids]
         valids = valid_masks if valid_masks is not None else [None] * len(weights)
-        selected = [select_tokens(w, m, cfg, v, g) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
+        if total_valid is None:
+            total_valid = sum(int(w.shape[-1]) if v is None else int(v.sum()) for w, v in zip(weights, valids))
+        selected = [select_tokens(w, m, cfg, v, g, total_valid) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
         return cls(selected, visual_masks, valid_masks, cfg, importance, linear_names)
 
     # --- engine ------------------------------------------------------------------------------------
@@ -175,9 +184,10 @@ def sample_valid_mask(sample: CalibSample) -> Tensor:
     return torch.ones(sample.seq_len, dtype=torch.bool) if am is None else am.reshape(-1).to(torch.bool).cpu()
 
 
-def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None) -> TokenCalibrationSet:
+def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None, total_valid: int | None = None) -> TokenCalibrationSet:
     """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` -> token budget.
 
+    ``total_valid``: the whole set's valid tokens over all ranks (see :meth:`TokenCalibrationSet.select`).
     Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run; ``layers`` and
     ``store`` stream the pass over a model whose layers are loaded one at a time (see there); ``layer0``
     are the samples' layer-0 inputs if captured already.
@@ -191,4 +201,4 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     names = gradients[0].linear_names if gradients else ()
     valids = [sample_valid_mask(s) for s in samples]
     weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]
-    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names)
+    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names, total_valid)
