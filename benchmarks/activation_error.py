@@ -19,13 +19,13 @@ import sys
 import torch
 
 from activation_rank import capture_inputs
-from tlq.config import ActQuantSpec, WeightQuantSpec
+from tlq.config import ActQuantSpec, WeightQuantSpec, build_config
 from tlq.quant.quantizer import fake_quantize_activation
 from tlq.quant.rtn import rtn_fake_quantize
 from tlq.quant.scale_search import ChannelStats, candidate_scales
 
 W4 = WeightQuantSpec(bits=4, group_size=None, symmetric=True)  # the weights of w4a8 / w4a4
-SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant's preset (tlq.config: fixed_alpha)
+SMOOTHQUANT_ALPHA = build_config("w4a8", "smoothquant").search.fixed_alpha  # the smoothquant preset's own exponent
 
 
 def relative_errors(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, float]:
