@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only rewrite the Markdown of an earlier run's JSON (next to it), with the current table format")
     p.add_argument("--parallel", action="store_true",
                    help="one child process per model (one core each), merged into one report when all are done")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells an earlier, stopped run of the same settings wrote to OUT.json (with --parallel: "
+                        "each model's OUT-MODEL.json) and measure only the rest")
     return p.parse_args(argv)
 
 
@@ -184,7 +187,37 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any]:
+RESUME_KEYS = ("num_calib", "num_test", "data", "seeds")  # settings a resumed run must share with the earlier one
+
+
+def earlier_rows(out: Path, settings: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """The rows an earlier run of the same settings measured for ``model`` (its OUT.json), or None when
+    there is none. Refuses (one line) when the settings differ, since its cells would not be comparable."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    for key in RESUME_KEYS:
+        if earlier.get(key) != settings[key]:
+            raise SystemExit(f"--resume: {path} was run with {key}={earlier.get(key)!r}, this run has {settings[key]!r}; "
+                             "use the same settings or another --out")
+    rows = earlier["models"].get(model)
+    if rows is not None:
+        rows["resumed"] = {"finished": earlier.get("finished"), "minutes": earlier.get("minutes"), "cells": list(rows["cells"])}
+    return rows
+
+
+def check_same_reference(fp: dict[str, Any], earlier: dict[str, Any], model: str) -> None:
+    """A resumed run keeps cells only when FP16 scores the same samples exactly as the earlier run did: the
+    same model, samples and scoring code, so the kept cells and the new ones form one table."""
+    for key in ("accuracy", "nll", "num_samples"):
+        if fp[key] != earlier["fp16"][key]:
+            raise SystemExit(f"--resume: {model}'s FP16 {key} is {fp[key]!r} now and was {earlier['fp16'][key]!r}; "
+                             "the model, samples or scoring changed since that run, so start afresh (no --resume)")
+
+
+def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace,
+              checkpoint: Any = None, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     ref = model if "/" in model else f"builtin:{model}"  # a directory: a candidate from scripts/train_digits.py --out
     mdir = resolve_model_dir(ref)
     records = choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
@@ -196,8 +229,16 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     print(f"[{model}] FP16 accuracy {fp_scores.accuracy:.4f} nll {fp_scores.nll:.4f}", flush=True)
     rows: dict[str, Any] = {"fp16": {**fp_scores.to_dict(), "margin": answer_margins(ref_logps)}, "cells": {}}
     rows["relevant_token_share"] = relevant_share(records)
+    if earlier is not None:
+        check_same_reference(rows["fp16"], earlier, model)
+        rows["resumed"] = earlier["resumed"]
     for scheme in schemes:
         for name in variants:
+            key = f"{scheme}/{name}"
+            if earlier is not None and key in earlier["cells"]:
+                rows["cells"][key] = earlier["cells"][key]
+                print(f"[{model}] {scheme:6s} {name:28s} kept from the earlier run", flush=True)
+                continue
             method, overrides = VARIANTS[name]
             overrides = dict(overrides)
             importance = overrides.pop("importance", {})
@@ -215,7 +256,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                              "correct": scores.correct_bits})
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s)", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
-            rows["cells"][f"{scheme}/{name}"] = {
+            rows["cells"][key] = {
                 "scheme": scheme,
                 "variant": name,
                 "accuracy": acc,
@@ -403,6 +444,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines += ["Validity bars (docs/needle.md; judged on FP16 and the baselines only):", "", "| bar | measured | passed |", "|---|---|---|"]
             lines += [f"| {bar} | {val} | {'-' if ok is None else ('yes' if ok else '**no**')} |" for bar, val, ok in validity(rows, fp["num_samples"])]
             lines.append("")
+        if rows.get("resumed"):
+            r = rows["resumed"]
+            lines += [f"Resumed (`--resume`): {len(r['cells'])} cells were kept from an earlier run of the same settings, stopped "
+                      f"after {r['minutes']:.0f} min ({r['finished']}), whose FP16 scores this run reproduced exactly: "
+                      + ", ".join(r["cells"]) + ".", ""]
         lines += ["| scheme | method | accuracy (%) | % of FP16 | KL(FP16‖q) |", "|---|---|---|---|---|"]
         for cell in rows["cells"].values():
             a, r, k = cell["accuracy"], cell["retained_pct"], cell["kl"]
@@ -459,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             result["models"][model] = rows
             write(partial=True)
 
-        result["models"][model] = run_model(model, schemes, variants, seeds, args, checkpoint)
+        earlier = earlier_rows(out, result, model) if args.resume else None
+        result["models"][model] = run_model(model, schemes, variants, seeds, args, checkpoint, earlier)
     write(partial=False)
     print(to_markdown(result))
     return 0

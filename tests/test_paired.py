@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tlq.eval.paired import mcnemar
 
@@ -122,3 +123,50 @@ def test_noninferiority_decides_by_the_bound_the_cells_and_accuracy(benchmark):
     assert ni.decide(two, "C", "R", 1.25, 1.5, 0.95)["passed"]
     with pytest.raises(SystemExit, match="more than one run"):
         ni.decide(ni.merged([_accuracy_run({"R": ref}, {"R": 0.9})] * 2), "C", "R", 1.25, 1.5, 0.95)
+
+
+def _stub_accuracy_run(acc, monkeypatch, fp_accuracy: float) -> list[str]:
+    """Replace what ``run_model`` loads, calibrates and scores with stand-ins; returns the log of
+    calibrations, so a test sees which cells were measured and which were kept."""
+    from types import SimpleNamespace
+
+    calibrated: list[str] = []
+
+    def score(name, *_a, **_k):
+        accuracy = fp_accuracy if name == "fp16" else 0.5
+        s = SimpleNamespace(accuracy=accuracy, nll=1.0, kl=0.1, correct_bits="10",
+                            to_dict=lambda: {"accuracy": accuracy, "nll": 1.0, "num_samples": 2, "correct": "10"})
+        return s, [torch.tensor([[0.0, -1.0]])]
+
+    monkeypatch.setattr(acc, "resolve_model_dir", lambda ref: ref)
+    monkeypatch.setattr(acc, "builtin_set", lambda mdir, split: split)
+    monkeypatch.setattr(acc, "read_jsonl", lambda path: [])
+    monkeypatch.setattr(acc, "relevant_share", lambda records: None)
+    monkeypatch.setattr(acc, "load_model", lambda ref, device: (None, None, None, None, "cpu", None))
+    monkeypatch.setattr(acc, "score_model", score)
+    monkeypatch.setattr(acc, "calibrate", lambda ref, calib, cfg, progress: calibrated.append(cfg.method) or SimpleNamespace(model=None))
+    return calibrated
+
+
+def test_resume_keeps_the_earlier_cells_and_measures_only_the_rest(benchmark, monkeypatch, tmp_path):
+    import argparse
+    import json
+
+    acc = benchmark("accuracy")
+    calibrated = _stub_accuracy_run(acc, monkeypatch, fp_accuracy=0.75)
+    args = argparse.Namespace(num_test=2, data="test", num_calib=4)
+    first = acc.run_model("m", ["w3a16"], ["GPTQ"], [0], args)
+    assert calibrated == ["gptq"]
+    settings = {"num_calib": 4, "num_test": 2, "data": "test", "seeds": [0]}
+    out = tmp_path / "table"
+    out.with_suffix(".json").write_text(json.dumps({**settings, "finished": "x (partial)", "minutes": 1.0, "models": {"m": first}}))
+    earlier = acc.earlier_rows(out, settings, "m")
+    rows = acc.run_model("m", ["w3a16"], ["GPTQ", "RTN"], [0], args, earlier=earlier)
+    assert calibrated == ["gptq", "rtn"]  # GPTQ was kept, only RTN measured
+    assert rows["cells"]["w3a16/GPTQ"] == first["cells"]["w3a16/GPTQ"] and rows["resumed"]["cells"] == ["w3a16/GPTQ"]
+    assert "1 cells were kept" in acc.to_markdown({**settings, "command": "c", "machine": "m", "torch": "t", "finished": "f", "minutes": 2.0, "models": {"m": rows}})
+    with pytest.raises(SystemExit, match="seeds"):
+        acc.earlier_rows(out, {**settings, "seeds": [0, 1]}, "m")
+    _stub_accuracy_run(acc, monkeypatch, fp_accuracy=0.8)  # another model or samples: FP16 scores differ
+    with pytest.raises(SystemExit, match="FP16 accuracy"):
+        acc.run_model("m", ["w3a16"], ["GPTQ"], [0], args, earlier=acc.earlier_rows(out, settings, "m"))
