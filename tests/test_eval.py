@@ -75,3 +75,55 @@ def test_eval_bad_quantized_dir_is_one_line(exports, tiny_calib_jsonl, tmp_path,
 @pytest.mark.parametrize(("pred", "ref", "same"), [("7.", "7", True), (" Yes ", "yes", True), ("1 3", "13", False)])
 def test_normalize_answer(pred, ref, same):
     assert (normalize_answer(pred) == normalize_answer(ref)) is same
+
+
+def _score_both_ways(ref: str, n: int, monkeypatch) -> tuple:
+    """Score ``n`` test samples of a built-in model with the teacher-forcing shortcut and without it;
+    returns both scores and how often each called ``generate``."""
+    import tlq.eval.vqa as vqa
+    from tlq.api import load_model
+    from tlq.builtin import builtin_set, resolve_model_dir
+    from tlq.data.records import choose, read_jsonl
+
+    records = choose(read_jsonl(builtin_set(resolve_model_dir(ref), "test")), n, seed=0)
+    adapter, model, processor, _d, dev, _dt = load_model(ref, device="cpu")
+    calls = {"n": 0}
+    real = vqa.greedy_answer
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(vqa, "greedy_answer", counted)
+    fast, _ = vqa.score_model("fp16", model, processor, adapter, records, dev, vqa.EvalConfig(), progress=False)
+    fast_calls, calls["n"] = calls["n"], 0
+    monkeypatch.setattr(vqa, "greedy_from_teacher_forcing", lambda *a, **k: None)
+    slow, _ = vqa.score_model("fp16", model, processor, adapter, records, dev, vqa.EvalConfig(), progress=False)
+    return fast, slow, fast_calls, calls["n"]
+
+
+@pytest.mark.parametrize("ref", ["builtin:digits-qwen2vl", "builtin:needle-count-llavaov"])
+def test_teacher_forcing_shortcut_predicts_what_generate_does(ref, monkeypatch):
+    """A right answer is read off the teacher-forced forward instead of generated: the predictions, the
+    right/wrong bits and the NLL are those of generating every answer, and only wrong answers generate."""
+    fast, slow, fast_calls, slow_calls = _score_both_ways(ref, 24, monkeypatch)
+    assert fast.predictions == slow.predictions and fast.correct == slow.correct and fast.nll == slow.nll
+    assert slow_calls == 24 and fast_calls == 24 - sum(fast.correct) < 24
+
+
+def test_teacher_forcing_shortcut_declines_what_it_cannot_know():
+    import torch
+
+    from tlq.data.records import CalibRecord
+    from tlq.eval.vqa import greedy_from_teacher_forcing
+
+    one = CalibRecord(image=None, messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}], line=1)
+    lp = torch.log_softmax(torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]]), dim=-1)  # arg-max: 1, then 2
+    pos, eos = torch.tensor([4, 5]), {2}
+    assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), pos, one, eos, 8).tolist() == [1, 2]
+    assert greedy_from_teacher_forcing(lp, torch.tensor([0, 2]), pos, one, eos, 8) is None  # not the arg-max
+    assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), pos, one, {1}, 8) is None  # generation would go on
+    assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), pos, one, eos, 1) is None  # cut by max_new_tokens
+    assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), torch.tensor([4, 6]), one, eos, 8) is None  # a gap
+    two = CalibRecord(image=None, messages=one.messages * 2, line=2)
+    assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), pos, two, eos, 8) is None  # greedy answers the first only
