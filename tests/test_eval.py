@@ -127,3 +127,19 @@ def test_teacher_forcing_shortcut_declines_what_it_cannot_know():
     assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), torch.tensor([4, 6]), one, eos, 8) is None  # a gap
     two = CalibRecord(image=None, messages=one.messages * 2, line=2)
     assert greedy_from_teacher_forcing(lp, torch.tensor([1, 2]), pos, two, eos, 8) is None  # greedy answers the first only
+
+
+def test_teacher_forcing_shortcut_is_off_when_greedy_is_more_than_the_arg_max():
+    """A released model's repetition penalty (or banned tokens, beams...) changes what greedy decoding
+    picks: then every sample is generated."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from tlq.eval.vqa import shortcut_eos_ids
+
+    plain = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[5, 7], repetition_penalty=1.0, suppress_tokens=[]))
+    assert shortcut_eos_ids(plain) == {5, 7}
+    for setting in ({"repetition_penalty": 1.05}, {"min_new_tokens": 2}, {"suppress_tokens": [3]}, {"num_beams": 4}):
+        assert shortcut_eos_ids(SimpleNamespace(generation_config=GenerationConfig(eos_token_id=5, **setting))) == set()
+    assert shortcut_eos_ids(SimpleNamespace()) == set()
