@@ -103,12 +103,17 @@ _ARG_MAX_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _leaves_arg_max(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """One generation setting is neutral: one of its neutral values, or an empty list (no banned tokens)."""
+    return value == [] or value in neutral
+
+
 def shortcut_eos_ids(model: nn.Module) -> set[int]:
     """The end-of-sequence ids that let a teacher-forced answer stand for a generated one; empty (no
     shortcut) when the model's generation config makes greedy decoding more than the arg-max, as a
     released model's repetition penalty does."""
     gc = getattr(model, "generation_config", None)
-    if gc is None or any(getattr(gc, k, None) not in ok and getattr(gc, k, None) != [] for k, ok in _ARG_MAX_VALUES.items()):
+    if gc is None or not all(_leaves_arg_max(getattr(gc, k, None), ok) for k, ok in _ARG_MAX_VALUES.items()):
         return set()
     eos = gc.eos_token_id
     return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
