@@ -66,6 +66,8 @@ VARIANTS.update({
     "TLQ per-linear importance": ("tlq", {"grad_at": "linear"}),
     "TLQ per-linear importance (all tokens)": ("tlq", {"grad_at": "linear", "token_select": False}),
     "TLQ layer-output importance (all tokens)": ("tlq", {"grad_at": "output", "token_select": False}),
+    # QIG's token weights (integrated gradients of each layer's rounding error) in TLQ's place
+    "TLQ with QIG weights (all tokens)": ("tlq", {"weighting": "integrated", "token_select": False}),
     "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
     "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),

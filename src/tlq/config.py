@@ -268,7 +268,7 @@ class ScaleSearchConfig:
 
 
 SOLVERS = ("rtn", "gptq")
-WEIGHTINGS = ("uniform", "modality", "token")
+WEIGHTINGS = ("uniform", "modality", "token", "integrated")
 # Where the importance pass takes token gradients (tlq.importance.gradients): each decoder layer's output,
 # its input, or its output plus each linear's own output ("linear": per-linear token weights).
 GRAD_AT = ("output", "input", "linear")
@@ -293,8 +293,16 @@ class ImportanceConfig:
     # float32), "auto" = bfloat16 where native: 0.62x the pass's time at LLaVA-OneVision-0.5B widths, but
     # it missed the val rule in two of six cells, so no preset uses it (docs/methods.md).
     matmul_dtype: str = "compute"
+    # weighting="integrated" (QIG, tlq.importance.integrated): midpoints of the path integral, and the
+    # interquartile fence the weights are clipped to; QIG's own values (32 points, Tukey's 1.5)
+    ig_steps: int = 32
+    ig_fence: float = 1.5
 
     def __post_init__(self) -> None:
+        if self.ig_steps < 1:
+            raise ConfigError(f"ig_steps must be a positive number of integration points, got {self.ig_steps}")
+        if self.ig_fence < 0:
+            raise ConfigError(f"ig_fence must be >= 0 (interquartile ranges beyond the quartiles), got {self.ig_fence}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise ConfigError(f"unknown importance matmul dtype {self.matmul_dtype!r}; choose one of {', '.join(MATMUL_DTYPES)}")
         if self.kind not in IMPORTANCE_KINDS:
@@ -372,7 +380,8 @@ class QuantizeConfig:
     solver: str = "gptq"  # how each linear's weight is solved: rtn | gptq
     search: ScaleSearchConfig = field(default_factory=ScaleSearchConfig)
     # How calibration tokens are weighted in every objective: uniform (plain PTQ), modality (MBQ:
-    # one gradient-derived weight per modality), token (TLQ: per-token gradient importance).
+    # one gradient-derived weight per modality), token (TLQ: per-token gradient importance), integrated
+    # (QIG: per layer, integrated gradients of the layer's rounding error; for comparison).
     weighting: str = "uniform"
     token_select: bool = False  # TLQ's token-level calibration set (drop unimportant tokens)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)  # how gradients become token weights
@@ -396,6 +405,15 @@ class QuantizeConfig:
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {self.weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
 
+    def layer_steps(self) -> tuple[str, ...]:
+        """The steps each layer runs: ``steps``, after the integrated-gradient weights where they are the
+        weighting (they must exist before the scale search reads them). Checked here, where the run
+        starts, not per field: options are applied one at a time."""
+        if self.weighting == "integrated" and self.token_select:
+            raise ConfigError("weighting 'integrated' computes its weights inside each layer, after the token-level set is chosen; "
+                              "add --no-token-select")
+        return ("integrated_gradients", *self.steps) if self.weighting == "integrated" else self.steps
+
     @property
     def fp_target(self) -> bool:
         """Whether GPTQ matches the FP model's outputs ``W X_fp``: the solve then reads the FP stream."""
@@ -406,7 +424,7 @@ class QuantizeConfig:
         (GPTQ's, a scale search's) read the quantized stream, or the FP one for FP-input calibration; the FP
         target reads the FP one; RTN without a search reads neither. A stream no step reads is run only for
         the report's error (``calib.error_samples``)."""
-        statistics = self.solver == "gptq" or self.search.kind != "none"
+        statistics = self.solver == "gptq" or self.search.kind != "none" or self.weighting == "integrated"
         return (statistics and not self.quantized_inputs) or self.fp_target, statistics and self.quantized_inputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -585,7 +603,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("search_dtype", "search.loss_dtype", "precision of the scale candidates' matmuls in a float32 run: compute (exact), bfloat16 "
            "(about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs; the targets stay float32) or auto (bfloat16 where the CPU has it)",
            group=_PARTS, choices=MATMUL_DTYPES),
-    Option("weighting", "weighting", "token weights: uniform | modality (MBQ) | token (TLQ)", group=_PARTS, choices=WEIGHTINGS),
+    Option("weighting", "weighting", "token weights: uniform | modality (MBQ) | token (TLQ) | integrated (QIG: per layer, integrated gradients of its rounding error)", group=_PARTS, choices=WEIGHTINGS),
     Option("token_select", "token_select", "use the token-level calibration set (--no-token-select: keep every token, weighted)", group=_PARTS, type=bool, negative="--no-token-select"),
     Option("grad_at", "importance.grad_at", "token importance from the gradient at each decoder layer's output, its input, or (linear) at each linear's own output",
            group=_PARTS, choices=GRAD_AT),

@@ -126,8 +126,8 @@ def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, conf
     """Gradient importance -> token weights (-> token budget); None for plain, unweighted calibration."""
     from tlq.importance.calibset import build_token_calibration_set, sample_valid_mask
 
-    if config.weighting == "uniform" and not config.token_select:
-        return None
+    if config.weighting in ("uniform", "integrated") and not config.token_select:
+        return None  # integrated-gradient weights are computed in each layer (tlq.importance.integrated)
     kind = _WEIGHTING_KIND.get(config.weighting, config.importance.kind)
     importance = dc_replace(config.importance, kind=kind)
     selection = config.selection if config.token_select else SelectionConfig(token_fraction=1.0)
@@ -196,7 +196,7 @@ def calibrate(model: str | Path, calib: str | Path, config: QuantizeConfig, *, p
     from tlq.engine.steps import check_steps
     from tlq.models.streaming import StreamedLayers
 
-    check_steps(config.steps)  # a misspelt step costs seconds, not a model load
+    check_steps(config.layer_steps())  # a misspelt step costs seconds, not a model load
     options = options or RunOptions(progress=progress)
     ctx = ctx or DistContext()
     t0 = time.perf_counter()

@@ -111,7 +111,7 @@ class LayerwiseEngine:
         self.clock = clock or PhaseClock()  # the run's phase times (QuantizeReport.phases)
         self.sample_ids: list[int] = []
         self.act_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self.steps = check_steps(config.steps)  # (phase, step) in the preset's order
+        self.steps = check_steps(config.layer_steps())  # (phase, step) in the preset's order
 
     # --- public ------------------------------------------------------------------------------------
     def capture_inputs(self, samples: list[CalibSample]) -> list[LayerInputs]:

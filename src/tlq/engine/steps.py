@@ -15,11 +15,13 @@ from tlq.config import ConfigError
 from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.smoothing import scale_search_step
 from tlq.engine.solve import solve_step
+from tlq.importance.integrated import integrated_gradients_step
 
 Step = Callable[[LayerContext, LayerState], None]
 
 # name -> (phase in the report, step)
 STEPS: dict[str, tuple[str, Step]] = {
+    "integrated_gradients": ("integrated-gradient token weights (QIG)", integrated_gradients_step),
     "scale_search": ("scale search", scale_search_step),
     "solve": ("statistics + solve (GPTQ/RTN, FP target)", solve_step),
 }
