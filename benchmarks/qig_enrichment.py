@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="a built-in needle model")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--scheme", default="w2a16", help="the rounding QIG attributes (w2a16: the needle models' gated cell)")
+    p.add_argument("--ig-steps", type=int, default=ImportanceConfig.ig_steps, help="integration points of QIG's path (QIG's own: 32)")
     p.add_argument("--out", required=True, help="report path without extension")
     args = p.parse_args()
     t0 = time.perf_counter()
@@ -77,6 +79,7 @@ def main() -> None:
     cfg = build_config(preset, "tlq", num_samples=args.num_samples, device="cpu", weighting="integrated", token_select=False)
     if stress is not None:
         cfg.scheme = stress
+    cfg.importance = dc_replace(cfg.importance, ig_steps=args.ig_steps)
     qig = capture_qig_weights(adapter, model, samples, cfg, dev)
     num_layers = grad_w[0].shape[0]
     qig_w = [torch.stack([qig[(layer, i)] for layer in range(num_layers)]) for i in range(len(samples))]
@@ -86,14 +89,15 @@ def main() -> None:
                             for w, s, t in zip(ws, samples, truths) if t is not None], dtype=torch.float64)
         rows[name] = [float(v) for v in per.nanmean(0)]
     share = sum(float(t.sum()) / float(s.visual_mask.sum()) for s, t in zip(samples, truths) if t is not None) / sum(t is not None for t in truths)
-    result = {"model": args.model, "scheme": args.scheme, "num_samples": len(samples), "samples_with_truth": sum(t is not None for t in truths),
+    result = {"model": args.model, "scheme": args.scheme, "ig_steps": args.ig_steps, "num_samples": len(samples), "samples_with_truth": sum(t is not None for t in truths),
               "target_share_of_visual_tokens": share, "enrichment_per_layer": rows, "minutes": (time.perf_counter() - t0) / 60,
               "command": "python benchmarks/qig_enrichment.py " + " ".join(sys.argv[1:])}
     atomic_write_json(f"{args.out}.json", result)
     head = "| weights | " + " | ".join(f"L{k}" for k in range(num_layers)) + " |"
     lines = [f"# Target enrichment of token weights: {args.model}", "", f"Command: `{result['command']}` ({result['minutes']:.1f} min)", "",
              f"{result['samples_with_truth']} calibration samples with ground truth; the targets are {100 * share:.1f}% of the visual tokens "
-             f"(the most any weighting can reach is ~{1 / share:.0f}). QIG attributes {args.scheme}'s rounding error.", "",
+             f"(the most any weighting can reach is ~{1 / share:.0f}). QIG attributes {args.scheme}'s rounding error, "
+             f"integrated over {args.ig_steps} points.", "",
              head, "|" + "---|" * (num_layers + 1)]
     lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for name, vals in rows.items()]
     atomic_write_text(f"{args.out}.md", "\n".join(lines) + "\n")
