@@ -11,7 +11,6 @@ before its statistics are taken: the group is calibrated on what it will see at 
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import replace
 from typing import Any, Callable
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from tlq.engine import distributed as D
 from tlq.engine.context import LayerContext, LayerState
 from tlq.engine.rows import kept_rows, layer_row_cuts, weights_of_rows
-from tlq.models.base import run_layer
+from tlq.models.base import hook_free_copy, run_layer
 from tlq.models.moe import RoutedLinear, rows_of
 from tlq.quant.quantizer import QuantizedWeight, add_input_quantizer
 from tlq.quant.solvers import LinearCalibrator, make_calibrator
@@ -35,7 +34,7 @@ def solve_step(ctx: LayerContext, state: LayerState) -> None:
     (function-preserving) scale folding, so that its inputs are in the same scaled coordinates as the
     quantized layer's; the copy is freed before the last, widest group is solved.
     """
-    fp_ref = (_fp_copy(ctx.layer), state.x_fp) if ctx.config.fp_target else None
+    fp_ref = (hook_free_copy(ctx.layer), state.x_fp) if ctx.config.fp_target else None
     xs = state.inputs(ctx.config)
     groups = _bounded(ctx, _groups(ctx, xs))
     for group in groups:
@@ -290,12 +289,3 @@ class _PartialForward:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _fp_copy(layer: nn.Module) -> nn.Module:
-    """A hook-free copy of ``layer`` as it is now (FP weights): the reference the FP target reads."""
-    ref = copy.deepcopy(layer)
-    for m in ref.modules():
-        m._forward_pre_hooks.clear()
-        m._forward_hooks.clear()
-    return ref

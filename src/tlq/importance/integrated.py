@@ -27,8 +27,7 @@ layer (two forwards and one backward per midpoint) per sample and layer.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,17 +35,15 @@ from torch import Tensor, nn
 from tlq.config import WeightQuantSpec
 from tlq.engine.context import LayerContext, LayerState
 from tlq.importance.gradients import frozen_parameters
-from tlq.models.base import run_layer
+from tlq.models.base import hook_free_copy, run_layer
 from tlq.quant.rtn import rtn_fake_quantize
 
 
-def rounded_copy(layer: nn.Module, spec: WeightQuantSpec, keep: Any = lambda _name: False) -> nn.Module:
+def rounded_copy(layer: nn.Module, spec: WeightQuantSpec, keep: Callable[[str], bool] = lambda _name: False) -> nn.Module:
     """A hook-free copy of ``layer`` with every linear's weight rounded to nearest at ``spec`` (those
     ``keep`` names stay as they are: the adapter's 16-bit modules)."""
-    ref = copy.deepcopy(layer)
+    ref = hook_free_copy(layer)
     for name, m in ref.named_modules():
-        m._forward_pre_hooks.clear()
-        m._forward_hooks.clear()
         if isinstance(m, nn.Linear) and not keep(name):
             m.weight.data = rtn_fake_quantize(m.weight.data, spec)
     return ref

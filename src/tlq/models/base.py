@@ -7,6 +7,7 @@ is *data* (``ModelSpec``); the little code that differs per family overrides one
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -292,6 +293,16 @@ def read_model_type(model_dir: Path) -> str:
     if not model_type:
         raise ConfigError(f"{cfg_path} has no 'model_type'; is this a transformers checkpoint?")
     return str(model_type)
+
+
+def hook_free_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` as it is now, without the forward hooks the engine put on it (activation
+    quantizers, observers): a reference the calibration steps can run beside the module itself."""
+    ref = copy.deepcopy(module)
+    for m in ref.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return ref
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
