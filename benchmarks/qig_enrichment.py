@@ -83,13 +83,14 @@ def main() -> None:
     qig = capture_qig_weights(adapter, model, samples, cfg, dev)
     num_layers = grad_w[0].shape[0]
     qig_w = [torch.stack([qig[(layer, i)] for layer in range(num_layers)]) for i in range(len(samples))]
+    known = [i for i, t in enumerate(truths) if t is not None]  # samples with ground truth
     rows: dict[str, list[float]] = {}
     for name, ws in (("TLQ (answer-loss gradients)", grad_w), ("QIG (rounding-error integrated gradients)", qig_w)):
-        per = torch.tensor([[float("nan") if v is None else v for v in _enrichment(w, s.visual_mask, t)]
-                            for w, s, t in zip(ws, samples, truths) if t is not None], dtype=torch.float64)
+        per = torch.tensor([[float("nan") if v is None else v for v in _enrichment(ws[i], samples[i].visual_mask, truths[i])] for i in known],
+                           dtype=torch.float64)
         rows[name] = [float(v) for v in per.nanmean(0)]
-    share = sum(float(t.sum()) / float(s.visual_mask.sum()) for s, t in zip(samples, truths) if t is not None) / sum(t is not None for t in truths)
-    result = {"model": args.model, "scheme": args.scheme, "ig_steps": args.ig_steps, "num_samples": len(samples), "samples_with_truth": sum(t is not None for t in truths),
+    share = sum(float(truths[i].sum()) / float(samples[i].visual_mask.sum()) for i in known) / len(known)
+    result = {"model": args.model, "scheme": args.scheme, "ig_steps": args.ig_steps, "num_samples": len(samples), "samples_with_truth": len(known),
               "target_share_of_visual_tokens": share, "enrichment_per_layer": rows, "minutes": (time.perf_counter() - t0) / 60,
               "command": "python benchmarks/qig_enrichment.py " + " ".join(sys.argv[1:])}
     atomic_write_json(f"{args.out}.json", result)

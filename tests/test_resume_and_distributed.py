@@ -77,8 +77,9 @@ def _calib_tokens(model: Path, calib: Path) -> int:
 def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, common_extra, two_rank_extra):
     """TLQ (importance, token selection, weighted GPTQ) and MBQ (modality weights, scale search); and
     GPTQ with the FP target (its cross statistics all-reduced too), 2 ranks each streaming the layers
-    from disk against 1 in-memory process; TLQ with QIG's weights (each rank weighs its own samples). TLQ's token floor sits between one rank's tokens and the
-    set's: a floor counted per rank would keep every token on both ranks and change the codes."""
+    from disk against 1 in-memory process; TLQ with QIG's weights (each rank weighs its own samples).
+    TLQ's token floor sits between one rank's tokens and the set's: a floor counted per rank would keep
+    every token on both ranks and change the codes."""
     if method == "tlq":
         common_extra = (*common_extra, "--token-floor", str(3 * _calib_tokens(deep_model, tiny_calib_jsonl) // 4))
     for nproc in ("1", "2"):
