@@ -68,6 +68,8 @@ VARIANTS.update({
     "TLQ layer-output importance (all tokens)": ("tlq", {"grad_at": "output", "token_select": False}),
     # QIG's token weights (integrated gradients of each layer's rounding error) in TLQ's place
     "TLQ with QIG weights (all tokens)": ("tlq", {"weighting": "integrated", "token_select": False}),
+    # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
+    "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
     "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
     "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),

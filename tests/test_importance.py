@@ -24,6 +24,8 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
+from tlq.importance.gradients import softmax_curvature
+from tlq.importance.weights import sample_factors
 from tlq.models.base import get_submodule, grid_boxes
 from tlq.models.tiny import FAMILIES
 
@@ -250,6 +252,66 @@ def test_pipeline_floors_the_budget_on_the_all_ranks_token_count(tiny_vlm_dir, t
     # Another rank holds as many tokens again: the floor is half the set, so each sample keeps its half.
     monkeypatch.setattr(pipeline, "all_reduce_scalar_sum", lambda x: 2 * x)
     assert selected(pipeline.token_calibration_set(adapter, model, samples, cfg, torch.device("cpu"), False)) == sum(round(s.seq_len / 2) for s in samples)
+
+
+def test_softmax_curvature_is_the_trace_of_the_kl_hessian():
+    """1 - sum p^2 is the trace of d^2 KL(softmax(z) || softmax(z + d)) / dd^2 at d = 0: how much a small
+    logit error moves the answer's distribution."""
+    z = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    traces = []
+    for row in z:
+        p = row.softmax(-1)
+        kl = lambda d, p=p, row=row: (p * (p.log() - (row + d).log_softmax(-1))).sum()  # noqa: E731
+        traces.append(float(torch.autograd.functional.hessian(kl, torch.zeros(7, dtype=torch.float64)).trace()))
+    assert softmax_curvature(z) == pytest.approx(sum(traces) / 3, rel=1e-9)
+    assert softmax_curvature(torch.tensor([[30.0, 0.0, 0.0]])) < 1e-12  # a sure answer: no error moves it
+    assert softmax_curvature(torch.zeros(1, 4)) == pytest.approx(0.75)  # uniform over 4: 1 - 1/4
+
+
+def test_importance_pass_reports_the_answers_curvature(tiny_vlm_dir, tiny_calib_jsonl):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=2)
+    for s in samples:
+        g = layerwise_token_gradients(adapter, model, s)
+        with torch.no_grad():
+            logits = model(**s.inputs).logits[0].float()
+        at = s.answer_mask.nonzero().reshape(-1)
+        p = logits[at[at > 0] - 1].softmax(-1)
+        assert g.curvature == pytest.approx(float((1 - p.pow(2).sum(-1)).mean()), rel=1e-4)
+
+
+def test_sample_factors_follow_the_curvature_with_a_floor_and_a_set_wide_mean():
+    assert sample_factors([0.1, 0.3], 0.1) == pytest.approx([0.5, 1.5])
+    assert sample_factors([0.0, 0.2, float("nan")], 0.1) == pytest.approx([0.1, 3.0, 0.1])  # no answer: the floor
+    assert sample_factors([0.0, 0.0], 0.1) == [1.0, 1.0]  # all sure: no preference
+    # One rank of two: the mean is the set's (the other rank holds a sample at 0.5), not this rank's.
+    other = lambda xs: [xs[0] + 0.5, xs[1] + 1.0]  # noqa: E731
+    assert sample_factors([0.1, 0.3], 0.1, other) == pytest.approx([0.1 / 0.3, 1.0])
+
+
+def test_curvature_sample_weights_scale_each_sample_and_keep_its_tokens(tiny_vlm_dir, tiny_calib_jsonl):
+    adapter, model, _proc, samples = _setup(tiny_vlm_dir, tiny_calib_jsonl, "qwen2_vl", n=2)
+    # A random tiny model is about as unsure of every answer; give the two samples different curvatures.
+    grads = [replace(layerwise_token_gradients(adapter, model, s, at="linear"), curvature=c) for s, c in zip(samples, (0.1, 0.3))]
+    sel = SelectionConfig(token_floor=0)
+    equal = build_token_calibration_set(adapter, model, samples, ImportanceConfig(grad_at="linear"), sel, gradients=grads)
+    curved = build_token_calibration_set(adapter, model, samples, ImportanceConfig(grad_at="linear", sample_weights="curvature"), sel, gradients=grads)
+    for e, c, f in zip(equal.weights, curved.weights, (0.5, 1.5)):
+        torch.testing.assert_close(c, e * f)
+        assert torch.equal(c > 0, e > 0)  # the token-level set keeps the same tokens
+    with pytest.raises(ValueError, match="uniform"):
+        build_token_calibration_set(adapter, model, samples, ImportanceConfig(kind="uniform", sample_weights="curvature"), sel)
+
+
+def test_sample_weights_are_refused_where_no_importance_pass_runs():
+    with pytest.raises(ConfigError, match="--sample-weights equal"):
+        build_config("w4a16", "gptq", sample_weights="curvature").layer_steps()
+    with pytest.raises(ConfigError, match="--sample-weights equal"):
+        build_config("w4a16", "tlq", weighting="integrated", token_select=False, sample_weights="curvature").layer_steps()
+    assert build_config("w4a16", "mbq", sample_weights="curvature").layer_steps() == ("scale_search", "solve")
+    with pytest.raises(ConfigError, match="sample weights"):
+        ImportanceConfig(sample_weights="loss")
+    with pytest.raises(ConfigError, match="sample_floor"):
+        ImportanceConfig(sample_floor=1.5)
 
 
 def test_selection_ties_are_random_but_seeded():

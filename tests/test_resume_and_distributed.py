@@ -70,14 +70,15 @@ def _calib_tokens(model: Path, calib: Path) -> int:
 @pytest.mark.parametrize(
     ("scheme", "method", "common_extra", "two_rank_extra"),
     [("w4a8", "tlq", (), ()), ("w3a16", "mbq", (), ()), ("w4a16", "gptq", ("--gptq-target", "fp"), ("--stream",)),
-     ("w3a16", "tlq", ("--weighting", "integrated", "--no-token-select"), ())],
-    ids=["tlq-w4a8", "mbq-w3a16", "gptq-fp-target-w4a16-2-ranks-streamed", "tlq-qig-weights-w3a16"],
+     ("w3a16", "tlq", ("--weighting", "integrated", "--no-token-select"), ()), ("w3a16", "tlq", ("--sample-weights", "curvature"), ())],
+    ids=["tlq-w4a8", "mbq-w3a16", "gptq-fp-target-w4a16-2-ranks-streamed", "tlq-qig-weights-w3a16", "tlq-curvature-sample-weights-w3a16"],
 )
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(deep_model, tiny_calib_jsonl, tmp_path, scheme, method, common_extra, two_rank_extra):
     """TLQ (importance, token selection, weighted GPTQ) and MBQ (modality weights, scale search); and
     GPTQ with the FP target (its cross statistics all-reduced too), 2 ranks each streaming the layers
-    from disk against 1 in-memory process; TLQ with QIG's weights (each rank weighs its own samples).
+    from disk against 1 in-memory process; TLQ with QIG's weights (each rank weighs its own samples); TLQ
+    with curvature sample weights (their mean is the whole set's, over both ranks).
     TLQ's token floor sits between one rank's tokens and the set's: a floor counted per rank would keep
     every token on both ranks and change the codes."""
     if method == "tlq":

@@ -85,7 +85,7 @@ def test_streamed_importance_equals_the_in_memory_pass(tiny_vlm_dir, tiny_calib_
     got = token_gradients(adapter, streamed.model, samples, at=at, layers=source)
     for g, w in zip(got, want):
         assert torch.equal(g.grad, w.grad)
-        assert g.loss == w.loss and g.num_answer_tokens == w.num_answer_tokens and g.linear_names == w.linear_names
+        assert g.loss == w.loss and g.curvature == w.curvature and g.num_answer_tokens == w.num_answer_tokens and g.linear_names == w.linear_names
     backward = [2, 1] if at == "output" else [2, 1, 0]  # the output gradient of layer 0 needs no layer-0 pass
     assert source.loads == [0, 1, 2] + backward
 

@@ -273,6 +273,7 @@ WEIGHTINGS = ("uniform", "modality", "token", "integrated")
 # its input, or its output plus each linear's own output ("linear": per-linear token weights).
 GRAD_AT = ("output", "input", "linear")
 IMPORTANCE_KINDS = ("grad2", "grad", "modality", "uniform")
+SAMPLE_WEIGHTS = ("equal", "curvature")
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,12 @@ class ImportanceConfig:
     # interquartile fence the weights are clipped to; QIG's own values (32 points, Tukey's 1.5)
     ig_steps: int = 32
     ig_fence: float = 1.5
+    # How much of the objective each sample gets. equal: every sample's weights have mean 1. curvature:
+    # scaled by its answer's softmax curvature under the FP model, 1 - sum_v p_v^2 (the trace of the
+    # second-order KL term at a logit), over the set's mean; a sure answer, which no rounding error flips,
+    # then counts less than a near-tie (docs/methods.md). sample_floor: no sample below this share of the mean.
+    sample_weights: str = "equal"
+    sample_floor: float = 0.1
 
     def __post_init__(self) -> None:
         if self.ig_steps < 1:
@@ -315,6 +322,10 @@ class ImportanceConfig:
             raise ConfigError(f"grad_at must be one of {', '.join(GRAD_AT)}, got {self.grad_at!r}")
         if not 0.0 <= self.modality_mix <= 1.0:
             raise ConfigError(f"modality_mix must be in [0, 1], got {self.modality_mix}")
+        if self.sample_weights not in SAMPLE_WEIGHTS:
+            raise ConfigError(f"unknown sample weights {self.sample_weights!r}; choose one of {', '.join(SAMPLE_WEIGHTS)}")
+        if not 0.0 <= self.sample_floor <= 1.0:
+            raise ConfigError(f"sample_floor must be in [0, 1] (a share of the mean sample weight), got {self.sample_floor}")
 
     @property
     def needs_gradients(self) -> bool:
@@ -412,6 +423,9 @@ class QuantizeConfig:
         if self.weighting == "integrated" and self.token_select:
             raise ConfigError("weighting 'integrated' computes its weights inside each layer, after the token-level set is chosen; "
                               "add --no-token-select")
+        if self.importance.sample_weights != "equal" and self.weighting in ("uniform", "integrated"):
+            raise ConfigError(f"sample weights {self.importance.sample_weights!r} are read off the gradient importance pass, which "
+                              f"weighting {self.weighting!r} does not run; use --weighting token or modality, or --sample-weights equal")
         return ("integrated_gradients", *self.steps) if self.weighting == "integrated" else self.steps
 
     @property
@@ -610,6 +624,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("importance_dtype", "importance.matmul_dtype", "precision of the importance pass's matmuls in a float32 run: compute (exact), "
            "bfloat16 (through autocast; norms, softmax and the loss stay float32) or auto (bfloat16 where the CPU has it)",
            group=_PARTS, choices=MATMUL_DTYPES),
+    Option("sample_weights", "importance.sample_weights", "each sample's share of the objective: equal, or by its answer's softmax "
+           "curvature under the FP model (curvature: near-ties count more than sure answers)", group=_PARTS, choices=SAMPLE_WEIGHTS),
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
     Option("token_floor", "selection.token_floor", "the token-level set keeps at least this many tokens over all samples "
            "(a smaller set keeps every token; 0: no floor)", group=_PARTS, type=int),

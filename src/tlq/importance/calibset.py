@@ -21,7 +21,7 @@ drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` ca
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tlq.config import SelectionConfig
 from tlq.data.calibration import CalibSample
 from tlq.importance.gradients import TokenGradients, token_gradients
-from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
+from tlq.importance.weights import ImportanceConfig, integrate, layer_rows, sample_factors
 from tlq.models.base import ModelAdapter
 
 
@@ -184,10 +184,13 @@ def sample_valid_mask(sample: CalibSample) -> Tensor:
     return torch.ones(sample.seq_len, dtype=torch.bool) if am is None else am.reshape(-1).to(torch.bool).cpu()
 
 
-def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None, total_valid: int | None = None) -> TokenCalibrationSet:
-    """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` -> token budget.
+def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None, total_valid: int | None = None,
+                                reduce_sums: Callable[[list[float]], list[float]] | None = None) -> TokenCalibrationSet:
+    """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` (-> each sample's factor,
+    ``sample_weights="curvature"``) -> token budget.
 
-    ``total_valid``: the whole set's valid tokens over all ranks (see :meth:`TokenCalibrationSet.select`).
+    ``total_valid``: the whole set's valid tokens over all ranks (see :meth:`TokenCalibrationSet.select`);
+    ``reduce_sums`` sums a list of numbers over ranks, for the sample factors' set-wide mean (:func:`sample_factors`).
     Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run; ``layers`` and
     ``store`` stream the pass over a model whose layers are loaded one at a time (see there); ``layer0``
     are the samples' layer-0 inputs if captured already.
@@ -201,4 +204,9 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
     names = gradients[0].linear_names if gradients else ()
     valids = [sample_valid_mask(s) for s in samples]
     weights = [integrate(r, s.visual_mask, importance, v) for r, s, v in zip(raws, samples, valids)]
+    if importance.sample_weights == "curvature":
+        if gradients is None:
+            raise ValueError("sample_weights='curvature' is read off the importance pass, which kind='uniform' does not run")
+        factors = sample_factors([g.curvature for g in gradients], importance.sample_floor, reduce_sums)
+        weights = [w * f for w, f in zip(weights, factors)]
     return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names, total_valid)

@@ -59,6 +59,7 @@ class TokenGradients:
     loss: float  # mean answer-token cross-entropy (nan when the sample has no predictable answer token)
     num_answer_tokens: int  # answer tokens that enter the loss (an answer token at position 0 cannot)
     linear_names: tuple[str, ...] = ()  # with at="linear": the linears of a decoder layer, by name within it
+    curvature: float = float("nan")  # the answer's mean softmax curvature under the FP model (softmax_curvature)
 
 
 @contextmanager
@@ -91,16 +92,25 @@ def answer_targets(input_ids: Tensor, answer_mask: Tensor) -> tuple[Tensor, Tens
     return targets_at - 1, ids[targets_at]
 
 
-def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy (float32) of ``targets`` from the last decoder layer's output ``hidden`` [1, seq, d].
+def head_loss(adapter: ModelAdapter, model: nn.Module, hidden: Tensor, positions: Tensor, targets: Tensor) -> tuple[Tensor, float]:
+    """Mean cross-entropy (float32) of ``targets`` from the last decoder layer's output ``hidden`` [1, seq, d],
+    and the answer's mean softmax curvature (:func:`softmax_curvature`) at the same positions.
 
     Only the predicting positions go through the final norm and LM head: the norm is per token, so
     the loss and its gradient are those of the full head.
     """
     norm = get_submodule(model, adapter.spec.final_norm)
     head = get_submodule(model, adapter.spec.lm_head)
-    logits = head(norm(hidden[:, positions.to(hidden.device)]))
-    return nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device), reduction="mean")
+    logits = head(norm(hidden[:, positions.to(hidden.device)]))[0].float()
+    return nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="mean"), softmax_curvature(logits.detach())
+
+
+def softmax_curvature(logits: Tensor) -> float:
+    """``1 - sum_v p_v^2``, averaged over positions: the trace of the softmax's covariance
+    ``diag(p) - p p^T``, which is the curvature of ``KL(p || softmax(z + d))`` in a logit error ``d``.
+    0 for a sure prediction (no small error moves it), up to ``1 - 1/V`` for a uniform one."""
+    p = logits.softmax(-1)
+    return float((1.0 - p.pow(2).sum(-1)).mean())
 
 
 def layer_linear_names(layers: Any) -> tuple[str, ...]:
@@ -186,7 +196,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
                 h = adapter.layer_step(i, layer, h, kwargs, between)
         # 2. head loss -> gradient at the last layer's output.
         out = h.detach().requires_grad_(True)
-        loss = head_loss(adapter, model, out, positions, targets)
+        loss, curvature = head_loss(adapter, model, out, positions, targets)
         (g,) = torch.autograd.grad(loss, out)
         del out, h
         # 3. walk backwards through the layers, one graph at a time.
@@ -203,7 +213,7 @@ def layerwise_token_gradients(adapter: ModelAdapter, model: nn.Module, sample: C
             for k, row in enumerate(rows):
                 grads[i, 1 + k] = row
             stored[i] = None  # type: ignore[call-overload]  # free the boundary as soon as it is used
-    return TokenGradients(grads, float(loss.detach()), int(positions.numel()), names)
+    return TokenGradients(grads, float(loss.detach()), int(positions.numel()), names, curvature)
 
 
 def _norms(g: Tensor, squared: bool) -> Tensor:
@@ -246,6 +256,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         warnings.warn(f"{len(samples) - len(scored)} calibration samples have no answer token to score; their token gradients are zero", stacklevel=2)
     names: tuple[str, ...] = ()
     losses = [float("nan")] * len(samples)
+    curvatures = [float("nan")] * len(samples)
     firsts = [layer0[i] if layer0 is not None else adapter.capture_layer0_inputs(model, tree_to(samples[i].inputs, dev)) for i in scored]
     kwargs = [tree_to(f.kwargs, dev) for f in firsts]  # small (positions, mask): moved once, used 2L times
     between = [f.between for f in firsts]  # stays on CPU: the adapter's step moves what a layer uses
@@ -269,7 +280,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
         g: list[Tensor] = []
         for i, x in zip(scored, h):
             out = x.to(dev).requires_grad_(True)
-            loss = head_loss(adapter, model, out, *targets[i])
+            loss, curvatures[i] = head_loss(adapter, model, out, *targets[i])
             g.append(torch.autograd.grad(loss, out)[0])
             losses[i] = float(loss.detach())
         del h
@@ -291,7 +302,7 @@ def streamed_token_gradients(adapter: ModelAdapter, model: nn.Module, layers: La
             inputs[li] = None
             bar.update()
     bar.close()
-    return [TokenGradients(grads[i], losses[i], int(targets[i][0].numel()), names) for i in range(len(samples))]
+    return [TokenGradients(grads[i], losses[i], int(targets[i][0].numel()), names, curvatures[i]) for i in range(len(samples))]
 
 
 def _close(container: Any) -> None:

@@ -19,6 +19,9 @@ per layer row and over the sample's valid tokens only:
    that no token's error is ignored entirely;
 7. renormalisation to mean 1 (``normalize_per_sample``).
 
+Across samples, :func:`sample_factors` (``sample_weights="curvature"``) then scales each sample's weights
+by how near its answer is to flipping, which the per-sample normalisation above leaves out.
+
 The result is non-negative and finite; invalid tokens (padding) get 0. With normalisation on, a row
 with no gradient at all (a sample without answer tokens) becomes uniform; with it off, weights stay in
 raw gradient units and such a row stays 0. Defaults are a starting point, to be tuned by
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -134,3 +138,20 @@ def integrate(raw: Tensor, visual_mask: Tensor, cfg: ImportanceConfig | None = N
     if cfg.normalize_per_sample:
         w = _normalize(w, valid)
     return w * vf
+
+
+def sample_factors(curvatures: list[float], floor: float, reduce_sums: Callable[[list[float]], list[float]] | None = None) -> list[float]:
+    """Each sample's share of the objective from its answer's softmax curvature (``sample_weights="curvature"``).
+
+    ``c_i / mean(c)``, raised to at least ``floor`` (a share of the mean, so no sample drops out); a
+    sample without a curvature (no answer token to score: nan) gets the floor. The mean is over the
+    whole calibration set: ``reduce_sums`` sums ``[sum, count]`` over ranks (identity in one process),
+    so a sample's factor does not depend on which rank holds it. A set whose answers are all sure
+    (mean 0) has no preference: every factor is 1.
+    """
+    c = [x if math.isfinite(x) and x > 0 else 0.0 for x in curvatures]
+    total, count = (reduce_sums or (lambda xs: xs))([math.fsum(c), float(len(c))])
+    if not total > 0:
+        return [1.0] * len(c)
+    mean = total / count
+    return [max(x / mean, floor) for x in c]
