@@ -278,6 +278,7 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
                 "num_text": int((~s.visual_mask).sum()),
                 "num_answer": g.num_answer_tokens,
                 "loss": _finite(g.loss),
+                "answer_curvature": _finite(g.curvature),  # 1 - sum p^2: how near the answer is to flipping
                 "visual_token_grid": list(grid) if grid else None,
                 "mean_weight_visual_per_layer": vis_w,
                 "mean_weight_text_per_layer": txt_w,
