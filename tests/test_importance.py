@@ -314,6 +314,25 @@ def test_sample_weights_are_refused_where_no_importance_pass_runs():
         ImportanceConfig(sample_floor=1.5)
 
 
+def test_random_rank_keeps_a_seeded_subset_of_the_same_size_whatever_the_weights():
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(3, 200, generator=g)
+    visual = torch.arange(200) < 150
+    cfg = SelectionConfig(token_fraction=0.25, token_floor=0, rank="random")
+    pick = lambda weights, seed=0: select_tokens(weights, visual, cfg, generator=torch.Generator().manual_seed(seed)) > 0  # noqa: E731
+    chosen = pick(w)
+    assert chosen.sum(-1).tolist() == [50, 50, 50] and torch.equal(chosen[0], chosen[2])  # one subset for every row
+    assert torch.equal(pick(w.flip(-1)), chosen)  # the weights do not choose it
+    assert torch.equal(pick(w), chosen) and not torch.equal(pick(w, seed=1), chosen)  # seeded per sample
+    assert int(chosen[0, 150:].sum()) >= 5  # text keeps its reserved share of the budget
+    by_weight = select_tokens(w, visual, replace(cfg, rank="importance"), generator=torch.Generator().manual_seed(0)) > 0
+    assert not torch.equal(by_weight, chosen)
+    kept = select_tokens(w, visual, cfg, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kept[chosen], w[chosen])  # the kept tokens keep their weights
+    with pytest.raises(ConfigError, match="token rank"):
+        SelectionConfig(rank="loss")
+
+
 def test_selection_ties_are_random_but_seeded():
     w, visual = torch.ones(1, 100), torch.zeros(100, dtype=torch.bool)
     a = select_tokens(w, visual, SelectionConfig(token_floor=0), generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ NON_DEFAULT = {
     "search_scope": ("block", "block"), "search_samples": ("9", 9), "search_dtype": ("bfloat16", "bfloat16"), "search_record": ("layer", "layer"),
     "importance_dtype": ("bfloat16", "bfloat16"), "weighting": ("token", "token"),
     "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25), "token_floor": ("12345", 12345),
-    "sample_weights": ("curvature", "curvature"),
+    "sample_weights": ("curvature", "curvature"), "token_rank": ("random", "random"),
     "kept_rows_passes": (None, True), "gptq_fp_shift": ("deferred", "deferred"),
     "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"),
 }

@@ -274,6 +274,7 @@ WEIGHTINGS = ("uniform", "modality", "token", "integrated")
 GRAD_AT = ("output", "input", "linear")
 IMPORTANCE_KINDS = ("grad2", "grad", "modality", "uniform")
 SAMPLE_WEIGHTS = ("equal", "curvature")
+TOKEN_RANKS = ("importance", "random")
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,11 @@ class SelectionConfig:
     # accuracy; from 16 samples on it did not (docs/methods.md, "A floored token budget"). Real sets hold
     # 10^5 tokens or more, so the floor only ever binds where calibration is cheap anyway.
     token_floor: int = 2048
-    seed: int = 0  # tie-breaking permutation
+    # Which tokens fill the budget: the highest-weighted (importance, TLQ's set) or a seeded random subset,
+    # the same for every weight row of a sample (random: what a compact set without importance would keep;
+    # a control for what ranking by importance buys at the same budget).
+    rank: str = "importance"
+    seed: int = 0  # tie-breaking permutation (and the random subsets)
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
     # rows some linear keeps (MLP, o_proj and attention queries; tlq.engine.rows), as the search's
     # candidates always do: the same statistics up to float rounding, about half their forward work. On in
@@ -364,6 +369,8 @@ class SelectionConfig:
             raise ConfigError(f"min_modality_share must be in [0, 0.5], got {self.min_modality_share}")
         if self.token_floor < 0:
             raise ConfigError(f"token_floor must be a number of tokens >= 0 (0: no floor), got {self.token_floor}")
+        if self.rank not in TOKEN_RANKS:
+            raise ConfigError(f"unknown token rank {self.rank!r}; choose one of {', '.join(TOKEN_RANKS)}")
 
     def budget(self, num_valid: int, total_valid: int | None = None) -> int:
         """Tokens one sample with ``num_valid`` valid tokens keeps, in a set of ``total_valid`` in all
@@ -629,6 +636,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
     Option("token_floor", "selection.token_floor", "the token-level set keeps at least this many tokens over all samples "
            "(a smaller set keeps every token; 0: no floor)", group=_PARTS, type=int),
+    Option("token_rank", "selection.rank", "which tokens the token-level set keeps: the highest-weighted (importance) or a "
+           "seeded random subset of the same size (random: a control for what ranking by importance buys)", group=_PARTS, choices=TOKEN_RANKS),
     Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
            "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
     Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "

@@ -12,7 +12,9 @@ of tokens:
 * each modality present in the sample first gets its ``min_modality_share`` of the budget (its top
   tokens by weight, or all of them if it has fewer), so neither visual nor text tokens vanish;
 * the rest of the budget goes to the highest-weight remaining tokens. Ties are broken by a seeded
-  permutation (not by position), so uniform weights select a random, reproducible subset.
+  permutation (not by position), so uniform weights select a random, reproducible subset;
+* ``rank="random"`` fills the budget (reservations included) by a seeded random draw instead of by
+  weight, whatever the weights: the control for what ranking by importance buys at the same budget.
 
 Selected tokens keep their integrated weights; the others get weight 0, which the engine's statistics
 drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` callback.
@@ -52,9 +54,11 @@ def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | N
     q_vis = min(math.ceil(cfg.min_modality_share * k), n_vis)
     q_txt = min(math.ceil(cfg.min_modality_share * k), n_txt)
 
-    # Sort each row by weight (descending), ties in a seeded random order; invalid tokens last.
+    # Sort each row by weight (descending), ties in a seeded random order; invalid tokens last. A random
+    # rank sorts by one seeded draw per token instead, shared by the rows: the same subset in every row.
     perm = torch.randperm(seq, generator=generator)
-    key = torch.where(valid, w, torch.full_like(w, -math.inf))[:, perm]
+    score = torch.rand(seq, generator=generator).expand_as(w) if cfg.rank == "random" else w
+    key = torch.where(valid, score, torch.full_like(w, -math.inf))[:, perm]
     order = perm[torch.argsort(key, dim=-1, descending=True, stable=True)]  # [L, seq] token indices
     vis_s, valid_s = visual[order], valid[order]
     txt_s = ~vis_s & valid_s
