@@ -71,12 +71,14 @@ VARIANTS.update({
     # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
     "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
-    # subsets of the same size, with and without importance weights (no floor, so the budget binds)
+    # subsets of the same size, with and without importance weights, and a draw in proportion to the weights
+    # (no floor, so the budget binds)
     **{name: ("tlq", {"token_fraction": frac, "token_floor": 0, **extra})
        for pct, frac in (("10%", 0.1), ("25%", 0.25))
        for name, extra in ((f"TLQ {pct} tokens (no floor)", {}),
                            (f"TLQ {pct} random tokens (no floor)", {"token_rank": "random"}),
-                           (f"TLQ {pct} random tokens with uniform weights (no floor)", {"token_rank": "random", "weighting": "uniform"}))},
+                           (f"TLQ {pct} random tokens with uniform weights (no floor)", {"token_rank": "random", "weighting": "uniform"}),
+                           (f"TLQ {pct} sampled tokens (no floor)", {"token_rank": "sampled"}))},
     "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
     "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),

@@ -24,6 +24,7 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
+from tlq.importance.calibset import inclusion_probabilities, sample_tokens
 from tlq.importance.gradients import softmax_curvature
 from tlq.importance.weights import sample_factors
 from tlq.models.base import get_submodule, grid_boxes
@@ -331,6 +332,34 @@ def test_random_rank_keeps_a_seeded_subset_of_the_same_size_whatever_the_weights
     assert torch.equal(kept[chosen], w[chosen])  # the kept tokens keep their weights
     with pytest.raises(ConfigError, match="token rank"):
         SelectionConfig(rank="loss")
+
+
+def test_inclusion_probabilities_fill_the_budget_in_proportion_capped_at_one():
+    w = torch.tensor([[10.0, 1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 2.0, 0.0, 0.0, 0.0]])
+    pi = inclusion_probabilities(w, 3)
+    # row 0: the heavy token is certain, the other 2 places spread over four equal tokens; row 1 has 3 weighted tokens
+    torch.testing.assert_close(pi, torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.5, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(inclusion_probabilities(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 2), torch.tensor([[0.2, 0.4, 0.6, 0.8]], dtype=torch.float64))
+
+
+def test_sampled_tokens_are_an_unbiased_estimate_of_the_whole_weighted_set():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(1, 40, generator=g).pow(3) * 10 + 0.05  # skewed: a few heavy tokens, many light ones
+    draws = sample_tokens(w.expand(40_000, -1), 8, torch.Generator().manual_seed(1))  # each row is one draw
+    assert ((draws > 0).sum(-1) == 8).all()  # exactly the budget, every draw
+    pi = inclusion_probabilities(w, 8)[0]
+    assert torch.equal((draws[:, pi >= 1] > 0).all(0), torch.ones(int((pi >= 1).sum()), dtype=torch.bool))  # certain tokens always kept
+    light = draws[:, pi < 1]
+    assert torch.allclose(light[light > 0], light[light > 0][0])  # every uncapped token drawn weighs 1 / c
+    # E[kept weight] = weight for every token: each token's mean over the draws within 4.5 of its standard errors
+    # (a token drawn with chance pi has variance w^2 (1 - pi) / pi per draw); top-k would miss the light ones by 100%
+    se = (w[0].double() ** 2 * (1 - pi) / pi / draws.shape[0]).sqrt().clamp(min=1e-12)
+    assert ((draws.double().mean(0) - w[0]).abs() / se).max() < 4.5
+    # through select_tokens: the same budget as the top-k set, seeded per sample
+    cfg = SelectionConfig(token_fraction=0.2, token_floor=0, rank="sampled")
+    visual = torch.arange(40) < 30
+    a = select_tokens(w, visual, cfg, generator=torch.Generator().manual_seed(3))
+    assert int((a > 0).sum()) == 8 and torch.equal(a, select_tokens(w, visual, cfg, generator=torch.Generator().manual_seed(3)))
 
 
 def test_selection_ties_are_random_but_seeded():

@@ -274,7 +274,7 @@ WEIGHTINGS = ("uniform", "modality", "token", "integrated")
 GRAD_AT = ("output", "input", "linear")
 IMPORTANCE_KINDS = ("grad2", "grad", "modality", "uniform")
 SAMPLE_WEIGHTS = ("equal", "curvature")
-TOKEN_RANKS = ("importance", "random")
+TOKEN_RANKS = ("importance", "random", "sampled")
 
 
 @dataclass(frozen=True)
@@ -349,9 +349,10 @@ class SelectionConfig:
     # accuracy; from 16 samples on it did not (docs/methods.md, "A floored token budget"). Real sets hold
     # 10^5 tokens or more, so the floor only ever binds where calibration is cheap anyway.
     token_floor: int = 2048
-    # Which tokens fill the budget: the highest-weighted (importance, TLQ's set) or a seeded random subset,
+    # Which tokens fill the budget: the highest-weighted (importance, TLQ's set), a seeded random subset,
     # the same for every weight row of a sample (random: what a compact set without importance would keep;
-    # a control for what ranking by importance buys at the same budget).
+    # a control for what ranking by importance buys at the same budget), or a draw in proportion to the
+    # weights, re-weighted by the inverse of each token's chance (sampled: unbiased for the whole set).
     rank: str = "importance"
     seed: int = 0  # tie-breaking permutation (and the random subsets)
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
@@ -636,8 +637,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_fraction", "selection.token_fraction", "share of each sample's tokens kept by the token-level set", group=_PARTS, type=float),
     Option("token_floor", "selection.token_floor", "the token-level set keeps at least this many tokens over all samples "
            "(a smaller set keeps every token; 0: no floor)", group=_PARTS, type=int),
-    Option("token_rank", "selection.rank", "which tokens the token-level set keeps: the highest-weighted (importance) or a "
-           "seeded random subset of the same size (random: a control for what ranking by importance buys)", group=_PARTS, choices=TOKEN_RANKS),
+    Option("token_rank", "selection.rank", "which tokens the token-level set keeps: the highest-weighted (importance), a "
+           "seeded random subset of the same size (random: a control for what ranking by importance buys), or a draw in proportion to "
+           "the weights, each drawn token re-weighted by 1 / its chance (sampled: unbiased for the whole weighted set)", group=_PARTS, choices=TOKEN_RANKS),
     Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
            "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
     Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "

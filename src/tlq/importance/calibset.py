@@ -15,6 +15,9 @@ of tokens:
   permutation (not by position), so uniform weights select a random, reproducible subset;
 * ``rank="random"`` fills the budget (reservations included) by a seeded random draw instead of by
   weight, whatever the weights: the control for what ranking by importance buys at the same budget.
+* ``rank="sampled"`` draws the budget in proportion to the weights and re-weights what it draws by the
+  inverse of its chance (:func:`sample_tokens`): an unbiased estimate of the whole weighted set rather
+  than its heaviest tokens (no modality reservation: the estimate covers every modality in expectation).
 
 Selected tokens keep their integrated weights; the others get weight 0, which the engine's statistics
 drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` callback.
@@ -50,6 +53,8 @@ def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | N
     k = cfg.budget(n, total_valid)
     if k >= n:
         return w * valid
+    if cfg.rank == "sampled":
+        return sample_tokens(w * valid, k, generator)
     n_vis, n_txt = int((visual & valid).sum()), int((~visual & valid).sum())
     q_vis = min(math.ceil(cfg.min_modality_share * k), n_vis)
     q_txt = min(math.ceil(cfg.min_modality_share * k), n_txt)
@@ -69,6 +74,40 @@ def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | N
     chosen = torch.zeros(num_layers, seq, dtype=torch.bool)
     chosen.scatter_(1, order, chosen_s)
     return w * chosen
+
+
+def inclusion_probabilities(w: Tensor, k: int) -> Tensor:
+    """Per row, ``pi = min(1, c * w)`` with ``c`` such that ``sum(pi) = k``: each token's chance of a place in
+    a budget of ``k`` drawn in proportion to its weight, the heaviest capped at certainty. ``j`` tokens are
+    capped where ``c_j = (k - j) / sum(the rest)`` first leaves the heaviest uncapped one at or below 1. A row
+    with at most ``k`` positive weights keeps all of them (``pi = 1``) and no others."""
+    s = w.double().sort(-1, descending=True).values
+    n = s.shape[-1]
+    tail = s.flip(-1).cumsum(-1).flip(-1)  # sum of s[j:], [R, n]
+    j = torch.arange(n, dtype=s.dtype)
+    c = (k - j) / tail.clamp(min=torch.finfo(s.dtype).tiny)
+    ok = (c * s <= 1.0 + 1e-12) & (j < k) & (tail > 0)
+    scale = c.gather(-1, ok.to(torch.int8).argmax(-1, keepdim=True))
+    pi = torch.minimum(torch.ones_like(s[:, :1]), scale * w.double())
+    return torch.where(ok.any(-1, keepdim=True), pi, (w > 0).double())
+
+
+def sample_tokens(w: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw ``k`` tokens per row in proportion to their weights (:func:`inclusion_probabilities`; systematic
+    sampling along a seeded random order, so exactly ``k`` whenever ``k`` tokens have weight) and give each
+    drawn token ``w / pi``. The kept weights are then an unbiased estimate of all the weights (Horvitz-
+    Thompson: every token's expected kept weight is its weight), so every statistic the engine sums over
+    tokens is unbiased for the full weighted set, where top-k drops the light tokens for good. The
+    estimate is bounded: an uncapped token's kept weight is ``1 / c``, the same for all of them."""
+    pi = inclusion_probabilities(w, k)
+    rows, seq = w.shape
+    order = torch.rand(rows, seq, generator=generator).argsort(-1)
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+    p = pi.gather(-1, order)
+    cum = p.cumsum(-1)
+    hit = torch.floor(cum - u) > torch.floor(cum - p - u)  # the lattice u, u + 1, ... falls in this token's interval
+    chosen = torch.zeros(rows, seq, dtype=torch.bool).scatter_(-1, order, hit)
+    return torch.where(chosen, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
 
 
 class TokenCalibrationSet:
