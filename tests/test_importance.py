@@ -360,6 +360,12 @@ def test_sampled_tokens_are_an_unbiased_estimate_of_the_whole_weighted_set():
     visual = torch.arange(40) < 30
     a = select_tokens(w, visual, cfg, generator=torch.Generator().manual_seed(3))
     assert int((a > 0).sum()) == 8 and torch.equal(a, select_tokens(w, visual, cfg, generator=torch.Generator().manual_seed(3)))
+    # a rank holding samples 1 and 2 draws exactly what the single process draws for them
+    ws = [torch.rand(2, n, generator=g) + 0.01 for n in (30, 50, 40)]
+    vis = [torch.arange(n) < n // 2 for n in (30, 50, 40)]
+    whole = TokenCalibrationSet.select(ws, vis, cfg)
+    shard = TokenCalibrationSet.select(ws[1:], vis[1:], cfg, sample_ids=[1, 2])
+    assert all(torch.equal(x, y) for x, y in zip(shard.weights, whole.weights[1:]))
 
 
 def test_selection_ties_are_random_but_seeded():
