@@ -70,6 +70,7 @@ VARIANTS.update({
     "TLQ with QIG weights (all tokens)": ("tlq", {"weighting": "integrated", "token_select": False}),
     # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
     "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
+    "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
     # subsets of the same size, with and without importance weights, and a draw in proportion to the weights
     # (no floor, so the budget binds)
