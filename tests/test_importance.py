@@ -345,9 +345,11 @@ def test_inclusion_probabilities_fill_the_budget_in_proportion_capped_at_one():
 def test_sampled_tokens_are_an_unbiased_estimate_of_the_whole_weighted_set():
     g = torch.Generator().manual_seed(0)
     w = torch.rand(1, 40, generator=g).pow(3) * 10 + 0.05  # skewed: a few heavy tokens, many light ones
+    w[0, :2] = 60.0  # and two heavy enough to be certain
     draws = sample_tokens(w.expand(40_000, -1), 8, torch.Generator().manual_seed(1))  # each row is one draw
     assert ((draws > 0).sum(-1) == 8).all()  # exactly the budget, every draw
     pi = inclusion_probabilities(w, 8)[0]
+    assert int((pi >= 1).sum()) == 2
     assert torch.equal((draws[:, pi >= 1] > 0).all(0), torch.ones(int((pi >= 1).sum()), dtype=torch.bool))  # certain tokens always kept
     light = draws[:, pi < 1]
     assert torch.allclose(light[light > 0], light[light > 0][0])  # every uncapped token drawn weighs 1 / c
