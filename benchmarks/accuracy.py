@@ -71,15 +71,17 @@ VARIANTS.update({
     # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
     "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
     "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
+    "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
-    # subsets of the same size, with and without importance weights, and a draw in proportion to the weights
-    # (no floor, so the budget binds)
+    # subsets of the same size, with and without importance weights, a draw in proportion to the weights,
+    # and that draw with a layer's rows coupled (no floor, so the budget binds)
     **{name: ("tlq", {"token_fraction": frac, "token_floor": 0, **extra})
        for pct, frac in (("10%", 0.1), ("25%", 0.25))
        for name, extra in ((f"TLQ {pct} tokens (no floor)", {}),
                            (f"TLQ {pct} random tokens (no floor)", {"token_rank": "random"}),
                            (f"TLQ {pct} random tokens with uniform weights (no floor)", {"token_rank": "random", "weighting": "uniform"}),
-                           (f"TLQ {pct} sampled tokens (no floor)", {"token_rank": "sampled"}))},
+                           (f"TLQ {pct} sampled tokens (no floor)", {"token_rank": "sampled"}),
+                           (f"TLQ {pct} coupled tokens (no floor)", {"token_rank": "coupled"}))},
     "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
     "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
     "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),
@@ -267,8 +269,9 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 run = calibrate(ref, calib, cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
-                             "correct": scores.correct_bits})
-                print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s)", flush=True)
+                             "rows_computed": rows_computed(run.token_set), "correct": scores.correct_bits})
+                cost = "" if runs[-1]["rows_computed"] is None else f", rows {runs[-1]['rows_computed']:.0%}"
+                print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s{cost})", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
             rows["cells"][key] = {
                 "scheme": scheme,
@@ -282,6 +285,16 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
             if checkpoint is not None:  # keep what is measured so far: a long run that dies still reports
                 checkpoint(rows)
     return rows
+
+
+def rows_computed(token_set: dict[str, Any] | None) -> float | None:
+    """Share of the calibration tokens whose rows a layer's passes compute (the union of what its weight
+    rows keep), mean over layers: the token-level set's cost. None where a method has no token set."""
+    if not token_set:
+        return None
+    per_layer = token_set["computed_rows_per_layer"]
+    total = sum(token_set["candidate_tokens"].values())
+    return sum(per_layer) / (len(per_layer) * total) if per_layer and total else None
 
 
 def relevant_share(records: list[Any]) -> float | None:

@@ -24,7 +24,7 @@ from tlq.importance import (
     run_importance,
     select_tokens,
 )
-from tlq.importance.calibset import inclusion_probabilities, sample_tokens
+from tlq.importance.calibset import inclusion_probabilities, sample_tokens, sample_tokens_coupled
 from tlq.importance.gradients import softmax_curvature
 from tlq.importance.weights import sample_factors
 from tlq.models.base import get_submodule, grid_boxes
@@ -367,6 +367,49 @@ def test_sampled_tokens_are_an_unbiased_estimate_of_the_whole_weighted_set():
     vis = [torch.arange(n) < n // 2 for n in (30, 50, 40)]
     whole = TokenCalibrationSet.select(ws, vis, cfg)
     shard = TokenCalibrationSet.select(ws[1:], vis[1:], cfg, sample_ids=[1, 2])
+    assert all(torch.equal(x, y) for x, y in zip(shard.weights, whole.weights[1:]))
+
+
+def test_coupled_rows_draw_as_unbiased_and_overlap_as_much_as_their_chances_allow():
+    """rank='coupled': each row keeps a token with exactly its chance (so its kept weights are unbiased), a
+    token kept by a row is kept by every row of its layer where its chance is higher, and a layer's union of
+    kept rows is far smaller than when its rows draw on their own."""
+    g = torch.Generator().manual_seed(0)
+    # one layer, three weight rows that agree on the heavy tokens but not exactly (as a layer's linears do)
+    w = (torch.rand(1, 1, 40, generator=g).pow(3) * 10 + 0.05) * (0.5 + torch.rand(1, 3, 40, generator=g))
+    w[0, 0, :2] = 60.0  # two tokens certain in row 0
+    draws = sample_tokens_coupled(w.expand(20_000, -1, -1), 8, torch.Generator().manual_seed(1))  # each layer is one draw
+    pi = inclusion_probabilities(w[0], 8)
+    kept = draws > 0
+    # unbiased: every token's mean kept weight within 4.5 standard errors of its weight, in every row
+    se = (w[0].double() ** 2 * (1 - pi) / pi / draws.shape[0]).sqrt().clamp(min=1e-12)
+    assert ((draws.double().mean(0) - w[0]).abs() / se).max() < 4.5
+    assert kept[:, 0, :2].all()  # certain tokens always kept
+    assert abs(kept.sum(-1).double().mean() - 8) < 0.05  # the budget on average (Poisson: the size varies)
+    assert kept.sum(-1).double().std() > 0.5
+    # monotone: where row a's chance is at most row b's, a kept token of row a is kept by row b
+    for a in range(3):
+        for b in range(3):
+            below = pi[a] <= pi[b]
+            assert not (kept[:, a] & ~kept[:, b])[:, below].any()
+    # the union: sum over tokens of the highest chance, against independent systematic draws of the same rows
+    union = kept.any(1).sum(-1).double().mean()
+    assert abs(union - pi.max(0).values.sum()) < 0.1
+    alone = sample_tokens(w[0].repeat(2_000, 1), 8, torch.Generator().manual_seed(2)).reshape(2_000, 3, 40) > 0
+    assert union < 0.8 * alone.any(1).sum(-1).double().mean()
+    # through select_tokens: per-linear [L, R, seq] weights and plain [L, seq] ones, seeded per sample
+    cfg = SelectionConfig(token_fraction=0.2, token_floor=0, rank="coupled")
+    visual = torch.arange(40) < 30
+    two_layers = torch.cat([w, w.flip(-1)])
+    a = select_tokens(two_layers, visual, cfg, generator=torch.Generator().manual_seed(3))
+    assert a.shape == two_layers.shape and torch.equal(a, select_tokens(two_layers, visual, cfg, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(a[0] > 0, a[1].flip(-1) > 0)  # layers draw on their own
+    assert select_tokens(w[0], visual, cfg, generator=torch.Generator().manual_seed(3)).shape == (3, 40)
+    # a rank holding samples 1 and 2 draws exactly what the single process draws for them
+    ws = [torch.rand(2, 3, n, generator=g) + 0.01 for n in (30, 50, 40)]
+    vis = [torch.arange(n) < n // 2 for n in (30, 50, 40)]
+    whole = TokenCalibrationSet.select(ws, vis, cfg, linear_names=("q", "k"))
+    shard = TokenCalibrationSet.select(ws[1:], vis[1:], cfg, sample_ids=[1, 2], linear_names=("q", "k"))
     assert all(torch.equal(x, y) for x, y in zip(shard.weights, whole.weights[1:]))
 
 

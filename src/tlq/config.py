@@ -274,7 +274,7 @@ WEIGHTINGS = ("uniform", "modality", "token", "integrated")
 GRAD_AT = ("output", "input", "linear")
 IMPORTANCE_KINDS = ("grad2", "grad", "modality", "uniform")
 SAMPLE_WEIGHTS = ("equal", "curvature")
-TOKEN_RANKS = ("importance", "random", "sampled")
+TOKEN_RANKS = ("importance", "random", "sampled", "coupled")
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,9 @@ class SelectionConfig:
     # Which tokens fill the budget: the highest-weighted (importance, TLQ's set), a seeded random subset,
     # the same for every weight row of a sample (random: what a compact set without importance would keep;
     # a control for what ranking by importance buys at the same budget), or a draw in proportion to the
-    # weights, re-weighted by the inverse of each token's chance (sampled: unbiased for the whole set).
+    # weights, re-weighted by the inverse of each token's chance (sampled: unbiased for the whole set), or
+    # the same draw with a layer's rows coupled through one uniform number per token (coupled: each row as
+    # unbiased, the rows overlap as much as their chances allow, so a layer's passes compute fewer rows).
     rank: str = "importance"
     seed: int = 0  # tie-breaking permutation (and the random subsets)
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
@@ -639,7 +641,8 @@ OPTIONS: tuple[Option, ...] = (
            "(a smaller set keeps every token; 0: no floor)", group=_PARTS, type=int),
     Option("token_rank", "selection.rank", "which tokens the token-level set keeps: the highest-weighted (importance), a "
            "seeded random subset of the same size (random: a control for what ranking by importance buys), or a draw in proportion to "
-           "the weights, each drawn token re-weighted by 1 / its chance (sampled: unbiased for the whole weighted set)", group=_PARTS, choices=TOKEN_RANKS),
+           "the weights, each drawn token re-weighted by 1 / its chance (sampled: unbiased for the whole weighted set), or that draw with "
+           "a layer's rows coupled by one random number per token (coupled: as unbiased, fewer rows to compute)", group=_PARTS, choices=TOKEN_RANKS),
     Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
            "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
     Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "

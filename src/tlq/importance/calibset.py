@@ -18,6 +18,9 @@ of tokens:
 * ``rank="sampled"`` draws the budget in proportion to the weights and re-weights what it draws by the
   inverse of its chance (:func:`sample_tokens`): an unbiased estimate of the whole weighted set rather
   than its heaviest tokens (no modality reservation: the estimate covers every modality in expectation).
+* ``rank="coupled"`` draws with the same chances, a layer's rows from one shared random number per token
+  (:func:`sample_tokens_coupled`): as unbiased, ``k`` tokens on average, and far fewer rows in the union a
+  layer's passes compute.
 
 Selected tokens keep their integrated weights; the others get weight 0, which the engine's statistics
 drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` callback.
@@ -43,16 +46,18 @@ def select_tokens(weights: Tensor, visual_mask: Tensor, cfg: SelectionConfig | N
     (``[L, rows, seq]`` per-linear weights: every row chooses its own tokens). ``total_valid``: the
     valid tokens of the whole calibration set, for ``cfg.token_floor``."""
     cfg = cfg or SelectionConfig()
-    if weights.dim() == 3:
+    if weights.dim() == 3 and cfg.rank != "coupled":
         return select_tokens(weights.flatten(0, 1), visual_mask, cfg, valid_mask, generator, total_valid).reshape(weights.shape)
     w = weights.detach().float().cpu()
-    num_layers, seq = w.shape
+    num_layers, seq = w.shape[0], w.shape[-1]
     visual = visual_mask.reshape(-1).to(torch.bool).cpu()
     valid = torch.ones(seq, dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).to(torch.bool).cpu()
     n = int(valid.sum())
     k = cfg.budget(n, total_valid)
     if k >= n:
         return w * valid
+    if cfg.rank == "coupled":  # a layer's rows (all of them, or its one row) draw together
+        return sample_tokens_coupled((w if w.dim() == 3 else w.unsqueeze(1)) * valid, k, generator).reshape(w.shape)
     if cfg.rank == "sampled":
         return sample_tokens(w * valid, k, generator)
     n_vis, n_txt = int((visual & valid).sum()), int((~visual & valid).sum())
@@ -108,6 +113,22 @@ def sample_tokens(w: Tensor, k: int, generator: torch.Generator | None = None) -
     hit = torch.floor(cum - u) > torch.floor(cum - p - u)  # the lattice u, u + 1, ... falls in this token's interval
     chosen = torch.zeros(rows, seq, dtype=torch.bool).scatter_(-1, order, hit)
     return torch.where(chosen, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
+
+
+def sample_tokens_coupled(w: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw about ``k`` tokens per row of each group ``w[g]`` (``[groups, rows, seq]``: a layer's weight rows)
+    with the chances of :func:`inclusion_probabilities`, all rows of a group from one uniform number ``u`` per
+    token: a row keeps a token where ``u < pi`` and gives it ``w / pi``, as :func:`sample_tokens` does.
+
+    Why: each row's draw is as unbiased as before (a token's chance of a place is exactly its ``pi``), but
+    the rows now overlap as much as their chances allow (a token kept by a row is kept by every row where
+    its chance is higher), so the union of the rows a layer's passes compute (``tlq.engine.rows``) falls to
+    ``sum max_r pi``, its least possible value; rows drawn on their own nearly double it at a 10% budget.
+    The price is a size that varies (Poisson sampling: ``k`` on average, variance ``sum pi (1 - pi)`` at
+    most ``k``), where the systematic draw keeps exactly ``k``. Groups (layers) draw independently."""
+    pi = inclusion_probabilities(w.flatten(0, 1), k).reshape(w.shape)
+    u = torch.rand(w.shape[0], 1, w.shape[-1], generator=generator, dtype=torch.float64)
+    return torch.where(u < pi, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
 
 
 class TokenCalibrationSet:
@@ -183,16 +204,21 @@ class TokenCalibrationSet:
 
     # --- reports -----------------------------------------------------------------------------------
     def selected_counts(self) -> dict[str, list[int]]:
-        """Selected tokens per layer, summed over samples, split by modality (and the candidates)."""
+        """Selected tokens per layer (its own row), summed over samples, split by modality; the token rows
+        some weight row of the layer keeps (``computed``: what the kept-rows passes compute, the set's cost);
+        and the candidates."""
         vis = torch.zeros(self.num_layers, dtype=torch.long)
         txt = torch.zeros(self.num_layers, dtype=torch.long)
+        computed = torch.zeros(self.num_layers, dtype=torch.long)
         for w, m in zip(self.weights, self.visual_masks):
             sel = layer_rows(w) > 0
             vis += (sel & m).sum(-1)
             txt += (sel & ~m).sum(-1)
+            computed += ((w > 0).any(1) if w.dim() == 3 else w > 0).sum(-1)
         return {
             "visual": vis.tolist(),
             "text": txt.tolist(),
+            "computed": computed.tolist(),
             "candidates_visual": sum(int((m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
             "candidates_text": sum(int((~m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
         }
@@ -217,6 +243,7 @@ class TokenCalibrationSet:
             "importance": self.importance.to_dict() if self.importance else None,
             "candidate_tokens": {"visual": counts["candidates_visual"], "text": counts["candidates_text"]},
             "selected_tokens_per_layer": {"visual": counts["visual"], "text": counts["text"]},
+            "computed_rows_per_layer": counts["computed"],
             "visual_weight_share_per_layer": self.visual_weight_share(),
         }
 
