@@ -70,6 +70,9 @@ VARIANTS.update({
     "TLQ with QIG weights (all tokens)": ("tlq", {"weighting": "integrated", "token_select": False}),
     # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
     "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
+    # importance where TLQ's pipeline has accuracy to gain: GPTQ toward the FP target without the scale search
+    "TLQ w/o scale search, all tokens": ("tlq", {"scale_search": "none", "token_select": False}),
+    "TLQ w/o scale search, w/o token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
     "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
     "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
@@ -269,7 +272,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 run = calibrate(ref, calib, cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
-                             "rows_computed": rows_computed(run.token_set), "correct": scores.correct_bits})
+                             "rows_computed": run.token_set["computed_rows_share"] if run.token_set else None, "correct": scores.correct_bits})
                 cost = "" if runs[-1]["rows_computed"] is None else f", rows {runs[-1]['rows_computed']:.0%}"
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s{cost})", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
@@ -285,16 +288,6 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
             if checkpoint is not None:  # keep what is measured so far: a long run that dies still reports
                 checkpoint(rows)
     return rows
-
-
-def rows_computed(token_set: dict[str, Any] | None) -> float | None:
-    """Share of the calibration tokens whose rows a layer's passes compute (the union of what its weight
-    rows keep), mean over layers: the token-level set's cost. None where a method has no token set."""
-    if not token_set:
-        return None
-    per_layer = token_set["computed_rows_per_layer"]
-    total = sum(token_set["candidate_tokens"].values())
-    return sum(per_layer) / (len(per_layer) * total) if per_layer and total else None
 
 
 def relevant_share(records: list[Any]) -> float | None:

@@ -225,16 +225,26 @@ def _timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     return proc, seconds, int(tail.strip()) / 1024  # Linux reports KiB
 
 
+#: Named variants of a method for ``--methods`` (their flags after the preset's): the token-level set's
+#: budget and draw (docs/methods.md, "Ranked, random or drawn token sets"), whose point is cost at these shapes.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    f"tlq-{rank}-{pct}": ("tlq", ["--token-rank", rank, "--token-fraction", str(pct / 100), "--token-floor", "0"])
+    for rank in ("importance", "sampled", "coupled") for pct in (10, 25)
+}
+
+
 def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu", stream: bool = False) -> dict[str, Any]:
     """One ``tlq quantize`` process (``stream``: decoder layers read from disk one at a time); its cost."""
     report = work / f"{method}.json"
+    base, flags = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "tlq", "quantize", "--model", str(model), "--calib", str(calib), "--out", str(work / f"out-{method}"),
-           "--scheme", scheme, "--method", method, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report),
-           "--device", device] + (["--stream"] if stream else [])
+           "--scheme", scheme, "--method", base, "--num-samples", str(n), "--no-resume", "--quiet", "--overwrite", "--report", str(report),
+           "--device", device] + (["--stream"] if stream else []) + flags
     _proc, seconds, rss = _timed(cmd)
     rep = json.loads(report.read_text())
     layers = rep["layers"]
     return {"method": method, "wall_seconds": seconds, "peak_rss_mib": rss, "phases": rep["phases"], "num_tokens": rep["num_tokens"],
+            "rows_computed": rep["token_set"]["computed_rows_share"] if rep.get("token_set") else None,
             "num_layers": len(layers), "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
             # on CUDA each layer's report holds the GPU's peak allocation during that layer
             "peak_gpu_mib": max(r["peak_mem_mb"] for r in layers) if device.startswith("cuda") else None}
@@ -335,6 +345,8 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.1f}" for r in result["rows"]) + " |")
     lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" if r.get("wall_seconds") else "failed" for r in result["rows"]) + " |")
     lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-" for r in result["rows"]) + " |")
+    if any(r.get("rows_computed") is not None for r in result["rows"]):
+        lines.append("| token rows a layer computes | " + " | ".join(f"{r['rows_computed']:.0%}" if r.get("rows_computed") is not None else "all" for r in result["rows"]) + " |")
     if result.get("gpu"):
         lines.append("| peak GPU memory (MiB) | " + " | ".join(f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-" for r in result["rows"]) + " |")
     lines += [f"\n{r['method']} failed: `{r['error']}`" for r in result["rows"] if r.get("error")]
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--image-px", type=int, default=448)
     p.add_argument("--scheme", default="w4a16")
-    p.add_argument("--methods", default="gptq,tlq")
+    p.add_argument("--methods", default="gptq,tlq", help=f"tlq methods, or these variants: {', '.join(VARIANTS)}")
     p.add_argument("--work", default="/tmp/tlq-cost")
     p.add_argument("--out", default="docs/cost")
     p.add_argument("--device", default="cpu", help="cpu | cuda: where every tlq process computes (cuda: in the checkpoint's bf16)")

@@ -31,3 +31,18 @@ def test_report_names_keep_their_dots(benchmark, tmp_path):
     report.write_report(tmp_path / "plain.json", {"y": 2}, ["| b |"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cost-qwen3.5-0.8b.json", "cost-qwen3.5-0.8b.md", "plain.json", "plain.md"]
     assert (tmp_path / "cost-qwen3.5-0.8b.md").read_text() == "| a |\n"
+
+
+def test_cost_variants_reach_the_config_they_name(benchmark):
+    """Each named variant of ``--methods`` is tlq's CLI flags on its base method: they must parse and set the
+    token set's draw and budget they name (a typo would otherwise only fail minutes into a cost run)."""
+    from tlq.cli import build_parser
+    from tlq.config import OPTIONS, build_config
+
+    cost = benchmark("cost")
+    assert {"tlq-coupled-10", "tlq-importance-25"} <= set(cost.VARIANTS)
+    for name, (base, flags) in cost.VARIANTS.items():
+        args = build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", "--method", base, *flags])
+        cfg = build_config(args.scheme, args.method, **{o.name: getattr(args, o.name) for o in OPTIONS})
+        rank, pct = name.split("-")[1:]
+        assert (cfg.selection.rank, cfg.selection.token_fraction, cfg.selection.token_floor) == (rank, int(pct) / 100, 0)

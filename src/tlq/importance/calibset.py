@@ -244,6 +244,8 @@ class TokenCalibrationSet:
             "candidate_tokens": {"visual": counts["candidates_visual"], "text": counts["candidates_text"]},
             "selected_tokens_per_layer": {"visual": counts["visual"], "text": counts["text"]},
             "computed_rows_per_layer": counts["computed"],
+            # the set's cost: the share of the candidate token rows a layer's kept-rows passes compute, mean over layers
+            "computed_rows_share": sum(counts["computed"]) / max(1, self.num_layers * (counts["candidates_visual"] + counts["candidates_text"])),
             "visual_weight_share_per_layer": self.visual_weight_share(),
         }
 
