@@ -71,8 +71,8 @@ VARIANTS.update({
     # each sample's weights scaled by its answer's softmax curvature (near-ties count more than sure answers)
     "TLQ with curvature sample weights": ("tlq", {"sample_weights": "curvature"}),
     # importance where TLQ's pipeline has accuracy to gain: GPTQ toward the FP target without the scale search
-    "TLQ w/o scale search, all tokens": ("tlq", {"scale_search": "none", "token_select": False}),
-    "TLQ w/o scale search, w/o token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
+    "TLQ w/o scale search (all tokens)": ("tlq", {"scale_search": "none", "token_select": False}),
+    "TLQ w/o scale search or token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
     "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
     "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
