@@ -272,8 +272,8 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 run = calibrate(ref, calib, cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
-                             "rows_computed": run.token_set["computed_rows_share"] if run.token_set else None, "correct": scores.correct_bits})
-                cost = "" if runs[-1]["rows_computed"] is None else f", rows {runs[-1]['rows_computed']:.0%}"
+                             "token_union": run.token_set["union_share"] if run.token_set else None, "correct": scores.correct_bits})
+                cost = "" if runs[-1]["token_union"] is None else f", union {runs[-1]['token_union']:.0%}"
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s{cost})", flush=True)
             acc = summarize([r["accuracy"] for r in runs])
             rows["cells"][key] = {

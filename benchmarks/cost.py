@@ -244,7 +244,7 @@ def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work:
     rep = json.loads(report.read_text())
     layers = rep["layers"]
     return {"method": method, "wall_seconds": seconds, "peak_rss_mib": rss, "phases": rep["phases"], "num_tokens": rep["num_tokens"],
-            "rows_computed": rep["token_set"]["computed_rows_share"] if rep.get("token_set") else None,
+            "token_union": rep["token_set"]["union_share"] if rep.get("token_set") else None,
             "num_layers": len(layers), "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
             # on CUDA each layer's report holds the GPU's peak allocation during that layer
             "peak_gpu_mib": max(r["peak_mem_mb"] for r in layers) if device.startswith("cuda") else None}
@@ -345,8 +345,8 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {p} | " + " | ".join(f"{r['phases'].get(p, 0):.1f}" for r in result["rows"]) + " |")
     lines.append("| **whole process (wall)** | " + " | ".join(f"**{r['wall_seconds']:.1f}**" if r.get("wall_seconds") else "failed" for r in result["rows"]) + " |")
     lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-" for r in result["rows"]) + " |")
-    if any(r.get("rows_computed") is not None for r in result["rows"]):
-        lines.append("| token rows a layer computes | " + " | ".join(f"{r['rows_computed']:.0%}" if r.get("rows_computed") is not None else "all" for r in result["rows"]) + " |")
+    if any(r.get("token_union") is not None for r in result["rows"]):
+        lines.append("| tokens some weight row of a layer keeps | " + " | ".join(f"{r['token_union']:.0%}" if r.get("token_union") is not None else "all" for r in result["rows"]) + " |")
     if result.get("gpu"):
         lines.append("| peak GPU memory (MiB) | " + " | ".join(f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-" for r in result["rows"]) + " |")
     lines += [f"\n{r['method']} failed: `{r['error']}`" for r in result["rows"] if r.get("error")]

@@ -354,7 +354,7 @@ class SelectionConfig:
     # a control for what ranking by importance buys at the same budget), or a draw in proportion to the
     # weights, re-weighted by the inverse of each token's chance (sampled: unbiased for the whole set), or
     # the same draw with a layer's rows coupled through one uniform number per token (coupled: each row as
-    # unbiased, the rows overlap as much as their chances allow, so a layer's passes compute fewer rows).
+    # unbiased, the rows overlap as much as their chances allow; no cheaper in seconds, docs/methods.md).
     rank: str = "importance"
     seed: int = 0  # tie-breaking permutation (and the random subsets)
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
@@ -642,7 +642,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_rank", "selection.rank", "which tokens the token-level set keeps: the highest-weighted (importance), a "
            "seeded random subset of the same size (random: a control for what ranking by importance buys), or a draw in proportion to "
            "the weights, each drawn token re-weighted by 1 / its chance (sampled: unbiased for the whole weighted set), or that draw with "
-           "a layer's rows coupled by one random number per token (coupled: as unbiased, fewer rows to compute)", group=_PARTS, choices=TOKEN_RANKS),
+           "a layer's rows coupled by one random number per token (coupled: as unbiased, the rows overlapping)", group=_PARTS, choices=TOKEN_RANKS),
     Option("kept_rows_passes", "selection.kept_rows_passes", "the statistics and scale-search record passes compute only the rows the token-level "
            "set keeps (equal up to float rounding, about half their work)", group=_PARTS, type=bool, negative="--all-rows-passes"),
     Option("gptq_fp_shift", "gptq.fp_shift", "GPTQ's FP-target shift: applied (W D row by row, W* formed first) or deferred (D where out >= in, "

@@ -19,8 +19,8 @@ of tokens:
   inverse of its chance (:func:`sample_tokens`): an unbiased estimate of the whole weighted set rather
   than its heaviest tokens (no modality reservation: the estimate covers every modality in expectation).
 * ``rank="coupled"`` draws with the same chances, a layer's rows from one shared random number per token
-  (:func:`sample_tokens_coupled`): as unbiased, ``k`` tokens on average, and far fewer rows in the union a
-  layer's passes compute.
+  (:func:`sample_tokens_coupled`): as unbiased, ``k`` tokens on average, and the rows overlap as much as
+  their chances allow.
 
 Selected tokens keep their integrated weights; the others get weight 0, which the engine's statistics
 drop. :meth:`TokenCalibrationSet.weight_fn` is the engine's ``token_weights`` callback.
@@ -122,8 +122,10 @@ def sample_tokens_coupled(w: Tensor, k: int, generator: torch.Generator | None =
 
     Why: each row's draw is as unbiased as before (a token's chance of a place is exactly its ``pi``), but
     the rows now overlap as much as their chances allow (a token kept by a row is kept by every row where
-    its chance is higher), so the union of the rows a layer's passes compute (``tlq.engine.rows``) falls to
-    ``sum max_r pi``, its least possible value; rows drawn on their own nearly double it at a 10% budget.
+    its chance is higher), so the union of a layer's rows, which bounds the rows a statistics pass of a
+    group of linears computes (``tlq.engine.rows``), falls to ``sum max_r pi``, its least possible value;
+    rows drawn on their own nearly double it at a 10% budget. (Measured at LLaVA-OneVision-0.5B widths the
+    seconds did not follow: docs/cost.md, run 15.)
     The price is a size that varies (Poisson sampling: ``k`` on average, variance ``sum pi (1 - pi)`` at
     most ``k``), where the systematic draw keeps exactly ``k``. Groups (layers) draw independently."""
     pi = inclusion_probabilities(w.flatten(0, 1), k).reshape(w.shape)
@@ -204,21 +206,22 @@ class TokenCalibrationSet:
 
     # --- reports -----------------------------------------------------------------------------------
     def selected_counts(self) -> dict[str, list[int]]:
-        """Selected tokens per layer (its own row), summed over samples, split by modality; the token rows
-        some weight row of the layer keeps (``computed``: what the kept-rows passes compute, the set's cost);
-        and the candidates."""
+        """Selected tokens per layer (its own row), summed over samples, split by modality; the tokens some
+        weight row of the layer keeps (``union``: no kept-rows pass of the layer computes more rows: a
+        group's statistics pass computes its group's union, the scale search the layer's own row); and the
+        candidates."""
         vis = torch.zeros(self.num_layers, dtype=torch.long)
         txt = torch.zeros(self.num_layers, dtype=torch.long)
-        computed = torch.zeros(self.num_layers, dtype=torch.long)
+        union = torch.zeros(self.num_layers, dtype=torch.long)
         for w, m in zip(self.weights, self.visual_masks):
             sel = layer_rows(w) > 0
             vis += (sel & m).sum(-1)
             txt += (sel & ~m).sum(-1)
-            computed += ((w > 0).any(1) if w.dim() == 3 else w > 0).sum(-1)
+            union += ((w > 0).any(1) if w.dim() == 3 else w > 0).sum(-1)
         return {
             "visual": vis.tolist(),
             "text": txt.tolist(),
-            "computed": computed.tolist(),
+            "union": union.tolist(),
             "candidates_visual": sum(int((m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
             "candidates_text": sum(int((~m & v).sum()) for m, v in zip(self.visual_masks, self.valid_masks)),
         }
@@ -243,9 +246,9 @@ class TokenCalibrationSet:
             "importance": self.importance.to_dict() if self.importance else None,
             "candidate_tokens": {"visual": counts["candidates_visual"], "text": counts["candidates_text"]},
             "selected_tokens_per_layer": {"visual": counts["visual"], "text": counts["text"]},
-            "computed_rows_per_layer": counts["computed"],
-            # the set's cost: the share of the candidate token rows a layer's kept-rows passes compute, mean over layers
-            "computed_rows_share": sum(counts["computed"]) / max(1, self.num_layers * (counts["candidates_visual"] + counts["candidates_text"])),
+            "union_tokens_per_layer": counts["union"],
+            # the share of the candidates some weight row of a layer keeps, mean over layers (see selected_counts)
+            "union_share": sum(counts["union"]) / max(1, self.num_layers * (counts["candidates_visual"] + counts["candidates_text"])),
             "visual_weight_share_per_layer": self.visual_weight_share(),
         }
 
