@@ -75,6 +75,8 @@ VARIANTS.update({
     "TLQ w/o scale search or token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
     "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
     "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
+    # a compact drawn set as the preset's candidate (docs/cost.md, run 15: the budget is the per-layer cost); floor kept
+    "TLQ 10% sampled tokens": ("tlq", {"token_fraction": 0.1, "token_rank": "sampled"}),
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
     # subsets of the same size, with and without importance weights, a draw in proportion to the weights,
     # and that draw with a layer's rows coupled (no floor, so the budget binds)

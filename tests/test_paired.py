@@ -100,9 +100,20 @@ def test_ratio_upper_bound_tightens_with_more_pairs_and_refuses_bad_input():
         ratio_upper_bound([1.0], [1.0])
 
 
+def test_difference_lower_bound_matches_a_hand_computed_t_bound():
+    from tlq.eval.paired import difference_lower_bound
+
+    b = difference_lower_bound([0.71, 0.73, 0.70, 0.74], [0.72, 0.72, 0.72, 0.72])  # differences -1, +1, -2, +2 points
+    std = math.sqrt((0.01**2 + 0.01**2 + 0.02**2 + 0.02**2) / 3)
+    assert b.n == 4 and b.mean == pytest.approx(0.0, abs=1e-12) and b.std == pytest.approx(std)
+    assert b.lower == pytest.approx(-2.3533634 * std / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="two pairs"):
+        difference_lower_bound([0.7], [0.7])
+
+
 def _accuracy_run(variants: dict[str, list[float]], acc: dict[str, float]) -> dict:
     """A benchmarks/accuracy.py JSON with one model and one scheme: per variant, KL per seed."""
-    cells = {v: {"scheme": "w3a16", "variant": v, "accuracy": {"mean": acc[v]}, "runs": [{"seed": s, "kl": k} for s, k in enumerate(kls)]}
+    cells = {v: {"scheme": "w3a16", "variant": v, "accuracy": {"mean": acc[v]}, "runs": [{"seed": s, "kl": k, "accuracy": acc[v]} for s, k in enumerate(kls)]}
              for v, kls in variants.items()}
     return {"command": "x", "data": "val", "num_test": 300, "num_calib": 64, "models": {"m": {"cells": cells}}}
 
@@ -125,6 +136,32 @@ def test_noninferiority_decides_by_the_bound_the_cells_and_accuracy(benchmark):
         ni.decide(ni.merged([_accuracy_run({"R": ref}, {"R": 0.9})] * 2), "C", "R", 1.25, 1.5, 0.95)
 
 
+def test_noninferiority_accuracy_margin_judges_the_mean_difference_and_one_sided_cells(benchmark):
+    """--accuracy-margin: a cell better by many samples passes, one worse by more than --accuracy-cell fails, and
+    the pooled lower bound decides even where every cell is within its limit."""
+    ni = benchmark("noninferiority")
+    ref = [1e-4, 2e-4, 3e-4, 1e-4, 2e-4, 3e-4]
+
+    def run(new_acc: list[float]) -> dict:
+        r = ni.merged([_accuracy_run({"R": ref, "C": ref}, {"R": 0.9, "C": sum(new_acc) / len(new_acc)})])
+        for cell in r["models"]["m"]["cells"]:
+            if cell["variant"] == "C":
+                for x, a in zip(cell["runs"], new_acc):
+                    x["accuracy"] = a
+        return r
+
+    better = run([0.9 + 5 / 300] * 6)
+    assert not ni.decide(better, "C", "R", 1.25, 1.5, 0.95)["passed"]  # rule 1 as before: within one sample either way
+    d = ni.decide(better, "C", "R", 1.25, 1.5, 0.95, accuracy_margin=0.5, accuracy_cell=3)
+    assert d["passed"] and d["accuracy_bound"]["mean"] == pytest.approx(5 / 300)
+    worse_cell = run([0.9 - 4 / 300] * 6)
+    assert not ni.decide(worse_cell, "C", "R", 1.25, 1.5, 0.95, accuracy_margin=5.0, accuracy_cell=3)["passed"]
+    noisy = run([0.9 - 0.03, 0.9 + 0.03, 0.9 - 0.03, 0.9 + 0.03, 0.9 - 0.03, 0.9])  # cell mean -1/600: within 3 samples
+    d = ni.decide(noisy, "C", "R", 1.25, 1.5, 0.95, accuracy_margin=0.5, accuracy_cell=3)
+    assert d["cells"][0]["accuracy_ok"] and d["accuracy_bound"]["lower"] < -0.005 and not d["passed"]
+    assert "lower bound" in "\n".join(ni.to_markdown({"command": "c", "run_command": "r", "decision": d}))
+
+
 def _stub_accuracy_run(acc, monkeypatch, fp_accuracy: float) -> list[str]:
     """Replace what ``run_model`` loads, calibrates and scores with stand-ins; returns the log of
     calibrations, so a test sees which cells were measured and which were kept."""
@@ -144,7 +181,7 @@ def _stub_accuracy_run(acc, monkeypatch, fp_accuracy: float) -> list[str]:
     monkeypatch.setattr(acc, "relevant_share", lambda records: None)
     monkeypatch.setattr(acc, "load_model", lambda ref, device: (None, None, None, None, "cpu", None))
     monkeypatch.setattr(acc, "score_model", score)
-    monkeypatch.setattr(acc, "calibrate", lambda ref, calib, cfg, progress: calibrated.append(cfg.method) or SimpleNamespace(model=None))
+    monkeypatch.setattr(acc, "calibrate", lambda ref, calib, cfg, progress: calibrated.append(cfg.method) or SimpleNamespace(model=None, token_set=None))
     return calibrated
 
 

@@ -8,6 +8,7 @@ is a fair coin, so the count where the first model wins is Binomial(b + c, 1/2).
 For a continuous score that only ever compares as a ratio (KL divergence across seeds and cells spans
 orders of magnitude), :func:`ratio_upper_bound` bounds the geometric-mean ratio of paired runs from
 above: the question a non-inferiority decision asks ("is the new setting worse by more than a margin?").
+:func:`difference_lower_bound` asks it of a score compared as a difference (accuracy per seed and cell).
 """
 
 from __future__ import annotations
@@ -81,3 +82,35 @@ def ratio_upper_bound(new: Sequence[float], ref: Sequence[float], confidence: fl
     std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
     upper = mean + float(t.ppf(confidence, n - 1)) * std / math.sqrt(n)
     return RatioBound(n, math.exp(mean), math.exp(upper), std, confidence)
+
+
+@dataclass(frozen=True)
+class DifferenceBound:
+    """Paired differences ``new - ref``: their ``mean``, its one-sided ``lower`` confidence bound (t
+    distribution, ``n - 1`` degrees of freedom) and the differences' sample standard deviation ``std``."""
+
+    n: int
+    mean: float
+    lower: float
+    std: float
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def difference_lower_bound(new: Sequence[float], ref: Sequence[float], confidence: float = 0.95) -> DifferenceBound:
+    """Lower confidence bound of the mean paired difference of scores such as accuracy, one pair per (cell,
+    calibration seed). Why runs and not answers as the unit: a token set or a draw changes which
+    calibration data each seed sees, so the seed-to-seed spread is the noise a decision must clear."""
+    if len(new) != len(ref) or len(new) < 2:
+        raise ValueError(f"a paired difference bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
+    if not all(math.isfinite(v) for v in [*new, *ref]):
+        raise ValueError("differences need finite scores on both sides")
+    from scipy.stats import t
+
+    d = [a - b for a, b in zip(new, ref)]
+    n = len(d)
+    mean = sum(d) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    return DifferenceBound(n, mean, mean - float(t.ppf(confidence, n - 1)) * std / math.sqrt(n), std, confidence)
