@@ -73,6 +73,8 @@ VARIANTS.update({
     # importance where TLQ's pipeline has accuracy to gain: GPTQ toward the FP target without the scale search
     "TLQ w/o scale search (all tokens)": ("tlq", {"scale_search": "none", "token_select": False}),
     "TLQ w/o scale search or token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
+    "TLQ w/o scale search (sampled tokens)": ("tlq", {"scale_search": "none", "token_rank": "sampled"}),
+    "TLQ w/o scale search (10% sampled tokens)": ("tlq", {"scale_search": "none", "token_rank": "sampled", "token_fraction": 0.1}),
     "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
     "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
     # a compact drawn set as the preset's candidate (docs/cost.md, run 15: the budget is the per-layer cost); floor kept
