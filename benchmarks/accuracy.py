@@ -53,9 +53,10 @@ TABLE_VARIANTS = tuple(VARIANTS)
 # Settings of the token-weight integration and of the token budget, compared on the held-out val split
 # (``--data val``) to choose the defaults; "importance" entries override ImportanceConfig fields.
 VARIANTS.update({
-    "TLQ 75% tokens": ("tlq", {"token_fraction": 0.75}),
-    "TLQ 90% tokens": ("tlq", {"token_fraction": 0.9}),
-    "TLQ 25% tokens": ("tlq", {"token_fraction": 0.25}),
+    # ranked sets (what "tokens" meant while the preset ranked, before the 10% drawn set)
+    "TLQ 75% tokens": ("tlq", {"token_fraction": 0.75, "token_rank": "importance"}),
+    "TLQ 90% tokens": ("tlq", {"token_fraction": 0.9, "token_rank": "importance"}),
+    "TLQ 25% tokens": ("tlq", {"token_fraction": 0.25, "token_rank": "importance"}),
     "TLQ mix 0.7": ("tlq", {"importance": {"modality_mix": 0.7}}),
     "TLQ mix 0.7 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.7}, "token_select": False}),
     "TLQ mix 0 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.0}, "token_select": False}),
@@ -73,26 +74,28 @@ VARIANTS.update({
     # importance where TLQ's pipeline has accuracy to gain: GPTQ toward the FP target without the scale search
     "TLQ w/o scale search (all tokens)": ("tlq", {"scale_search": "none", "token_select": False}),
     "TLQ w/o scale search or token importance": ("tlq", {"scale_search": "none", "weighting": "uniform", "token_select": False}),
-    "TLQ w/o scale search (sampled tokens)": ("tlq", {"scale_search": "none", "token_rank": "sampled"}),
+    "TLQ w/o scale search (sampled tokens)": ("tlq", {"scale_search": "none", "token_rank": "sampled", "token_fraction": 0.5}),
     "TLQ w/o scale search (10% sampled tokens)": ("tlq", {"scale_search": "none", "token_rank": "sampled", "token_fraction": 0.1}),
-    "TLQ sampled tokens": ("tlq", {"token_rank": "sampled"}),  # the preset's budget drawn in proportion to importance
-    "TLQ coupled tokens": ("tlq", {"token_rank": "coupled"}),  # that draw, a layer's rows from one random number per token
-    # a compact drawn set as the preset's candidate (docs/cost.md, run 15: the budget is the per-layer cost); floor kept
+    # the earlier preset's 50% budget drawn in proportion to importance, and that draw with a layer's rows coupled
+    "TLQ sampled tokens": ("tlq", {"token_rank": "sampled", "token_fraction": 0.5}),
+    "TLQ coupled tokens": ("tlq", {"token_rank": "coupled", "token_fraction": 0.5}),
+    # a compact drawn set, floor kept: the candidate that became TLQ's preset (docs/methods.md, "A 10% drawn token set")
     "TLQ 10% sampled tokens": ("tlq", {"token_fraction": 0.1, "token_rank": "sampled"}),
+    "TLQ before the 10% drawn set": ("tlq", {"token_fraction": 0.5, "token_rank": "importance"}),  # the preset it replaced
     # what ranking tokens by importance buys at a tight budget: importance-ranked sets against seeded random
     # subsets of the same size, with and without importance weights, a draw in proportion to the weights,
     # and that draw with a layer's rows coupled (no floor, so the budget binds)
     **{name: ("tlq", {"token_fraction": frac, "token_floor": 0, **extra})
        for pct, frac in (("10%", 0.1), ("25%", 0.25))
-       for name, extra in ((f"TLQ {pct} tokens (no floor)", {}),
+       for name, extra in ((f"TLQ {pct} tokens (no floor)", {"token_rank": "importance"}),
                            (f"TLQ {pct} random tokens (no floor)", {"token_rank": "random"}),
                            (f"TLQ {pct} random tokens with uniform weights (no floor)", {"token_rank": "random", "weighting": "uniform"}),
                            (f"TLQ {pct} sampled tokens (no floor)", {"token_rank": "sampled"}),
                            (f"TLQ {pct} coupled tokens (no floor)", {"token_rank": "coupled"}))},
     "TLQ FP target": ("tlq", {"gptq_target": "fp"}),
     "TLQ FP target (all tokens)": ("tlq", {"gptq_target": "fp", "token_select": False}),
-    "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25}),
-    "TLQ FP target 75% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.75}),
+    "TLQ FP target 25% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.25, "token_rank": "importance"}),
+    "TLQ FP target 75% tokens": ("tlq", {"gptq_target": "fp", "token_fraction": 0.75, "token_rank": "importance"}),
     "GPTQ FP target": ("gptq", {"gptq_target": "fp"}),
     # the scope decision (docs/accuracy-scope.md); "layer scope" is TLQ's preset, named for that run's command
     "TLQ block scope": ("tlq", {"search_scope": "block"}),

@@ -340,7 +340,7 @@ class ImportanceConfig:
 class SelectionConfig:
     """Token budget of the calibration set (per sample, per layer row)."""
 
-    token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only)
+    token_fraction: float = 0.5  # share of each sample's valid tokens kept (1.0 = all: weighting only); TLQ's preset: 0.1
     token_count: int | None = None  # absolute per-sample budget; overrides token_fraction when set
     min_modality_share: float = 0.1  # of the budget, reserved for each of visual / text tokens (if present)
     # Keep at least this many valid tokens over the whole calibration set (all ranks): a small set keeps
@@ -355,6 +355,7 @@ class SelectionConfig:
     # weights, re-weighted by the inverse of each token's chance (sampled: unbiased for the whole set), or
     # the same draw with a layer's rows coupled through one uniform number per token (coupled: each row as
     # unbiased, the rows overlap as much as their chances allow; no cheaper in seconds, docs/methods.md).
+    # TLQ's preset draws (sampled, with 10% of the tokens; docs/methods.md, "A 10% drawn token set").
     rank: str = "importance"
     seed: int = 0  # tie-breaking permutation (and the random subsets)
     # Whether the solve step's statistics passes and the scale search's FP record passes compute only the
@@ -486,7 +487,11 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
       by float rounding are on together (``record="layer"``, ``kept_rows_passes``, ``fp_shift="deferred"``):
       they passed a paired non-inferiority rule written before the val run (docs/methods.md, "The three
       rounding-level cuts together"); at LLaVA-OneVision-0.5B widths TLQ went from 1.75x to 1.43x its GPTQ
-      (docs/cost.md, runs 11 and 14).
+      (docs/cost.md, runs 11 and 14). Its token-level set keeps 10% of each sample's tokens (above the
+      2,048-token floor), drawn in proportion to importance and re-weighted by ``w / pi``
+      (``rank="sampled"``): it passed a paired non-inferiority rule against the ranked 50% set written
+      before the val run (docs/methods.md, "A 10% drawn token set"), and per decoder layer TLQ went from
+      1.91x to 1.31x its GPTQ at LLaVA-OneVision-0.5B widths (docs/cost.md, run 15).
     """
     search_kind = "smoothquant" if scheme.quantizes_activations else "awq"
     presets: dict[str, dict[str, Any]] = {
@@ -506,7 +511,7 @@ def method_preset(method: str, scheme: QuantScheme) -> dict[str, Any]:
             "weighting": "token",
             "importance": ImportanceConfig(grad_at="linear"),
             "token_select": True,
-            "selection": SelectionConfig(kept_rows_passes=True),
+            "selection": SelectionConfig(token_fraction=0.1, rank="sampled", kept_rows_passes=True),
             "quantized_inputs": True,
             "gptq": GPTQConfig(target="fp", fp_shift="deferred"),
         },
@@ -593,7 +598,7 @@ class Option:
 
 # What a method preset sets (method_preset): these options default to "keep the preset's".
 _PRESET_PATHS = ("solver", "search.kind", "search.scope", "search.loss_dtype", "search.record", "weighting", "token_select", "importance",
-                 "selection.kept_rows_passes", "quantized_inputs", "gptq.target", "gptq.fp_shift")
+                 "selection.token_fraction", "selection.rank", "selection.kept_rows_passes", "quantized_inputs", "gptq.target", "gptq.fp_shift")
 _PARTS = "method parts (each overrides the --method preset; used for ablations)"
 
 OPTIONS: tuple[Option, ...] = (
