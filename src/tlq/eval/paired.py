@@ -65,6 +65,17 @@ class RatioBound:
         return asdict(self)
 
 
+def _t_interval(d: list[float], confidence: float) -> tuple[float, float, float]:
+    """Mean of paired differences ``d``, their sample standard deviation, and the one-sided t half-width
+    of the mean (``n - 1`` degrees of freedom)."""
+    from scipy.stats import t
+
+    n = len(d)
+    mean = sum(d) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    return mean, std, float(t.ppf(confidence, n - 1)) * std / math.sqrt(n)
+
+
 def ratio_upper_bound(new: Sequence[float], ref: Sequence[float], confidence: float = 0.95) -> RatioBound:
     """Upper confidence bound of the geometric-mean ratio of paired positive scores (e.g. KL per seed and cell).
 
@@ -74,14 +85,8 @@ def ratio_upper_bound(new: Sequence[float], ref: Sequence[float], confidence: fl
         raise ValueError(f"a paired ratio bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
     if any(v <= 0 or not math.isfinite(v) for v in [*new, *ref]):
         raise ValueError("ratios need positive finite scores on both sides")
-    from scipy.stats import t
-
-    d = [math.log(a / b) for a, b in zip(new, ref)]
-    n = len(d)
-    mean = sum(d) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
-    upper = mean + float(t.ppf(confidence, n - 1)) * std / math.sqrt(n)
-    return RatioBound(n, math.exp(mean), math.exp(upper), std, confidence)
+    mean, std, half = _t_interval([math.log(a / b) for a, b in zip(new, ref)], confidence)
+    return RatioBound(len(new), math.exp(mean), math.exp(mean + half), std, confidence)
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,5 @@ def difference_lower_bound(new: Sequence[float], ref: Sequence[float], confidenc
         raise ValueError(f"a paired difference bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
     if not all(math.isfinite(v) for v in [*new, *ref]):
         raise ValueError("differences need finite scores on both sides")
-    from scipy.stats import t
-
-    d = [a - b for a, b in zip(new, ref)]
-    n = len(d)
-    mean = sum(d) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
-    return DifferenceBound(n, mean, mean - float(t.ppf(confidence, n - 1)) * std / math.sqrt(n), std, confidence)
+    mean, std, half = _t_interval([a - b for a, b in zip(new, ref)], confidence)
+    return DifferenceBound(len(new), mean, mean - half, std, confidence)
