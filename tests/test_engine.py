@@ -223,7 +223,7 @@ def test_statistics_passes_compute_the_kept_rows_only_and_solve_alike(tiny_vlm_d
     codes, mlp_rows = {}, {}
     for how in ("uncut", "cut"):
         adapter, model, samples, dev = _setup(tiny_vlm_dir, tiny_calib_jsonl, family)
-        # half the tokens, not the preset's tenth: 4 tiny samples keep 3-8 rows each at 10%, and Hessians that thin
+        # half the tokens, not the preset's tenth: 4 tiny samples keep a handful of rows each at 10%, and Hessians that thin
         # turn float rounding into different codes (measured 0.93-0.96 equal), whatever the cut
         cfg = build_config("w4a8", "tlq", scale_search="none", num_samples=4, kept_rows_passes=how == "cut", token_floor=0, token_fraction=0.5)
         token_weights = _token_set(adapter, model, samples, cfg)
