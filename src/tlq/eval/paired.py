@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,15 @@ class RatioBound:
         return asdict(self)
 
 
-def _t_interval(d: list[float], confidence: float) -> tuple[float, float, float]:
-    """Mean of paired differences ``d``, their sample standard deviation, and the one-sided t half-width
-    of the mean (``n - 1`` degrees of freedom)."""
+def _paired_t(new: Sequence[float], ref: Sequence[float], pair: Callable[[float, float], float], kind: str,
+              confidence: float) -> tuple[float, float, float]:
+    """For the paired values ``d = pair(new, ref)``: their mean, sample standard deviation, and the one-sided
+    t half-width of the mean (``n - 1`` degrees of freedom). ``kind`` names the bound in the count error."""
     from scipy.stats import t
 
+    if len(new) != len(ref) or len(new) < 2:
+        raise ValueError(f"a paired {kind} bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
+    d = [pair(a, b) for a, b in zip(new, ref)]
     n = len(d)
     mean = sum(d) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
@@ -81,11 +85,9 @@ def ratio_upper_bound(new: Sequence[float], ref: Sequence[float], confidence: fl
 
     Why logs: a rounding-level change scales a run's KL up or down by a factor, so the log ratio is the
     quantity whose mean over pairs is the systematic effect and whose spread is the noise."""
-    if len(new) != len(ref) or len(new) < 2:
-        raise ValueError(f"a paired ratio bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
     if any(v <= 0 or not math.isfinite(v) for v in [*new, *ref]):
         raise ValueError("ratios need positive finite scores on both sides")
-    mean, std, half = _t_interval([math.log(a / b) for a, b in zip(new, ref)], confidence)
+    mean, std, half = _paired_t(new, ref, lambda a, b: math.log(a / b), "ratio", confidence)
     return RatioBound(len(new), math.exp(mean), math.exp(mean + half), std, confidence)
 
 
@@ -108,9 +110,7 @@ def difference_lower_bound(new: Sequence[float], ref: Sequence[float], confidenc
     """Lower confidence bound of the mean paired difference of scores such as accuracy, one pair per (cell,
     calibration seed). Why runs and not answers as the unit: a token set or a draw changes which
     calibration data each seed sees, so the seed-to-seed spread is the noise a decision must clear."""
-    if len(new) != len(ref) or len(new) < 2:
-        raise ValueError(f"a paired difference bound needs at least two pairs of equal count, got {len(new)} and {len(ref)}")
     if not all(math.isfinite(v) for v in [*new, *ref]):
         raise ValueError("differences need finite scores on both sides")
-    mean, std, half = _t_interval([a - b for a, b in zip(new, ref)], confidence)
+    mean, std, half = _paired_t(new, ref, lambda a, b: a - b, "difference", confidence)
     return DifferenceBound(len(new), mean, mean - half, std, confidence)

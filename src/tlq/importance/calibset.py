@@ -112,7 +112,7 @@ def sample_tokens(w: Tensor, k: int, generator: torch.Generator | None = None) -
     cum = p.cumsum(-1)
     hit = torch.floor(cum - u) > torch.floor(cum - p - u)  # the lattice u, u + 1, ... falls in this token's interval
     chosen = torch.zeros(rows, seq, dtype=torch.bool).scatter_(-1, order, hit)
-    return torch.where(chosen, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
+    return _reweighted(w, pi, chosen)
 
 
 def sample_tokens_coupled(w: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -130,7 +130,12 @@ def sample_tokens_coupled(w: Tensor, k: int, generator: torch.Generator | None =
     most ``k``), where the systematic draw keeps exactly ``k``. Groups (layers) draw independently."""
     pi = inclusion_probabilities(w.flatten(0, 1), k).reshape(w.shape)
     u = torch.rand(w.shape[0], 1, w.shape[-1], generator=generator, dtype=torch.float64)
-    return torch.where(u < pi, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
+    return _reweighted(w, pi, u < pi)
+
+
+def _reweighted(w: Tensor, pi: Tensor, chosen: Tensor) -> Tensor:
+    """The drawn tokens' Horvitz-Thompson weights ``w / pi`` (0 elsewhere), whichever draw chose them."""
+    return torch.where(chosen, w.double() / pi.clamp(min=torch.finfo(pi.dtype).tiny), 0.0).float()
 
 
 class TokenCalibrationSet:
