@@ -27,9 +27,10 @@ import torch
 
 from tlq.api import build_config, calibrate, load_model
 from tlq.builtin import builtin_set, resolve_model_dir
-from tlq.config import ActQuantSpec, QuantScheme, WeightQuantSpec
+from tlq.config import ActQuantSpec, QuantizeConfig, QuantScheme, WeightQuantSpec
 from tlq.data.records import choose, read_jsonl
 from tlq.engine import smoothing
+from tlq.engine.checkpoint import run_fingerprint
 from tlq.eval.paired import mcnemar
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
@@ -153,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one child process per model (one core each), merged into one report when all are done")
     p.add_argument("--resume", action="store_true",
                    help="keep the cells an earlier, stopped run of the same settings wrote to OUT.json (with --parallel: "
-                        "each model's OUT-MODEL.json) and measure only the rest")
+                        "each model's OUT-MODEL.json) whose configuration is unchanged, and measure the rest")
     return p.parse_args(argv)
 
 
@@ -229,7 +230,7 @@ def earlier_rows(out: Path, settings: dict[str, Any], model: str) -> dict[str, A
                              "use the same settings or another --out")
     rows = earlier["models"].get(model)
     if rows is not None:
-        rows["resumed"] = {"finished": earlier.get("finished"), "minutes": earlier.get("minutes"), "cells": list(rows["cells"])}
+        rows["resumed"] = {"finished": earlier.get("finished"), "minutes": earlier.get("minutes"), "cells": []}  # filled as cells are kept
     return rows
 
 
@@ -240,6 +241,27 @@ def check_same_reference(fp: dict[str, Any], earlier: dict[str, Any], model: str
         if fp[key] != earlier["fp16"][key]:
             raise SystemExit(f"--resume: {model}'s FP16 {key} is {fp[key]!r} now and was {earlier['fp16'][key]!r}; "
                              "the model, samples or scoring changed since that run, so start afresh (no --resume)")
+
+
+def cell_config(scheme: str, name: str, num_calib: int, seed: int) -> QuantizeConfig:
+    """The configuration one (scheme, variant, seed) run calibrates with: the variant's method preset and
+    overrides, on the library scheme (a stress scheme runs with the presets of the one beside it)."""
+    method, overrides = VARIANTS[name]
+    overrides = dict(overrides)
+    importance = overrides.pop("importance", {})
+    stress, preset_scheme = STRESS_SCHEMES.get(scheme, (None, scheme))
+    cfg = build_config(preset_scheme, method, num_samples=num_calib, seed=seed, device="cpu", **overrides)
+    if stress is not None:
+        cfg.scheme = stress
+    cfg.importance = dc_replace(cfg.importance, **importance)
+    return cfg
+
+
+def config_digest(scheme: str, name: str, num_calib: int) -> str:
+    """sha256 of a cell's resolved configuration (seed 0 standing for its seeds). A resumed run keeps a cell
+    only when this is unchanged: a variant's name outlives its meaning when a preset changes (TLQ's token
+    set did), and a kept cell must describe what the name runs now."""
+    return run_fingerprint(cell_config(scheme, name, num_calib, 0).to_dict())
 
 
 def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[int], args: argparse.Namespace,
@@ -261,21 +283,20 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
     for scheme in schemes:
         for name in variants:
             key = f"{scheme}/{name}"
-            if earlier is not None and key in earlier["cells"]:
-                rows["cells"][key] = earlier["cells"][key]
+            digest = config_digest(scheme, name, args.num_calib)
+            kept = earlier["cells"].get(key) if earlier is not None else None
+            if kept is not None and kept.get("config_sha256") == digest:
+                rows["cells"][key] = kept
+                rows["resumed"]["cells"].append(key)
                 print(f"[{model}] {scheme:6s} {name:28s} kept from the earlier run", flush=True)
                 continue
-            method, overrides = VARIANTS[name]
-            overrides = dict(overrides)
-            importance = overrides.pop("importance", {})
+            if kept is not None:
+                why = "its configuration changed since" if "config_sha256" in kept else "no configuration was recorded by"
+                print(f"[{model}] {scheme:6s} {name:28s} measured again: {why} the earlier run", flush=True)
             runs = []
             for seed in seeds[:1] if name in DETERMINISTIC else seeds:
                 t0 = time.perf_counter()
-                stress, preset_scheme = STRESS_SCHEMES.get(scheme, (None, scheme))
-                cfg = build_config(preset_scheme, method, num_samples=args.num_calib, seed=seed, device="cpu", **overrides)
-                if stress is not None:
-                    cfg.scheme = stress
-                cfg.importance = dc_replace(cfg.importance, **importance)
+                cfg = cell_config(scheme, name, args.num_calib, seed)
                 run = calibrate(ref, calib, cfg, progress=False)
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
@@ -291,6 +312,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 "kl": summarize([r["kl"] for r in runs]),
                 "nll": summarize([r["nll"] for r in runs]),
                 "runs": runs,
+                "config_sha256": digest,
             }
             if checkpoint is not None:  # keep what is measured so far: a long run that dies still reports
                 checkpoint(rows)

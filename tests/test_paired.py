@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -207,3 +208,32 @@ def test_resume_keeps_the_earlier_cells_and_measures_only_the_rest(benchmark, mo
     _stub_accuracy_run(acc, monkeypatch, fp_accuracy=0.8)  # another model or samples: FP16 scores differ
     with pytest.raises(SystemExit, match="FP16 accuracy"):
         acc.run_model("m", ["w3a16"], ["GPTQ"], [0], args, earlier=acc.earlier_rows(out, settings, "m"))
+
+
+@pytest.mark.slow
+def test_resume_keeps_only_cells_whose_configuration_is_unchanged(benchmark, tmp_path, capsys):
+    """A variant's name can outlive its meaning (TLQ's preset changed its token set): --resume keeps a cell
+    only when its recorded configuration digest matches what the name resolves to now, and remeasures it
+    otherwise, so a resumed table never mixes presets under one name."""
+    acc = benchmark("accuracy")
+    out = tmp_path / "run"
+    argv = ["--models", "digits-qwen2vl", "--schemes", "w4a16", "--methods", "RTN,GPTQ", "--seeds", "0",
+            "--num-calib", "4", "--num-test", "8", "--data", "val", "--out", str(out)]
+    assert acc.main(argv) == 0
+    first = json.loads(out.with_suffix(".json").read_text())["models"]["digits-qwen2vl"]["cells"]
+    assert first["w4a16/GPTQ"]["config_sha256"] == acc.config_digest("w4a16", "GPTQ", 4)
+    assert acc.config_digest("w4a16", "TLQ", 4) != acc.config_digest("w4a16", "TLQ before the 10% drawn set", 4)
+
+    stale = json.loads(out.with_suffix(".json").read_text())
+    stale["models"]["digits-qwen2vl"]["cells"]["w4a16/GPTQ"]["config_sha256"] = "0" * 64  # as if GPTQ's preset had changed
+    stale["models"]["digits-qwen2vl"]["cells"]["w4a16/GPTQ"]["runs"][0]["seconds"] = -1.0  # marks the stale cell
+    out.with_suffix(".json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    assert acc.main([*argv, "--resume"]) == 0
+    log = capsys.readouterr().out
+    again = json.loads(out.with_suffix(".json").read_text())["models"]["digits-qwen2vl"]
+    assert again["cells"]["w4a16/RTN"] == first["w4a16/RTN"]
+    assert again["cells"]["w4a16/GPTQ"]["runs"][0]["seconds"] > 0  # measured again, not kept
+    assert again["cells"]["w4a16/GPTQ"]["runs"][0]["correct"] == first["w4a16/GPTQ"]["runs"][0]["correct"]
+    assert again["resumed"]["cells"] == ["w4a16/RTN"]
+    assert "GPTQ                         measured again: its configuration changed" in log
