@@ -69,6 +69,8 @@ def render_summary(report: QuantizeReport, console: Console | None = None) -> No
         f"calibration {report.calibration_seconds:.1f}s, export {report.export_seconds:.1f}s, "
         f"peak RSS {report.peak_rss_mb:.0f} MiB{' (streamed)' if report.streamed else ''} -> {report.output}"
     )
+    if fallback := _fallback_note(report):
+        console.print(fallback)
     if report.phases:
         console.print("time by phase: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in sorted(report.phases.items(), key=lambda kv: -kv[1])))
 
@@ -78,3 +80,19 @@ def _cut_note(seq: dict[str, int] | None) -> str:
     if not seq or not seq.get("truncated_samples"):
         return ""
     return f"; {seq['truncated_samples']} cut to --max-seq-len {seq['max_seq_len']}"
+
+
+def _fallback_note(report: QuantizeReport) -> str:
+    """MoE: how many routed expert linears were quantized by RTN for lack of rows, and what gives them rows.
+    A token set that keeps a tenth of the tokens keeps a tenth of each expert's rows too, so a rarely routed
+    expert can drop under GPTQ's minimum; the per-layer lists are in the JSON report (``rtn_fallback``)."""
+    fallback = sum(len(layer.rtn_fallback) for layer in report.layers)
+    if not fallback:
+        return ""
+    routed = sum(len(layer.routed_tokens) for layer in report.layers)
+    gptq = report.config.get("gptq", {})
+    fraction = ((report.token_set or {}).get("selection") or {}).get("token_fraction")
+    remedy = "more calibration samples" + (f", or a --token-fraction above {fraction:g}," if fraction is not None and fraction < 1 else "")
+    return (f"MoE: {fallback} of {routed} routed expert linears saw fewer routed token rows than GPTQ's minimum "
+            f"(--gptq-min-tokens {gptq.get('min_tokens')}, --gptq-min-tokens-in {gptq.get('min_tokens_in')} for gate/up) "
+            f"and were quantized by RTN; {remedy} give them rows")
