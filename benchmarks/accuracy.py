@@ -142,8 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="built-in names, or directories of trained candidates (a path with '/': scripts/train_digits.py --out)")
     p.add_argument("--schemes", default="w3a16,w4a16,w4a8", help="library schemes, or the stress schemes " + ", ".join(STRESS_SCHEMES))
     p.add_argument("--methods", default=",".join(TABLE_VARIANTS), help="comma-separated variant names, of: " + ", ".join(VARIANTS).replace("%", "%%"))
-    p.add_argument("--data", choices=("test", "val"), default="test",
-                   help="score on the model's test set, or on its val split (held out, for choosing defaults)")
+    p.add_argument("--data", choices=("test", "val", "fresh"), default="test",
+                   help="score on the model's test set, on its val split (held out, for choosing defaults), or on fresh "
+                        "test-split samples beyond the shipped set (a recipe-built model only: for a confirmation on "
+                        "samples no earlier run has scored)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
     p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
@@ -198,6 +200,24 @@ def val_jsonl(model_dir: Path, n: int) -> Path:
 def val_records(model_dir: Path, n: int) -> list[Any]:
     """The first ``n`` samples of the model's held-out ``val`` split (:func:`val_jsonl`), as JSONL records."""
     return read_jsonl(val_jsonl(model_dir, n))[:n]
+
+
+def fresh_records(model_dir: Path, n: int) -> list[Any]:
+    """``n`` samples of the model's test split that follow its shipped test set (indices from the set's
+    size on), generated from its recipe into a temporary directory. A sample depends only on its split and
+    index, so they are as held out as the test set and have never been scored: a confirmation planned after
+    reading the test tables is judged on them, not on the samples it was planned from."""
+    import tempfile
+
+    from tlq.builtin import SETS_FILE, write_set
+
+    recipe_path = model_dir / SETS_FILE
+    if not recipe_path.is_file():
+        raise SystemExit(f"--data fresh: {model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
+    recipe = json.loads(recipe_path.read_text())
+    test = recipe["sets"]["test"]
+    out = Path(tempfile.mkdtemp(prefix="tlq-fresh-"))
+    return read_jsonl(write_set(recipe, test["split"], n, out, "fresh", start=test["samples"]))
 
 
 def answer_margins(logps: list[torch.Tensor]) -> dict[str, float]:
@@ -268,7 +288,8 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
               checkpoint: Any = None, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     ref = model if "/" in model else f"builtin:{model}"  # a directory: a candidate from scripts/train_digits.py --out
     mdir = resolve_model_dir(ref)
-    records = choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0) if args.data == "test" else val_records(mdir, args.num_test)
+    records = {"test": lambda: choose(read_jsonl(builtin_set(mdir, "test")), args.num_test, seed=0),
+               "val": lambda: val_records(mdir, args.num_test), "fresh": lambda: fresh_records(mdir, args.num_test)}[args.data]()
     calib = builtin_set(mdir, "calib")  # resolved (and its digest checked) once, not per run
     adapter, fp_model, processor, _d, dev, _dt = load_model(ref, device="cpu")
     ecfg = EvalConfig()

@@ -101,14 +101,15 @@ def generator_config(recipe: dict[str, Any]) -> Any:
     return cls(**{k: tuple(v) if k in tuples else v for k, v in recipe["config"].items()})
 
 
-def write_set(recipe: dict[str, Any], split: str, n: int, out: Path, stem: str) -> Path:
-    """Generate ``n`` samples of ``split`` with the recipe's generator into ``out/<stem>.jsonl`` (+ images)."""
+def write_set(recipe: dict[str, Any], split: str, n: int, out: Path, stem: str, start: int = 0) -> Path:
+    """Generate samples ``start .. start + n - 1`` of ``split`` with the recipe's generator into
+    ``out/<stem>.jsonl`` (+ images)."""
     import importlib
 
     from tlq.data.digits import write_jsonl
 
     module = importlib.import_module(GENERATORS[recipe["generator"]][0])
-    return write_jsonl(module.generate_samples(split, n, generator_config(recipe)), out, stem)
+    return write_jsonl(module.generate_samples(split, n, generator_config(recipe), start=start), out, stem)
 
 
 def _materialize(name: str, recipe: dict[str, Any], kind: str, entry: dict[str, Any]) -> Path:
