@@ -231,6 +231,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     f"tlq-{rank}-{pct}": ("tlq", ["--token-rank", rank, "--token-fraction", str(pct / 100), "--token-floor", "0"])
     for rank in ("importance", "sampled", "coupled") for pct in (10, 25)
 }
+# MoE: a routed expert's statistics on the token set's kept rows only, instead of every routed row
+VARIANTS.update({f"{name}-experts-kept": (base, [*flags, "--experts-kept-rows"]) for name, (base, flags) in list(VARIANTS.items())})
 
 
 def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu", stream: bool = False) -> dict[str, Any]:
@@ -245,6 +247,8 @@ def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work:
     layers = rep["layers"]
     return {"method": method, "wall_seconds": seconds, "peak_rss_mib": rss, "phases": rep["phases"], "num_tokens": rep["num_tokens"],
             "token_union": rep["token_set"]["union_share"] if rep.get("token_set") else None,
+            # MoE: routed expert linears, and those quantized by RTN for lack of rows (--gptq-min-tokens)
+            "routed_linears": sum(len(r["routed_tokens"]) for r in layers), "rtn_fallback": sum(len(r["rtn_fallback"]) for r in layers),
             "num_layers": len(layers), "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
             # on CUDA each layer's report holds the GPU's peak allocation during that layer
             "peak_gpu_mib": max(r["peak_mem_mb"] for r in layers) if device.startswith("cuda") else None}
@@ -347,6 +351,9 @@ def to_markdown(result: dict[str, Any]) -> list[str]:
     lines.append("| peak RSS (MiB) | " + " | ".join(f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-" for r in result["rows"]) + " |")
     if any(r.get("token_union") is not None for r in result["rows"]):
         lines.append("| tokens some weight row of a layer keeps | " + " | ".join(f"{r['token_union']:.0%}" if r.get("token_union") is not None else "all" for r in result["rows"]) + " |")
+    if any(r.get("routed_linears") for r in result["rows"]):
+        lines.append("| MoE expert linears quantized by RTN (too few rows) | " + " | ".join(
+            f"{r['rtn_fallback']} of {r['routed_linears']}" if r.get("routed_linears") else "-" for r in result["rows"]) + " |")
     if result.get("gpu"):
         lines.append("| peak GPU memory (MiB) | " + " | ".join(f"{r['peak_gpu_mib']:.0f}" if r.get("peak_gpu_mib") else "-" for r in result["rows"]) + " |")
     lines += [f"\n{r['method']} failed: `{r['error']}`" for r in result["rows"] if r.get("error")]

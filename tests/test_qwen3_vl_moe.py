@@ -245,7 +245,8 @@ def test_quantize_report_lists_per_expert_token_counts(tiny_vlm_dir, tiny_calib_
     report = tlq.quantize(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, tmp_path / "q", scheme="w4a16", method="tlq", num_samples=4, progress=False, resume=False)
     counts = report.layers[0].routed_tokens
     assert set(counts) == {f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
-    assert 0 < sum(counts.values())  # token selection keeps a budget of rows, so fewer than all tokens
+    # an expert's statistics take every token routed to it, whatever the token set keeps (experts_every_row)
+    assert sum(counts[f"mlp.experts.{e}.gate_proj"] for e in range(EXPERTS)) == TOP_K * report.num_tokens
 
 
 @pytest.mark.slow
@@ -329,3 +330,25 @@ def test_the_summary_says_how_many_experts_fell_back_to_rtn_and_what_gives_them_
             assert "--gptq-min-tokens 1000000" in err and "--token-fraction above 0.1" in err
         else:
             assert fallback == 0 and "MoE:" not in err
+
+
+def test_experts_take_every_routed_row_of_a_budgeted_token_set_unless_asked_for_the_kept_ones(tiny_vlm_dir, tiny_calib_jsonl):
+    """With a tenth of the tokens kept, an expert's statistics still see every token routed to it (each
+    importance-weighted), so a budget leaves no expert short of rows; --experts-kept-rows restores the
+    kept rows only. Attention, which is not routed, calibrates on the token set either way."""
+    model_dir = tiny_vlm_dir(FAMILY)
+    budget = {"token_fraction": 0.1, "token_floor": 0, "gptq_min_tokens": 1, "gptq_min_tokens_in": 1}
+    every = _calibrate(model_dir, tiny_calib_jsonl, "tlq", **budget)
+    kept = _calibrate(model_dir, tiny_calib_jsonl, "tlq", experts_every_row=False, **budget)
+    assert every.config.selection.experts_every_row and not kept.config.selection.experts_every_row
+
+    def rows(run):
+        return sum(run.result.layers[0].routed_tokens[f"mlp.experts.{e}.gate_proj"] for e in range(EXPERTS))
+
+    assert rows(every) == TOP_K * every.num_tokens  # every token reaches its top-k experts
+    assert 0 < rows(kept) < TOP_K * kept.num_tokens / 4  # a tenth of the tokens, drawn
+    prefix = "model.language_model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.o_proj"):
+        assert torch.equal(every.result.quantized[prefix + name].codes, kept.result.quantized[prefix + name].codes), name
+    assert any(not torch.equal(every.result.quantized[prefix + n].codes, kept.result.quantized[prefix + n].codes)
+               for n in every.result.layers[0].routed_tokens)

@@ -282,4 +282,4 @@ def _global_weight_fn(token_set: Any, ids: list[int]) -> Any:
     """The engine asks by global sample id; the token set is indexed by this rank's local order."""
     local = token_set.weight_fn()
     position = {gid: i for i, gid in enumerate(ids)}
-    return lambda layer, gid, linear=None: local(layer, position[gid], linear)
+    return lambda layer, gid, linear=None, every_token=False: local(layer, position[gid], linear, every_token)

@@ -22,8 +22,9 @@ from tlq.models.base import ModelAdapter, tree_to
 from tlq.quant.quantizer import QuantizedWeight
 
 # Per-token weights for one layer's statistics: (layer index, global sample id[, linear name within the
-# layer]) -> [seq] or None. Without a linear name: the weights of the layer's output, which are also
-# every linear's unless the importance is per linear.
+# layer][, every_token=True]) -> [seq] or None. Without a linear name: the weights of the layer's output,
+# which are also every linear's unless the importance is per linear; every_token: the layer's weights
+# before the token set's budget (asked only for routed MoE experts).
 TokenWeightFn = Callable[..., Tensor | None]
 
 
@@ -53,12 +54,15 @@ class LayerContext:
     def dev(self, x: Any) -> Any:
         return tree_to(x, self.device)
 
-    def weights(self, sample: int, linear: str | None = None) -> Tensor | None:
+    def weights(self, sample: int, linear: str | None = None, every_token: bool = False) -> Tensor | None:
         """Token weights of this rank's ``sample``-th sample, for the inputs of ``linear`` (a name within
-        the layer) or, without one, for the layer's output."""
+        the layer) or, without one, for the layer's output; ``every_token``: the layer's weights before the
+        token set's budget (a routed expert's statistics, ``SelectionConfig.experts_every_row``)."""
         if self.token_weights is None:
             return None
         gid = self.sample_ids[sample]
+        if every_token:
+            return self.token_weights(self.index, gid, every_token=True)
         return self.token_weights(self.index, gid) if linear is None else self.token_weights(self.index, gid, linear)
 
 

@@ -228,7 +228,8 @@ def _observe(ctx: LayerContext, mods: dict[str, nn.Module], cals: dict[str, Line
     try:
         for s, (x, kw) in enumerate(zip(xs, ctx.kwargs)):
             for name, mod in mods.items():  # per-linear importance gives each linear its own token weights
-                w = ctx.weights(s, None if isinstance(mod, RoutedLinear) else name)
+                routed = isinstance(mod, RoutedLinear)  # an expert: the layer's weights, over every routed row if asked
+                w = ctx.weights(s, None if routed else name, every_token=routed and ctx.config.selection.experts_every_row)
                 current[name] = None if w is None else w.to(ctx.device).reshape(1, -1)
             rows[0] = _union_of_kept_rows(list(current.values())) if cuts else None
             if fp_mods:

@@ -145,7 +145,8 @@ class TokenCalibrationSet:
     layer's output (the scale search's loss) and row ``1 + k`` the inputs of linear ``linear_names[k]``.
     """
 
-    def __init__(self, weights: list[Tensor], visual_masks: list[Tensor], valid_masks: list[Tensor] | None = None, selection: SelectionConfig | None = None, importance: ImportanceConfig | None = None, linear_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, weights: list[Tensor], visual_masks: list[Tensor], valid_masks: list[Tensor] | None = None, selection: SelectionConfig | None = None, importance: ImportanceConfig | None = None, linear_names: tuple[str, ...] = (),
+                 unbudgeted: list[Tensor] | None = None) -> None:
         if len(weights) != len(visual_masks):
             raise ValueError("one visual mask per sample is needed")
         if weights and len({tuple(w.shape[:-1]) for w in weights}) != 1:
@@ -160,10 +161,13 @@ class TokenCalibrationSet:
         self.valid_masks = (
             [m.reshape(-1).to(torch.bool).cpu() for m in valid_masks]
             if valid_masks is not None
-            else [torch.ones(w.shape[1], dtype=torch.bool) for w in self.weights]
+            else [torch.ones(w.shape[-1], dtype=torch.bool) for w in self.weights]
         )
         self.selection = selection
         self.importance = importance
+        # per sample [L, seq]: the layer rows' weights before the budget (every valid token weighted), for the
+        # routed experts' statistics (SelectionConfig.experts_every_row); None: the budget dropped nothing
+        self.unbudgeted = None if unbudgeted is None else [(layer_rows(u) * v).float().cpu() for u, v in zip(unbudgeted, self.valid_masks)]
 
     @classmethod
     def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = (), total_valid: int | None = None) -> "TokenCalibrationSet":
@@ -181,7 +185,8 @@ class TokenCalibrationSet:
         if total_valid is None:
             total_valid = sum(int(w.shape[-1]) if v is None else int(v.sum()) for w, v in zip(weights, valids))
         selected = [select_tokens(w, m, cfg, v, g, total_valid) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
-        return cls(selected, visual_masks, valid_masks, cfg, importance, linear_names)
+        dropped = any(not torch.equal(layer_rows(a), layer_rows(b)) for a, b in zip(selected, weights))
+        return cls(selected, visual_masks, valid_masks, cfg, importance, linear_names, unbudgeted=weights if dropped else None)
 
     # --- engine ------------------------------------------------------------------------------------
     @property
@@ -193,13 +198,16 @@ class TokenCalibrationSet:
         return int(self.weights[0].shape[0]) if self.weights else 0
 
     def weight_fn(self):  # -> tlq.engine.layerwise.TokenWeightFn
-        """``(layer_idx, sample_idx, linear=None) -> Tensor[seq]`` for ``LayerwiseEngine(token_weights=...)``:
-        the weights of a linear's inputs (its name within the layer), or of the layer's output."""
+        """``(layer_idx, sample_idx, linear=None, every_token=False) -> Tensor[seq]`` for
+        ``LayerwiseEngine(token_weights=...)``: the weights of a linear's inputs (its name within the layer),
+        or of the layer's output; ``every_token``: the layer's weights before the budget."""
         rows = {name: 1 + k for k, name in enumerate(self.linear_names)}
 
-        def fn(layer: int, sample: int, linear: str | None = None) -> Tensor:
+        def fn(layer: int, sample: int, linear: str | None = None, every_token: bool = False) -> Tensor:
             if not 0 <= layer < self.num_layers:
                 raise IndexError(f"token weights cover {self.num_layers} layers, layer {layer} was asked for")
+            if every_token and self.unbudgeted is not None:
+                return self.unbudgeted[sample][layer]
             w = self.weights[sample][layer]
             if not self.linear_names:
                 return w
