@@ -434,6 +434,12 @@ def test_calibration_set_feeds_the_engine(tiny_vlm_dir, tiny_calib_jsonl):
             assert (w[sample.visual_mask] > 0).any() and (w[~sample.visual_mask] > 0).any()
     with pytest.raises(IndexError):
         fn(tcs.num_layers, 0)
+    # the weights before the budget are kept only when asked (a model with routed experts): every token weighted
+    assert tcs.unbudgeted is None and torch.equal(fn(0, 0, every_token=True), fn(0, 0))
+    routed = build_token_calibration_set(adapter, model, samples, ImportanceConfig(), SelectionConfig(token_fraction=0.5, token_floor=0), keep_unbudgeted=True)
+    every = routed.weight_fn()(1, 0, every_token=True)
+    assert (every > 0).all() and torch.equal(routed.weight_fn()(1, 0), fn(1, 0))
+    assert torch.allclose(every[fn(1, 0) > 0], fn(1, 0)[fn(1, 0) > 0])  # the ranked set keeps its tokens' weights as they are
     summ = tcs.summary()
     counts = summ["selected_tokens_per_layer"]
     assert [v + t for v, t in zip(counts["visual"], counts["text"])] == [sum(round(0.5 * s.seq_len) for s in samples)] * tcs.num_layers

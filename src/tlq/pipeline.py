@@ -134,7 +134,8 @@ def token_calibration_set(adapter: ModelAdapter, model: Any, samples: list, conf
     # The floor is over the whole set: a sample's budget must not depend on which rank holds it.
     total_valid = int(all_reduce_scalar_sum(sum(int(sample_valid_mask(s).sum()) for s in samples)))
     return build_token_calibration_set(adapter, model, samples, importance, selection, device=device, progress=progress, sample_ids=sample_ids, layers=layers, store=store, layer0=layer0,
-                                       total_valid=total_valid, reduce_sums=all_reduce_scalars_sum)
+                                       total_valid=total_valid, reduce_sums=all_reduce_scalars_sum,
+                                       keep_unbudgeted=adapter.routes_tokens and config.selection.experts_every_row)
 
 
 @dataclass

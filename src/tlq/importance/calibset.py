@@ -166,15 +166,20 @@ class TokenCalibrationSet:
         self.selection = selection
         self.importance = importance
         # per sample [L, seq]: the layer rows' weights before the budget (every valid token weighted), for the
-        # routed experts' statistics (SelectionConfig.experts_every_row); None: the budget dropped nothing
+        # routed experts' statistics (SelectionConfig.experts_every_row); None where the budget dropped nothing
+        # or nobody asked for them (a dense model): then every_token reads the kept weights
         self.unbudgeted = None if unbudgeted is None else [(layer_rows(u) * v).float().cpu() for u, v in zip(unbudgeted, self.valid_masks)]
 
     @classmethod
-    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = (), total_valid: int | None = None) -> "TokenCalibrationSet":
+    def select(cls, weights: list[Tensor], visual_masks: list[Tensor], cfg: SelectionConfig | None = None, valid_masks: list[Tensor] | None = None, importance: ImportanceConfig | None = None, sample_ids: list[int] | None = None, linear_names: tuple[str, ...] = (), total_valid: int | None = None,
+               keep_unbudgeted: bool = False) -> "TokenCalibrationSet":
         """Apply the token budget (:func:`select_tokens`) to every sample's integrated weights.
 
         ``total_valid`` is the whole calibration set's count of valid tokens (the budget's floor depends on
         it); a distributed run passes the sum over ranks, a single process may leave it to these samples'.
+        ``keep_unbudgeted``: keep the layer rows' weights before the budget too, for a model whose routed
+        experts read every routed row (``SelectionConfig.experts_every_row``); a dense model does not need
+        them, and they would double the set's memory.
         """
         cfg = cfg or SelectionConfig()
         # One tie-breaking stream per sample, keyed by its global id: a sample's selection must not depend
@@ -185,7 +190,7 @@ class TokenCalibrationSet:
         if total_valid is None:
             total_valid = sum(int(w.shape[-1]) if v is None else int(v.sum()) for w, v in zip(weights, valids))
         selected = [select_tokens(w, m, cfg, v, g, total_valid) for w, m, v, g in zip(weights, visual_masks, valids, gens)]
-        dropped = any(not torch.equal(layer_rows(a), layer_rows(b)) for a, b in zip(selected, weights))
+        dropped = keep_unbudgeted and any(not torch.equal(layer_rows(a), layer_rows(b)) for a, b in zip(selected, weights))
         return cls(selected, visual_masks, valid_masks, cfg, importance, linear_names, unbudgeted=weights if dropped else None)
 
     # --- engine ------------------------------------------------------------------------------------
@@ -273,12 +278,13 @@ def sample_valid_mask(sample: CalibSample) -> Tensor:
 
 
 def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples: list[CalibSample], importance: ImportanceConfig | None = None, selection: SelectionConfig | None = None, *, device: torch.device | str | None = None, progress: bool = False, gradients: list[TokenGradients] | None = None, sample_ids: list[int] | None = None, layers: Any = None, store: Any = list, layer0: list[Any] | None = None, total_valid: int | None = None,
-                                reduce_sums: Callable[[list[float]], list[float]] | None = None) -> TokenCalibrationSet:
+                                reduce_sums: Callable[[list[float]], list[float]] | None = None, keep_unbudgeted: bool = False) -> TokenCalibrationSet:
     """Importance pass (skipped for ``kind="uniform"``) -> :func:`integrate` (-> each sample's factor,
     ``sample_weights="curvature"``) -> token budget.
 
     ``total_valid``: the whole set's valid tokens over all ranks (see :meth:`TokenCalibrationSet.select`);
     ``reduce_sums`` sums a list of numbers over ranks, for the sample factors' set-wide mean (:func:`sample_factors`).
+    ``keep_unbudgeted``: also keep the weights before the budget (routed experts read them; see ``select``).
     Pass ``gradients`` (from :func:`token_gradients`) to reuse a pass already run; ``layers`` and
     ``store`` stream the pass over a model whose layers are loaded one at a time (see there); ``layer0``
     are the samples' layer-0 inputs if captured already.
@@ -297,4 +303,4 @@ def build_token_calibration_set(adapter: ModelAdapter, model: nn.Module, samples
             raise ValueError("sample_weights='curvature' is read off the importance pass, which kind='uniform' does not run")
         factors = sample_factors([g.curvature for g in gradients], importance.sample_floor, reduce_sums)
         weights = [w * f for w, f in zip(weights, factors)]
-    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names, total_valid)
+    return TokenCalibrationSet.select(weights, [s.visual_mask for s in samples], selection, valids, importance, sample_ids, names, total_valid, keep_unbudgeted)

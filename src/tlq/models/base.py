@@ -123,6 +123,8 @@ class ModelAdapter:
     """Generic behaviour shared by the families; subclasses override what differs."""
 
     spec: ModelSpec
+    #: whether some decoder layers route tokens to experts (tlq.models.moe.RoutedExpertsAdapter sets it)
+    routes_tokens: bool = False
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

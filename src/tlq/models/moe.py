@@ -218,6 +218,8 @@ class RoutedExpertsAdapter:
     TLQ rebuilds the model: the streamed skeleton, the reload of an export). Put it before the family's
     adapter class in the bases."""
 
+    routes_tokens = True
+
     def load(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         model, processor = super().load(model_dir, device, dtype)  # type: ignore[misc]
         self.unfuse(model)
