@@ -221,7 +221,7 @@ def test_reduced_build_writes_every_value_into_config(cost, shape, tmp_path):
 
 def test_stream_reaches_the_quantize_command(cost, monkeypatch, tmp_path):
     seen: list[list[str]] = []
-    layer = {"rel_error": 0.5, "peak_mem_mb": 1.0}
+    layer = {"rel_error": 0.5, "peak_mem_mb": 1.0, "routed_tokens": {}, "rtn_fallback": []}  # as a dense model's report has them
 
     def fake_timed(cmd: list[str]) -> tuple[None, float, float]:
         seen.append(cmd)
