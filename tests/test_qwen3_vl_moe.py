@@ -312,24 +312,24 @@ def test_the_norm_fold_moves_outlier_channels_out_of_the_experts_inputs(tiny_vlm
 
 
 def test_the_summary_says_how_many_experts_fell_back_to_rtn_and_what_gives_them_rows(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, capsys):
-    """A token set keeps a fraction of each expert's rows too, so TLQ's closing summary names the experts
-    quantized by RTN for lack of rows (none, no line) and the two ways to give them rows."""
+    """TLQ's closing summary counts the experts quantized by RTN for lack of rows (none: no line), and names
+    what gives them rows: more samples, and every routed row where --experts-kept-rows thinned them."""
     model_dir = tiny_vlm_dir(FAMILY)
-    for least, name in ((10**6, "all"), (1, "none")):
+    for least, extra, name in ((10**6, [], "all"), (10**6, ["--experts-kept-rows"], "thinned"), (1, [], "none")):
         report = tmp_path / f"{name}.json"
         capsys.readouterr()
         assert main(["quantize", "--model", str(model_dir), "--calib", str(tiny_calib_jsonl), "--out", str(tmp_path / name),
                      "--method", "tlq", "--num-samples", "2", "--search-grid", "4", "--gptq-min-tokens", str(least),
-                     "--gptq-min-tokens-in", str(least), "--report", str(report)]) == 0
+                     "--gptq-min-tokens-in", str(least), "--report", str(report), *extra]) == 0
         err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
         layers = json.loads(report.read_text())["layers"]
         fallback, routed = sum(len(x["rtn_fallback"]) for x in layers), sum(len(x["routed_tokens"]) for x in layers)
-        if name == "all":
-            assert fallback == routed > 0
-            assert f"MoE: {fallback} of {routed} routed expert linears" in err
-            assert "--gptq-min-tokens 1000000" in err and "--token-fraction above 0.1" in err
-        else:
+        if name == "none":
             assert fallback == 0 and "MoE:" not in err
+            continue
+        assert fallback == routed > 0
+        assert f"MoE: {fallback} of {routed} routed expert linears" in err and "--gptq-min-tokens 1000000" in err
+        assert ("without --experts-kept-rows" in err) == (name == "thinned")
 
 
 def test_experts_take_every_routed_row_of_a_budgeted_token_set_unless_asked_for_the_kept_ones(tiny_vlm_dir, tiny_calib_jsonl):
