@@ -231,8 +231,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     f"tlq-{rank}-{pct}": ("tlq", ["--token-rank", rank, "--token-fraction", str(pct / 100), "--token-floor", "0"])
     for rank in ("importance", "sampled", "coupled") for pct in (10, 25)
 }
-# MoE: a routed expert's statistics on the token set's kept rows only, instead of every routed row
-VARIANTS.update({f"{name}-experts-kept": (base, [*flags, "--experts-kept-rows"]) for name, (base, flags) in list(VARIANTS.items())})
+# MoE: a routed expert's statistics on every routed row, instead of the token set's kept rows only
+VARIANTS.update({f"{name}-experts-every-row": (base, [*flags, "--experts-every-row"]) for name, (base, flags) in list(VARIANTS.items())})
 
 
 def run_method(model: Path, calib: Path, scheme: str, method: str, n: int, work: Path, device: str = "cpu", stream: bool = False) -> dict[str, Any]:

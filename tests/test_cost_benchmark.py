@@ -40,10 +40,10 @@ def test_cost_variants_reach_the_config_they_name(benchmark):
     from tlq.config import OPTIONS, build_config
 
     cost = benchmark("cost")
-    assert {"tlq-coupled-10", "tlq-importance-25", "tlq-sampled-10-experts-kept"} <= set(cost.VARIANTS)
+    assert {"tlq-coupled-10", "tlq-importance-25", "tlq-sampled-10-experts-every-row"} <= set(cost.VARIANTS)
     for name, (base, flags) in cost.VARIANTS.items():
         args = build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", "--method", base, *flags])
         cfg = build_config(args.scheme, args.method, **{o.name: getattr(args, o.name) for o in OPTIONS})
         rank, pct = name.split("-")[1:3]
         assert (cfg.selection.rank, cfg.selection.token_fraction, cfg.selection.token_floor) == (rank, int(pct) / 100, 0)
-        assert cfg.selection.experts_every_row is not name.endswith("-experts-kept")
+        assert cfg.selection.experts_every_row is name.endswith("-experts-every-row")

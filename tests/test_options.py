@@ -18,9 +18,8 @@ NON_DEFAULT = {
     "token_select": (None, True), "grad_at": ("input", "input"), "token_fraction": ("0.25", 0.25), "token_floor": ("12345", 12345),
     "sample_weights": ("curvature", "curvature"), "token_rank": ("random", "random"),
     "kept_rows_passes": (None, True), "gptq_fp_shift": ("deferred", "deferred"),
-    "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"), "experts_every_row": (None, False),
+    "quantized_inputs": (None, True), "device": ("cpu", "cpu"), "dtype": ("float32", "float32"), "experts_every_row": (None, True),
 }
-ON_EVERYWHERE = {"experts_every_row"}  # true in every preset: the flag that differs is the one turning it off
 
 METHOD_FOR = {"quantized_inputs": "awq"}  # gptq already calibrates on the quantized path
 
@@ -33,8 +32,7 @@ def test_the_table_covers_every_option():
 def test_each_flag_reaches_its_field(opt):
     text, expected = NON_DEFAULT[opt.name]
     method = METHOD_FOR.get(opt.name, "gptq")
-    flag = opt.negative if opt.name in ON_EVERYWHERE else opt.cli_flag
-    argv = ["quantize", "--model", "m", "--out", "o", "--scheme", "w3a16", "--method", method, flag] + ([] if text is None else [text])
+    argv = ["quantize", "--model", "m", "--out", "o", "--scheme", "w3a16", "--method", method, opt.cli_flag] + ([] if text is None else [text])
     args = build_parser().parse_args(argv)
     cfg = build_config(args.scheme, args.method, **{o.name: getattr(args, o.name) for o in OPTIONS})
     baseline = build_config("w3a16", method)

@@ -245,7 +245,7 @@ def test_quantize_report_lists_per_expert_token_counts(tiny_vlm_dir, tiny_calib_
     report = tlq.quantize(tiny_vlm_dir(FAMILY), tiny_calib_jsonl, tmp_path / "q", scheme="w4a16", method="tlq", num_samples=4, progress=False, resume=False)
     counts = report.layers[0].routed_tokens
     assert set(counts) == {f"mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj")}
-    # an expert's statistics take every token routed to it, whatever the token set keeps (experts_every_row)
+    # a tiny set is under the token floor, so the set keeps every token and each expert sees all it is routed
     assert sum(counts[f"mlp.experts.{e}.gate_proj"] for e in range(EXPERTS)) == TOP_K * report.num_tokens
 
 
@@ -313,9 +313,10 @@ def test_the_norm_fold_moves_outlier_channels_out_of_the_experts_inputs(tiny_vlm
 
 def test_the_summary_says_how_many_experts_fell_back_to_rtn_and_what_gives_them_rows(tiny_vlm_dir, tiny_calib_jsonl, tmp_path, capsys):
     """TLQ's closing summary counts the experts quantized by RTN for lack of rows (none: no line), and names
-    what gives them rows: more samples, and every routed row where --experts-kept-rows thinned them."""
+    what gives them rows: more samples, and every routed row where the token set thinned them."""
     model_dir = tiny_vlm_dir(FAMILY)
-    for least, extra, name in ((10**6, [], "all"), (10**6, ["--experts-kept-rows"], "thinned"), (1, [], "none")):
+    thin = ["--token-fraction", "0.5", "--token-floor", "0"]
+    for least, extra, name in ((10**6, [*thin, "--experts-every-row"], "all"), (10**6, thin, "thinned"), (10**6, [], "floored"), (1, [], "none")):
         report = tmp_path / f"{name}.json"
         capsys.readouterr()
         assert main(["quantize", "--model", str(model_dir), "--calib", str(tiny_calib_jsonl), "--out", str(tmp_path / name),
@@ -329,17 +330,17 @@ def test_the_summary_says_how_many_experts_fell_back_to_rtn_and_what_gives_them_
             continue
         assert fallback == routed > 0
         assert f"MoE: {fallback} of {routed} routed expert linears" in err and "--gptq-min-tokens 1000000" in err
-        assert ("without --experts-kept-rows" in err) == (name == "thinned")
+        assert ("or every routed row (--experts-every-row)" in err) == (name == "thinned")
 
 
-def test_experts_take_every_routed_row_of_a_budgeted_token_set_unless_asked_for_the_kept_ones(tiny_vlm_dir, tiny_calib_jsonl):
-    """With a tenth of the tokens kept, an expert's statistics still see every token routed to it (each
-    importance-weighted), so a budget leaves no expert short of rows; --experts-kept-rows restores the
-    kept rows only. Attention, which is not routed, calibrates on the token set either way."""
+def test_experts_take_every_routed_row_of_a_budgeted_token_set_when_asked(tiny_vlm_dir, tiny_calib_jsonl):
+    """With a tenth of the tokens kept, an expert's statistics see the kept tokens routed to it, and with
+    --experts-every-row every token routed to it (each importance-weighted), so the budget leaves no expert
+    short of rows. Attention, which is not routed, calibrates on the token set either way."""
     model_dir = tiny_vlm_dir(FAMILY)
     budget = {"token_fraction": 0.1, "token_floor": 0, "gptq_min_tokens": 1, "gptq_min_tokens_in": 1}
-    every = _calibrate(model_dir, tiny_calib_jsonl, "tlq", **budget)
-    kept = _calibrate(model_dir, tiny_calib_jsonl, "tlq", experts_every_row=False, **budget)
+    every = _calibrate(model_dir, tiny_calib_jsonl, "tlq", experts_every_row=True, **budget)
+    kept = _calibrate(model_dir, tiny_calib_jsonl, "tlq", **budget)
     assert every.config.selection.experts_every_row and not kept.config.selection.experts_every_row
 
     def rows(run):

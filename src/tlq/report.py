@@ -84,16 +84,17 @@ def _cut_note(seq: dict[str, int] | None) -> str:
 
 def _fallback_note(report: QuantizeReport) -> str:
     """MoE: how many routed expert linears were quantized by RTN for lack of rows, and what gives them rows.
-    An expert's statistics take every token routed to it unless --experts-kept-rows thins them to the token
-    set's, so the remedy is more samples, or every routed row; the per-layer lists are in the JSON report
-    (``rtn_fallback``)."""
+    With a token-level set an expert's statistics take only the kept tokens routed to it, unless
+    --experts-every-row gives it all of them, so the remedy is more samples, or every routed row; the
+    per-layer lists are in the JSON report (``rtn_fallback``)."""
     fallback = sum(len(layer.rtn_fallback) for layer in report.layers)
     if not fallback:
         return ""
     routed = sum(len(layer.routed_tokens) for layer in report.layers)
     gptq = report.config.get("gptq", {})
-    thinned = report.token_set is not None and not report.config.get("selection", {}).get("experts_every_row", True)
-    remedy = "more calibration samples" + (", or every routed row (without --experts-kept-rows)," if thinned else "")
+    thinned = (report.token_set is not None and report.token_set.get("union_share", 1.0) < 1.0  # the set dropped tokens
+               and not report.config.get("selection", {}).get("experts_every_row", False))
+    remedy = "more calibration samples" + (", or every routed row (--experts-every-row)," if thinned else "")
     return (f"MoE: {fallback} of {routed} routed expert linears saw fewer routed token rows than GPTQ's minimum "
             f"(--gptq-min-tokens {gptq.get('min_tokens')}, --gptq-min-tokens-in {gptq.get('min_tokens_in')} for gate/up) "
             f"and were quantized by RTN; {remedy} give them rows")
