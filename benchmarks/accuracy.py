@@ -148,7 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "samples no earlier run has scored)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
-    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split)")
+    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split; "
+                        "with --data fresh, the N test-split samples after the shipped set)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the Markdown of an earlier run's JSON (next to it), with the current table format")
