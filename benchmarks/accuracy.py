@@ -31,7 +31,7 @@ from tlq.config import ActQuantSpec, QuantizeConfig, QuantScheme, WeightQuantSpe
 from tlq.data.records import choose, read_jsonl
 from tlq.engine import smoothing
 from tlq.engine.checkpoint import run_fingerprint
-from tlq.eval.paired import mcnemar
+from tlq.eval.paired import flip_test, flips, mcnemar
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
 
@@ -348,9 +348,10 @@ def relevant_share(records: list[Any]) -> float | None:
     return statistics.fmean(shares) if shares else None
 
 
-def paired(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
-    """McNemar over the same test samples, runs paired by seed (a deterministic method's one run pairs with
-    every seed of the other) and pooled; None for runs recorded before per-sample results were kept."""
+def paired_bits(first: dict[str, Any], second: dict[str, Any]) -> tuple[str, str, int] | None:
+    """The two cells' right/wrong answers, runs paired by seed (a deterministic method's one run pairs with
+    every seed of the other) and concatenated, and the number of pairs; None for runs recorded before
+    per-sample results were kept."""
     a_runs, b_runs = first["runs"], second["runs"]
     if not all("correct" in r for r in a_runs + b_runs):
         return None
@@ -359,9 +360,32 @@ def paired(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | No
     else:
         by_seed = {r["seed"]: r for r in b_runs}
         pairs = [(a, by_seed[a["seed"]]) for a in a_runs if a["seed"] in by_seed]
-    a_bits = "".join(a["correct"] for a, _ in pairs)
-    b_bits = "".join(b["correct"] for _, b in pairs)
-    return mcnemar([c == "1" for c in a_bits], [c == "1" for c in b_bits]).to_dict()
+    return "".join(a["correct"] for a, _ in pairs), "".join(b["correct"] for _, b in pairs), len(pairs)
+
+
+def _bools(bits: str) -> list[bool]:
+    return [c == "1" for c in bits]
+
+
+def paired(first: dict[str, Any], second: dict[str, Any], reference: str | None = None) -> dict[str, Any] | None:
+    """McNemar over the same test samples, runs paired by seed and pooled (:func:`paired_bits`): on being
+    right, or, given FP16's right/wrong answers ``reference``, on keeping them (fewer flips wins)."""
+    bits = paired_bits(first, second)
+    if bits is None:
+        return None
+    a, b, n_pairs = bits
+    if reference is None:
+        return mcnemar(_bools(a), _bools(b)).to_dict()
+    return flip_test(_bools(reference * n_pairs), _bools(a), _bools(b)).to_dict()
+
+
+def cell_flips(cell: dict[str, Any], reference: str) -> dict[str, Any] | None:
+    """A cell's flips against FP16 (:class:`tlq.eval.paired.Flips`): share per run summarised over seeds, and
+    the answers lost (right -> wrong) and gained summed over its runs; None without per-sample results."""
+    if not reference or not all("correct" in r for r in cell["runs"]):
+        return None
+    per_run = [flips(_bools(reference), _bools(r["correct"])) for r in cell["runs"]]
+    return {"share": summarize([f.share for f in per_run]), "lost": sum(f.lost for f in per_run), "gained": sum(f.gained for f in per_run)}
 
 
 # The needle benchmark's validity bars (docs/needle.md), fixed before any TLQ row is computed and judged
@@ -407,6 +431,10 @@ def beyond_spread(better: dict[str, float], worse: dict[str, float], higher_is_b
     return sign * (better["mean"] - worse["mean"]) > better["std"] + worse["std"]
 
 
+def _paired_win(test: dict[str, Any] | None) -> bool:
+    return test is not None and test["p"] < 0.05 and test["wins"] > test["losses"]
+
+
 def summary_rows(rows: dict[str, Any], scheme: str) -> dict[str, Any] | None:
     """TLQ against the baselines of one (model, scheme) cell: the best by accuracy and by KL, and whether
     TLQ beats *every* baseline beyond the spread (:func:`beyond_spread`); ``None`` when the cell lacks
@@ -420,15 +448,20 @@ def summary_rows(rows: dict[str, Any], scheme: str) -> dict[str, Any] | None:
     best_kl = min(base, key=lambda c: c["kl"]["mean"])
     tests = {b["variant"]: paired(tlq, b) for b in base}
     ablation = cells.get(ABLATION)
+    reference = rows.get("fp16", {}).get("correct")
     return {
         "ablation": None if ablation is None else {
             "accuracy": ablation["accuracy"],
             "paired": paired(tlq, ablation),
+            "flips": None if not reference else {"tlq": cell_flips(tlq, reference), "ablation": cell_flips(ablation, reference),
+                                                  "paired": paired(tlq, ablation, reference)},
             "acc_win": beyond_spread(tlq["accuracy"], ablation["accuracy"], higher_is_better=True),
             "acc_loss": beyond_spread(ablation["accuracy"], tlq["accuracy"], higher_is_better=True),
         },
         "paired_vs_best": tests[best_acc["variant"]],
-        "paired_win": all(t is not None and t["p"] < 0.05 and t["wins"] > t["losses"] for t in tests.values()),
+        "paired_win": all(_paired_win(t) for t in tests.values()),
+        # fewer flips than every baseline, by McNemar on keeping FP16's answers (None: no per-sample FP16)
+        "keeps_win": None if not reference else all(_paired_win(paired(tlq, b, reference)) for b in base),
         "tlq": tlq,
         "best_acc": best_acc,
         "best_kl": best_kl,
@@ -447,11 +480,42 @@ def _mcnemar(test: dict[str, Any] | None) -> str:
     return f"{test['wins']}/{test['losses']}, p={test['p']:.3g}" if test else "-"
 
 
+def _flips(f: dict[str, Any] | None) -> str:
+    return "-" if f is None else f"{_pm(f['share'], 100)} (-{f['lost']} / +{f['gained']})"
+
+
 def _vs_ablation(ablation: dict[str, Any] | None) -> str:
     if ablation is None:
         return "not run"
     verdict = "TLQ ahead" if ablation["acc_win"] else ("TLQ behind" if ablation["acc_loss"] else "within spread")
-    return f"{_pm(ablation['accuracy'], 100)}: {verdict}; {_mcnemar(ablation['paired'])}"
+    text = f"{_pm(ablation['accuracy'], 100)}: {verdict}; {_mcnemar(ablation['paired'])}"
+    f = ablation.get("flips")
+    if f and f["tlq"] and f["ablation"]:
+        text += f"; flips {100 * f['tlq']['share']['mean']:.2f}% / {100 * f['ablation']['share']['mean']:.2f}%, keeps FP16 {_mcnemar(f['paired'])}"
+    return text
+
+
+def pooled_vs_ablation(result: dict[str, Any]) -> list[str]:
+    """Per scheme, TLQ against its ablation with every model's runs pooled (paired by model and seed): on
+    accuracy and on keeping FP16's right/wrong answers. Small per-model gaps add up here, or cancel."""
+    lines = []
+    schemes = dict.fromkeys(c["scheme"] for rows in result["models"].values() for c in rows["cells"].values())
+    for scheme in schemes:
+        a = b = ref = ""
+        for rows in result["models"].values():
+            cells = {c["variant"]: c for c in rows["cells"].values() if c["scheme"] == scheme}
+            bits = paired_bits(cells["TLQ"], cells[ABLATION]) if "TLQ" in cells and ABLATION in cells else None
+            if bits is None or not rows["fp16"].get("correct"):
+                continue
+            a, b, ref = a + bits[0], b + bits[1], ref + rows["fp16"]["correct"] * bits[2]
+        if a:
+            ra, rb, rf = _bools(a), _bools(b), _bools(ref)
+            acc, keep = mcnemar(ra, rb), flip_test(rf, ra, rb)
+            lines.append(f"- {scheme}: accuracy {acc.wins}/{acc.losses}, p={acc.p:.3g}; keeps FP16's answer {keep.wins}/{keep.losses}, "
+                         f"p={keep.p:.3g} (flips {100 * flips(rf, ra).share:.2f}% / {100 * flips(rf, rb).share:.2f}% of {len(a)} answers)")
+    if not lines:
+        return []
+    return [f"TLQ against '{ABLATION}', every model pooled (wins/losses = samples only TLQ is right / keeps FP16's right-or-wrong answer):", "", *lines, ""]
 
 
 def summary_markdown(result: dict[str, Any]) -> list[str]:
@@ -461,10 +525,13 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
              "A gap counts only when the mean ± std intervals over calibration seeds do not overlap.", "",
              "Paired test: McNemar (exact) on the same test samples, runs paired by seed and pooled; "
              "wins/losses = samples only TLQ / only the baseline answers right.", "",
-             f"The last column is TLQ against its own '{ABLATION}' ablation (accuracy verdict; paired wins/losses, p).", "",
+             f"The last column is TLQ against its own '{ABLATION}' ablation (accuracy verdict; paired wins/losses, p; "
+             "then flips, TLQ / ablation, and McNemar on keeping FP16's right/wrong answer).", "",
+             "Flips (Dutta et al., NeurIPS 2024): answers right in FP16 and wrong in the run, or the reverse, in % of the "
+             "samples; a run can match FP16's accuracy with many of them.", "",
              "| model | scheme | TLQ accuracy (%) | best baseline by accuracy | accuracy verdict | paired vs best (wins/losses, p) | TLQ KL | best baseline by KL | KL ratio (baseline / TLQ) | KL verdict | vs w/o token importance |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    counts = {"acc_win": 0, "kl_win": 0, "cells": 0}
+    counts = {"acc_win": 0, "kl_win": 0, "keeps_win": 0, "keeps_cells": 0, "cells": 0}
     for model, rows in result["models"].items():
         for scheme in dict.fromkeys(c["scheme"] for c in rows["cells"].values()):
             s = summary_rows(rows, scheme)
@@ -473,6 +540,8 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
             counts["cells"] += 1
             counts["acc_win"] += s["acc_win"]
             counts["kl_win"] += s["kl_win"]
+            counts["keeps_cells"] += s["keeps_win"] is not None
+            counts["keeps_win"] += bool(s["keeps_win"])
             acc_verdict = "TLQ ahead" if s["acc_win"] else ("TLQ behind" if s["acc_loss"] else "within spread")
             kl_verdict = "TLQ lower" if s["kl_win"] else "within spread or higher"
             ba, bk = s["best_acc"], s["best_kl"]
@@ -484,8 +553,10 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
     if counts["cells"] == 0:  # a run without TLQ and a baseline side by side (e.g. choosing a default)
         return []
     lines += ["", f"TLQ is ahead of every baseline beyond the spread in accuracy in {counts['acc_win']} of {counts['cells']} cells, "
-              f"and in KL(FP16 || quantized) in {counts['kl_win']} of {counts['cells']}.", ""]
-    return lines
+              f"and in KL(FP16 || quantized) in {counts['kl_win']} of {counts['cells']}."
+              + (f" It flips fewer of FP16's answers than every baseline (McNemar on keeping them, p < 0.05) in {counts['keeps_win']} "
+                 f"of {counts['keeps_cells']}." if counts["keeps_cells"] else ""), ""]
+    return lines + pooled_vs_ablation(result)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -520,12 +591,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines += [f"Resumed (`--resume`): {len(r['cells'])} cells were kept from an earlier run of the same settings, stopped "
                       f"after {r['minutes']:.0f} min ({r['finished']}), whose FP16 scores this run reproduced exactly: "
                       + ", ".join(r["cells"]) + ".", ""]
-        lines += ["| scheme | method | accuracy (%) | % of FP16 | KL(FP16‖q) |", "|---|---|---|---|---|"]
+        lines += ["| scheme | method | accuracy (%) | % of FP16 | flips vs FP16 (%, -lost / +gained) | KL(FP16‖q) |", "|---|---|---|---|---|---|"]
         for cell in rows["cells"].values():
             a, r, k = cell["accuracy"], cell["retained_pct"], cell["kl"]
             lines.append(
                 f"| {cell['scheme']} | {cell['variant']} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} | "
-                f"{r['mean']:.1f} ± {r['std']:.1f} | {k['mean']:.2e} ± {k['std']:.1e} |"
+                f"{r['mean']:.1f} ± {r['std']:.1f} | {_flips(cell_flips(cell, fp.get('correct', '')))} | {k['mean']:.2e} ± {k['std']:.1e} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -50,6 +50,19 @@ def test_eval_reports_fp16_and_every_quantized_model(exports, tiny_calib_jsonl, 
     losses = sum(a == "0" and b == "1" for a, b in zip(gentle["correct"], harsh["correct"]))
     assert (pair["first"], pair["wins"], pair["losses"]) == (str(outs["w8a8"]), wins, losses) and 0 < pair["p"] <= 1
     assert "paired (McNemar" in table
+    # flips: answers right in FP16 and wrong here (lost) or the reverse (gained), counted from the same bits
+    fp_bits = res["fp16"]["correct"]
+    for score in (gentle, harsh):
+        lost = sum(f == "1" and q == "0" for f, q in zip(fp_bits, score["correct"]))
+        gained = sum(f == "0" and q == "1" for f, q in zip(fp_bits, score["correct"]))
+        assert (score["flips"]["lost"], score["flips"]["gained"], score["flips"]["n"]) == (lost, gained, 6)
+        assert score["flips"]["share"] == pytest.approx((lost + gained) / 6)
+        assert score["accuracy"] == pytest.approx(res["fp16"]["accuracy"] + (gained - lost) / 6)
+    assert res["fp16"]["flips"] is None and "flips vs FP16" in table
+    keep = pair["keeps_fp16"]
+    only_gentle = sum(f == g != h for f, g, h in zip(fp_bits, gentle["correct"], harsh["correct"]))
+    only_harsh = sum(f == h != g for f, g, h in zip(fp_bits, gentle["correct"], harsh["correct"]))
+    assert (keep["wins"], keep["losses"]) == (only_gentle, only_harsh) and "keeps FP16's right/wrong answer" in table
 
 
 def test_eval_of_an_unquantized_copy_has_zero_kl(exports, tiny_calib_jsonl, tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tlq.eval.paired import mcnemar
+from tlq.eval.paired import flip_test, flips, mcnemar
 
 def test_mcnemar_exact_values():
     t = mcnemar([True] * 10, [False] * 10)
@@ -26,6 +26,26 @@ def test_mcnemar_only_discordant_samples_count():
     assert mcnemar(a, b).p == pytest.approx(mcnemar(a[1000:], b[1000:]).p) == pytest.approx(2 * 56 / 1024)
     with pytest.raises(ValueError, match="same samples"):
         mcnemar([True], [True, False])
+
+
+def test_flips_count_changed_answers_both_ways_even_at_equal_accuracy():
+    ref = [True, True, False, False, True]
+    run = [False, True, True, False, True]  # one right -> wrong, one wrong -> right: same accuracy as ref
+    f = flips(ref, run)
+    assert (f.lost, f.gained, f.n) == (1, 1, 5) and f.share == pytest.approx(0.4)
+    assert f.to_dict() == {"lost": 1, "gained": 1, "n": 5, "share": pytest.approx(0.4)}
+    assert flips(ref, ref).share == 0.0
+    with pytest.raises(ValueError, match="same samples"):
+        flips(ref, run[:4])
+
+
+def test_flip_test_pairs_keeping_the_reference_answer_not_being_right():
+    ref = [True, False, False, True]
+    a = [True, False, False, True]  # keeps every FP16 answer, two of them wrong
+    b = [True, True, True, True]  # right everywhere: higher accuracy, but two flips
+    t = flip_test(ref, a, b)
+    assert (t.wins, t.losses) == (2, 0)
+    assert mcnemar(a, b).losses == 2  # on accuracy the same pair goes the other way
 
 
 def _cell(variant: str, scheme: str, runs: list[tuple[int, str]]) -> dict:
@@ -57,8 +77,39 @@ def test_summary_judges_tlq_against_its_own_ablation(benchmark):
     assert s["ablation"]["acc_win"] and not s["ablation"]["acc_loss"]  # 87.5% vs 50%, no seed spread
     assert (s["ablation"]["paired"]["wins"], s["ablation"]["paired"]["losses"]) == (3, 0)
     assert "TLQ ahead; 3/0" in acc._vs_ablation(s["ablation"])
+    assert s["ablation"]["flips"] is None  # rows without FP16's per-sample answers: no flips
     del cells["w2a16/TLQ w/o token importance"]
     assert acc.summary_rows({"cells": cells}, "w2a16")["ablation"] is None and acc._vs_ablation(None) == "not run"
+
+
+def test_flips_against_fp16_per_cell_paired_and_pooled_over_models(benchmark):
+    acc = benchmark("accuracy")
+
+    def model(tlq: list[tuple[int, str]], ablation: list[tuple[int, str]], fp: str) -> dict:
+        cells = {f"w3a16/{c['variant']}": c for c in (_cell("TLQ", "w3a16", tlq), _cell(acc.ABLATION, "w3a16", ablation),
+                                                      _cell("GPTQ", "w3a16", [(0, "0000"), (1, "0000")]))}
+        return {"fp16": {"accuracy": fp.count("1") / len(fp), "correct": fp, "num_samples": len(fp)}, "cells": cells}
+
+    # FP16 answers 1100. TLQ keeps it on both seeds; the ablation matches its accuracy with two flips per seed.
+    a = model([(0, "1100"), (1, "1100")], [(0, "1010"), (1, "0110")], "1100")
+    for c in a["cells"].values():
+        c["retained_pct"] = {"mean": 100.0, "std": 0.0}
+    f = acc.cell_flips(a["cells"]["w3a16/TLQ"], "1100")
+    assert f["share"]["mean"] == 0.0 and (f["lost"], f["gained"]) == (0, 0)
+    f = acc.cell_flips(a["cells"][f"w3a16/{acc.ABLATION}"], "1100")
+    assert f["share"]["mean"] == pytest.approx(0.5) and (f["lost"], f["gained"]) == (2, 2)
+    s = acc.summary_rows(a, "w3a16")["ablation"]
+    assert (s["paired"]["wins"], s["paired"]["losses"]) == (2, 2)  # level in accuracy ...
+    assert (s["flips"]["paired"]["wins"], s["flips"]["paired"]["losses"]) == (4, 0)  # ... not in FP16's answers
+    assert "flips 0.00% / 50.00%, keeps FP16 4/0" in acc._vs_ablation(s)
+    assert acc.summary_rows(a, "w3a16")["keeps_win"] is False  # GPTQ flips 2 answers per seed: 4 / 0, p = 0.125
+    # a second model where the ablation keeps one answer TLQ flips: pooled over both, seeds paired per model
+    b = model([(0, "0111"), (1, "0011")], [(0, "0011"), (1, "0011")], "0011")
+    lines = acc.pooled_vs_ablation({"models": {"a": a, "b": b}})
+    assert any(l.startswith("- w3a16: accuracy 3/2,") and "keeps FP16's answer 4/1," in l and "of 16 answers" in l for l in lines)
+    md = acc.to_markdown({"command": "x", "machine": "m", "torch": "t", "finished": "f", "minutes": 0, "num_calib": 1,
+                          "seeds": [0, 1], "num_test": 4, "models": {"a": a}})
+    assert "| w3a16 | TLQ w/o token importance | 50.00 ± 0.00 |" in md and "| 50.00 ± 0.00 (-2 / +2) |" in md
 
 
 def test_validity_bars_judge_fp16_and_baselines_only(benchmark):

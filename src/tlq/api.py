@@ -140,12 +140,14 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
 
     Returns (and optionally writes) ``{"fp16": {...}, "quantized": {...first...}, "retained_pct",
     "kl", "comparisons": [{...} per quantized checkpoint], "paired": [...]}``; accuracies are fractions
-    in [0, 1]. Each score carries ``correct`` (per sample, "1"/"0"); ``paired`` holds McNemar's exact test
-    for every pair of quantized checkpoints (same samples), so a difference can be told from chance.
+    in [0, 1]. Each score carries ``correct`` (per sample, "1"/"0") and each quantized one its ``flips``
+    against FP16 (answers right in one and wrong in the other); ``paired`` holds McNemar's exact test for
+    every pair of quantized checkpoints (same samples), on accuracy and on keeping FP16's answers
+    (``keeps_fp16``), so a difference can be told from chance.
     """
 
     records, data = check_evaluate(model, quantized, data, report_path, overwrite=overwrite, num_samples=num_samples, allow_unquantized=allow_unquantized)
-    from tlq.eval.paired import mcnemar
+    from tlq.eval.paired import flip_test, mcnemar
     from tlq.eval.vqa import EvalConfig, compare, score_model  # torch: only once the checks passed
     from tlq.export.reload import load_quantized
     from tlq.pipeline import load_model
@@ -171,7 +173,8 @@ def evaluate(model: str | Path, quantized: list[str | Path], data: str | Path | 
         "kl": first.kl,
         "comparisons": [c.to_dict() for c in comparisons],
         "paired": [
-            {"first": str(a.name), "second": str(b.name), **mcnemar(a.correct, b.correct).to_dict()}
+            {"first": str(a.name), "second": str(b.name), **mcnemar(a.correct, b.correct).to_dict(),
+             "keeps_fp16": flip_test(fp_scores.correct, a.correct, b.correct).to_dict()}
             for i, a in enumerate(comparisons) for b in comparisons[i + 1:]
         ],
     }

@@ -5,6 +5,9 @@ on the two accuracies would need far larger differences to say anything. McNemar
 the discordant samples (one model right, the other wrong): under "no difference" each discordant sample
 is a fair coin, so the count where the first model wins is Binomial(b + c, 1/2).
 
+Against the FP16 model itself the same test asks which calibration keeps more of FP16's answers
+(:func:`flip_test`; :class:`Flips` counts the changed ones).
+
 For a continuous score that only ever compares as a ratio (KL divergence across seeds and cells spans
 orders of magnitude), :func:`ratio_upper_bound` bounds the geometric-mean ratio of paired runs from
 above: the question a non-inferiority decision asks ("is the new setting worse by more than a margin?").
@@ -47,6 +50,46 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> McNemar:
     losses = sum(1 for a, b in zip(first, second) if b and not a)
     p = min(1.0, 2.0 * _binom_tail(min(wins, losses), wins + losses))
     return McNemar(wins, losses, p)
+
+
+def kept(reference: Sequence[bool], run: Sequence[bool]) -> list[bool]:
+    """Per sample, whether ``run`` keeps the reference's right/wrong answer (the complement of a flip)."""
+    if len(reference) != len(run):
+        raise ValueError(f"flips need the same samples: {len(reference)} reference vs {len(run)} results")
+    return [a == b for a, b in zip(reference, run)]
+
+
+@dataclass(frozen=True)
+class Flips:
+    """Samples whose right/wrong answer differs from the reference model's on the same sample.
+
+    Why beside accuracy (Dutta et al., NeurIPS 2024, "Accuracy is Not All You Need"): a compressed model
+    can score FP16's accuracy while answering other questions right, and a user who swaps it in sees every
+    changed answer. ``lost``: right -> wrong; ``gained``: wrong -> right; ``n``: samples compared."""
+
+    lost: int
+    gained: int
+    n: int
+
+    @property
+    def share(self) -> float:
+        return (self.lost + self.gained) / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "share": self.share}
+
+
+def flips(reference: Sequence[bool], run: Sequence[bool]) -> Flips:
+    """The flips of ``run`` against ``reference`` (per-sample correctness, same samples)."""
+    keep = kept(reference, run)
+    lost = sum(1 for r, k in zip(reference, keep) if r and not k)
+    return Flips(lost=lost, gained=keep.count(False) - lost, n=len(keep))
+
+
+def flip_test(reference: Sequence[bool], first: Sequence[bool], second: Sequence[bool]) -> McNemar:
+    """Exact McNemar on "keeps the reference's right/wrong answer": ``wins`` are the samples only ``first``
+    keeps. Two calibrations can tie in accuracy and still differ here."""
+    return mcnemar(kept(reference, first), kept(reference, second))
 
 
 @dataclass(frozen=True)

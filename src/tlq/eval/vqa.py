@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tlq.data.calibration import build_sample
 from tlq.data.records import CalibRecord, reference_answer
+from tlq.eval.paired import Flips, flips
 from tlq.models.base import ModelAdapter, tree_to
 
 
@@ -40,6 +41,7 @@ class ModelScores:
     num_samples: int = 0
     predictions: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)  # per sample, for paired tests between models
+    flips: Flips | None = None  # answers whose right/wrong differs from FP16's; None for the reference
 
     @property
     def correct_bits(self) -> str:
@@ -55,6 +57,7 @@ class ModelScores:
             "retained_pct": self.retained_pct,
             "num_samples": self.num_samples,
             "correct": self.correct_bits,
+            "flips": None if self.flips is None else self.flips.to_dict(),
         }
 
 
@@ -172,6 +175,8 @@ def score_model(name: str, model: nn.Module, processor: Any, adapter: ModelAdapt
 
 
 def compare(reference: ModelScores, scores: ModelScores) -> ModelScores:
-    """Fill in the % of the reference's accuracy that ``scores`` retains (None if the reference scores 0)."""
+    """Fill in the % of the reference's accuracy that ``scores`` retains (None if the reference scores 0) and
+    its flips against the reference (same samples)."""
     scores.retained_pct = 100.0 * scores.accuracy / reference.accuracy if reference.accuracy > 0 else None
+    scores.flips = flips(reference.correct, scores.correct)
     return scores
