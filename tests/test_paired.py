@@ -309,3 +309,26 @@ def test_fresh_samples_follow_the_shipped_test_set(benchmark):
     assert len(shipped) == 1000 and not {r.image.read_bytes() for r in fresh} & {r.image.read_bytes() for r in shipped}
     with pytest.raises(SystemExit, match="no recipe"):
         acc.fresh_records(resolve_model_dir("builtin:digits-qwen2vl"), 1)
+
+
+def test_flips_chart_draws_lost_and_gained_per_run(benchmark, tmp_path):
+    chart = benchmark("flips_chart")
+    cells = {"w3a16/TLQ": _cell("TLQ", "w3a16", [(0, "1100"), (1, "1101")]),
+             "w3a16/RTN": _cell("RTN", "w3a16", [(0, "0011")]),
+             "w4a8/TLQ": _cell("TLQ", "w4a8", [(0, "1100")])}
+    report = {"models": {"m": {"fp16": {"accuracy": 0.5, "correct": "1100"}, "cells": cells}}}
+    (title, bars), _ = chart.panels(report, None, None)
+    assert "m, w3a16" in title and "4 samples" in title
+    assert bars == [("TLQ", 0.0, 0.5), ("RTN", 2.0, 2.0)]  # TLQ: one gain over two seeds; RTN's one run as is
+    assert [t for t, _ in chart.panels(report, ["w4a8"], None)] == ["m, w4a8 (FP16 50.0% on 4 samples)"]
+    out = tmp_path / "flips.png"
+    report_path = tmp_path / "r.json"
+    report_path.write_text(json.dumps(report))
+    assert chart.main([str(report_path), "--out", str(out), "--methods", "RTN"]) == 0
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.size[0] > 500 and img.size[1] > 100
+    del report["models"]["m"]["fp16"]["correct"]  # a report from before per-sample results: refused
+    with pytest.raises(SystemExit, match="no cell"):
+        chart.draw(chart.panels(report, None, None))

@@ -18,8 +18,6 @@ Only PIL is used for drawing. The visual-token layout comes from the adapter's `
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from tlq.config import CalibConfig
 from tlq.importance.calibset import SelectionConfig, TokenCalibrationSet, sample_valid_mask
 from tlq.importance.gradients import token_gradients
 from tlq.importance.weights import ImportanceConfig, integrate, layer_rows
-from tlq.utils.io import atomic_write_json
+from tlq.utils.io import atomic_save, atomic_write_json
 from tlq.utils.outputs import check_output_dir, staged_output
 
 # YlOrRd-like ramp: pale yellow (low) -> orange -> red -> dark red (high).
@@ -50,14 +48,14 @@ def colormap(v: float) -> tuple[int, int, int]:
     return tuple(round(x + (y - x) * f) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
         return ImageFont.load_default()
 
 
-def _text_w(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
+def measure_text(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
     box = draw.textbbox((0, 0), text, font=font)
     return int(box[2] - box[0])
 
@@ -112,7 +110,7 @@ def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, to
     (0 .. the sample's max weight) for both, shown by the bar at the bottom. ``targets``: ground-truth
     visual tokens (grid cells) to outline.
     """
-    font, small = _font(14), _font(12)
+    font, small = load_font(14), load_font(12)
     pad, line_h = 10, 22
     w = weights.float().reshape(-1)
     vis = visual_mask.reshape(-1).to(torch.bool)
@@ -155,7 +153,7 @@ def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, to
     placed: list[tuple[int, int, int, str, float, bool]] = []  # x, y, width, label, weight, answer
     x = y = 0
     for label, wt, is_ans, newline in chips:
-        cw = _text_w(scratch, label, font) + 6
+        cw = measure_text(scratch, label, font) + 6
         if x > 0 and x + cw > text_width:
             x, y = 0, y + line_h
         placed.append((x, y, cw, label, wt, is_ans))
@@ -197,23 +195,12 @@ def render_sample(*, image: Image.Image | None, grid: tuple[int, int] | None, to
     draw.text((pad, by - 1), "weight", fill=(0, 0, 0), font=small)
     draw.text((bx0, by + 15), "0", fill=(0, 0, 0), font=small)
     hi = f"{vmax:.3g}"
-    draw.text((bx1 - _text_w(draw, hi, small), by + 15), hi, fill=(0, 0, 0), font=small)
+    draw.text((bx1 - measure_text(draw, hi, small), by + 15), hi, fill=(0, 0, 0), font=small)
     draw.text((bx1 + 10, by - 1), "answer tokens underlined", fill=(0, 70, 200), font=small)
     return canvas
 
 
 # --- runner ------------------------------------------------------------------------------------
-def _atomic_save(path: Path, save) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _modality_means(x: Tensor, visual: Tensor) -> tuple[list[float | None], list[float | None]]:
     """Per-layer mean of ``x`` [L, seq] over visual and over text tokens (None if the modality is absent)."""
     def mean(m: Tensor) -> list[float | None]:
@@ -306,14 +293,14 @@ def run_importance(model: str | Path, calib_jsonl: str | Path | None, out_dir: s
                     lines.append("target enrichment per layer (mass share / token share among visual tokens): " + "  ".join(f"L{k} {_fmt(e)}" for k, e in enumerate(entry["target_enrichment_per_layer"]))[:150])
                 png = render_sample(image=image, grid=grid, tokens=toks, weights=w.mean(0), visual_mask=s.visual_mask, answer_mask=s.answer_mask, title=title, notes=lines, targets=entry["target_tokens"])
                 name = f"{p}.png"
-                _atomic_save(staging / name, lambda t, im=png: im.save(t, format="PNG"))
+                atomic_save(staging / name, lambda t, im=png: im.save(t, format="PNG"))
                 entry["png"] = name
             per_sample.append(entry)
 
         from safetensors.torch import save_file
 
         meta = {"model": str(model), "calib": str(calib), "num_samples": str(len(samples)), "config": json.dumps(cfg.to_dict())}
-        _atomic_save(staging / "importance.safetensors", lambda t: save_file(tensors, t, metadata=meta))
+        atomic_save(staging / "importance.safetensors", lambda t: save_file(tensors, t, metadata=meta))
 
         summary: dict[str, Any] = {
             "model": str(model),
