@@ -59,6 +59,7 @@ VARIANTS.update({
     "TLQ 90% tokens": ("tlq", {"token_fraction": 0.9, "token_rank": "importance"}),
     "TLQ 25% tokens": ("tlq", {"token_fraction": 0.25, "token_rank": "importance"}),
     "TLQ mix 0.7": ("tlq", {"importance": {"modality_mix": 0.7}}),
+    "TLQ mix 0": ("tlq", {"importance": {"modality_mix": 0.0}}),  # pure token weights (and draw chances)
     "TLQ mix 0.7 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.7}, "token_select": False}),
     "TLQ mix 0 (all tokens)": ("tlq", {"importance": {"modality_mix": 0.0}, "token_select": False}),
     "TLQ |g| (all tokens)": ("tlq", {"importance": {"kind": "grad"}, "token_select": False}),
@@ -148,11 +149,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "samples no earlier run has scored)")
     p.add_argument("--seeds", default="0,1,2", help="calibration subsampling seeds")
     p.add_argument("--num-calib", type=int, default=64, help="calibration samples drawn per seed (of the model's 128)")
-    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split; "
+    p.add_argument("--num-test", type=int, default=500, help="test samples (seeded subset of the model's test set; with --data val, the first N of the val split, "
+                        "from the model's recipe beyond the shipped val set; "
                         "with --data fresh, the N test-split samples after the shipped set)")
     p.add_argument("--out", default="docs/accuracy", help="writes OUT.md and OUT.json")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the Markdown of an earlier run's JSON (next to it), with the current table format")
+    p.add_argument("--pair", action="append", default=[], metavar="FIRST,SECOND",
+                   help="also report FIRST against SECOND with every model pooled, on accuracy and on keeping FP16's "
+                        "answers (repeatable; kept in the JSON; with --render, added to the pairs it has)")
     p.add_argument("--parallel", action="store_true",
                    help="one child process per model (one core each), merged into one report when all are done")
     p.add_argument("--resume", action="store_true",
@@ -199,26 +204,42 @@ def val_jsonl(model_dir: Path, n: int) -> Path:
 
 
 def val_records(model_dir: Path, n: int) -> list[Any]:
-    """The first ``n`` samples of the model's held-out ``val`` split (:func:`val_jsonl`), as JSONL records."""
-    return read_jsonl(val_jsonl(model_dir, n))[:n]
+    """The first ``n`` samples of the model's held-out ``val`` split (:func:`val_jsonl`), as JSONL records.
+    Beyond the shipped set's size they come from the model's recipe (:func:`recipe_records`): a sample
+    depends only on its split and index, so the first ones are the shipped set's, and a decision that
+    needs more answers than the shipped set has can take them without touching the test split."""
+    records = read_jsonl(val_jsonl(model_dir, n))[:n]
+    if len(records) < n and (model_dir / "sets.json").is_file():
+        return recipe_records(model_dir, "val", n, start=0)
+    return records
 
 
-def fresh_records(model_dir: Path, n: int) -> list[Any]:
-    """``n`` samples of the model's test split that follow its shipped test set (indices from the set's
-    size on), generated from its recipe into a temporary directory. A sample depends only on its split and
-    index, so they are as held out as the test set and have never been scored: a confirmation planned after
-    reading the test tables is judged on them, not on the samples it was planned from."""
+def recipe_records(model_dir: Path, kind: str, n: int, start: int) -> list[Any]:
+    """Samples ``start .. start + n - 1`` of the split of the model's set ``kind``, generated from its
+    recipe into a temporary directory."""
     import tempfile
 
     from tlq.builtin import SETS_FILE, write_set
 
     recipe_path = model_dir / SETS_FILE
     if not recipe_path.is_file():
-        raise SystemExit(f"--data fresh: {model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
+        raise SystemExit(f"{model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
     recipe = json.loads(recipe_path.read_text())
-    test = recipe["sets"]["test"]
-    out = Path(tempfile.mkdtemp(prefix="tlq-fresh-"))
-    return read_jsonl(write_set(recipe, test["split"], n, out, "fresh", start=test["samples"]))
+    out = Path(tempfile.mkdtemp(prefix=f"tlq-{kind}-"))
+    return read_jsonl(write_set(recipe, recipe["sets"][kind]["split"], n, out, kind, start=start))
+
+
+def fresh_records(model_dir: Path, n: int) -> list[Any]:
+    """``n`` samples of the model's test split that follow its shipped test set (indices from the set's
+    size on), generated from its recipe. A sample depends only on its split and index, so they are as held
+    out as the test set and have never been scored: a confirmation planned after reading the test tables
+    is judged on them, not on the samples it was planned from."""
+    from tlq.builtin import SETS_FILE
+
+    if not (model_dir / SETS_FILE).is_file():
+        raise SystemExit(f"--data fresh: {model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
+    start = json.loads((model_dir / SETS_FILE).read_text())["sets"]["test"]["samples"]
+    return recipe_records(model_dir, "test", n, start=start)
 
 
 def answer_margins(logps: list[torch.Tensor]) -> dict[str, float]:
@@ -495,27 +516,36 @@ def _vs_ablation(ablation: dict[str, Any] | None) -> str:
     return text
 
 
-def pooled_vs_ablation(result: dict[str, Any]) -> list[str]:
-    """Per scheme, TLQ against its ablation with every model's runs pooled (paired by model and seed): on
-    accuracy and on keeping FP16's right/wrong answers. Small per-model gaps add up here, or cancel."""
+def _pooled_line(label: str, a: str, b: str, ref: str) -> str:
+    ra, rb, rf = _bools(a), _bools(b), _bools(ref)
+    acc, keep = mcnemar(ra, rb), flip_test(rf, ra, rb)
+    return (f"- {label}: accuracy {acc.wins}/{acc.losses}, p={acc.p:.3g}; keeps FP16's answer {keep.wins}/{keep.losses}, "
+            f"p={keep.p:.3g} (flips {100 * flips(rf, ra).share:.2f}% / {100 * flips(rf, rb).share:.2f}% of {len(a)} answers)")
+
+
+def pooled_pair(result: dict[str, Any], first: str = "TLQ", second: str = ABLATION) -> list[str]:
+    """Per scheme, ``first`` against ``second`` with every model's runs pooled (paired by model and seed):
+    on accuracy and on keeping FP16's right/wrong answers. Small per-model gaps add up here, or cancel."""
     lines = []
     schemes = dict.fromkeys(c["scheme"] for rows in result["models"].values() for c in rows["cells"].values())
+    every: list[str] = ["", "", ""]  # the same, every scheme pooled too
     for scheme in schemes:
         a = b = ref = ""
         for rows in result["models"].values():
             cells = {c["variant"]: c for c in rows["cells"].values() if c["scheme"] == scheme}
-            bits = paired_bits(cells["TLQ"], cells[ABLATION]) if "TLQ" in cells and ABLATION in cells else None
+            bits = paired_bits(cells[first], cells[second]) if first in cells and second in cells else None
             if bits is None or not rows["fp16"].get("correct"):
                 continue
             a, b, ref = a + bits[0], b + bits[1], ref + rows["fp16"]["correct"] * bits[2]
         if a:
-            ra, rb, rf = _bools(a), _bools(b), _bools(ref)
-            acc, keep = mcnemar(ra, rb), flip_test(rf, ra, rb)
-            lines.append(f"- {scheme}: accuracy {acc.wins}/{acc.losses}, p={acc.p:.3g}; keeps FP16's answer {keep.wins}/{keep.losses}, "
-                         f"p={keep.p:.3g} (flips {100 * flips(rf, ra).share:.2f}% / {100 * flips(rf, rb).share:.2f}% of {len(a)} answers)")
+            lines.append(_pooled_line(scheme, a, b, ref))
+            every = [every[0] + a, every[1] + b, every[2] + ref]
     if not lines:
         return []
-    return [f"TLQ against '{ABLATION}', every model pooled (wins/losses = samples only TLQ is right / keeps FP16's right-or-wrong answer):", "", *lines, ""]
+    if len(lines) > 1:
+        lines.append(_pooled_line("every scheme", *every))
+    return [f"{first} against '{second}', every model pooled (wins/losses = samples only {first} is right / keeps FP16's right-or-wrong answer):",
+            "", *lines, ""]
 
 
 def summary_markdown(result: dict[str, Any]) -> list[str]:
@@ -556,7 +586,7 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
               f"and in KL(FP16 || quantized) in {counts['kl_win']} of {counts['cells']}."
               + (f" It flips fewer of FP16's answers than every baseline (McNemar on keeping them, p < 0.05) in {counts['keeps_win']} "
                  f"of {counts['keeps_cells']}." if counts["keeps_cells"] else ""), ""]
-    return lines + pooled_vs_ablation(result)
+    return lines + pooled_pair(result)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -575,6 +605,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result.get("note"):  # added by hand to a finished run's JSON, e.g. when variants were renamed
         lines += [f"Note: {result['note']}", ""]
     lines += summary_markdown(result)
+    for first, second in result.get("pairs", []):
+        lines += pooled_pair(result, first, second)
     for model, rows in result["models"].items():
         fp = rows["fp16"]
         lines += [f"## {model} (FP16 accuracy {100 * fp['accuracy']:.2f}%)", ""]
@@ -602,16 +634,27 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_pair(text: str) -> list[str]:
+    """``--pair 'A,B'`` -> ``["A", "B"]``; one line naming the fix otherwise."""
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != 2 or not all(names):
+        raise SystemExit(f"--pair {text!r}: name two variants, FIRST,SECOND")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    pairs = [parse_pair(p) for p in args.pair]
     if args.render:
         report = Path(args.render)
-        atomic_write_text(report.with_suffix(".md"), to_markdown(json.loads(report.read_text())))
+        result = json.loads(report.read_text())
+        result["pairs"] = [*result.get("pairs", []), *(p for p in pairs if p not in result.get("pairs", []))]
+        atomic_write_text(report.with_suffix(".md"), to_markdown(result))
         return 0
     torch.manual_seed(0)
     t0 = time.perf_counter()
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants + [name for pair in pairs for name in pair] if v not in VARIANTS]
     if unknown:
         print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
@@ -628,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_test": args.num_test,
         "data": args.data,
         "seeds": seeds,
+        "pairs": pairs,
         "models": {},
     }
     out = Path(args.out)

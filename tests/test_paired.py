@@ -105,8 +105,13 @@ def test_flips_against_fp16_per_cell_paired_and_pooled_over_models(benchmark):
     assert acc.summary_rows(a, "w3a16")["keeps_win"] is False  # GPTQ flips 2 answers per seed: 4 / 0, p = 0.125
     # a second model where the ablation keeps one answer TLQ flips: pooled over both, seeds paired per model
     b = model([(0, "0111"), (1, "0011")], [(0, "0011"), (1, "0011")], "0011")
-    lines = acc.pooled_vs_ablation({"models": {"a": a, "b": b}})
+    lines = acc.pooled_pair({"models": {"a": a, "b": b}})
     assert any(l.startswith("- w3a16: accuracy 3/2,") and "keeps FP16's answer 4/1," in l and "of 16 answers" in l for l in lines)
+    assert not any("every scheme" in l for l in lines)  # one scheme: no second pooled line
+    for rows in (a, b):  # the same cells again under a second scheme: the every-scheme line adds both
+        rows["cells"].update({k.replace("w3a16", "w4a8"): dict(c, scheme="w4a8") for k, c in list(rows["cells"].items())})
+    lines = acc.pooled_pair({"models": {"a": a, "b": b}})
+    assert any(l.startswith("- every scheme: accuracy 6/4,") and "keeps FP16's answer 8/2," in l and "of 32 answers" in l for l in lines)
     md = acc.to_markdown({"command": "x", "machine": "m", "torch": "t", "finished": "f", "minutes": 0, "num_calib": 1,
                           "seeds": [0, 1], "num_test": 4, "models": {"a": a}})
     assert "| w3a16 | TLQ w/o token importance | 50.00 ± 0.00 |" in md and "| 50.00 ± 0.00 (-2 / +2) |" in md
@@ -309,6 +314,36 @@ def test_fresh_samples_follow_the_shipped_test_set(benchmark):
     assert len(shipped) == 1000 and not {r.image.read_bytes() for r in fresh} & {r.image.read_bytes() for r in shipped}
     with pytest.raises(SystemExit, match="no recipe"):
         acc.fresh_records(resolve_model_dir("builtin:digits-qwen2vl"), 1)
+
+
+def test_val_beyond_the_shipped_set_comes_from_the_recipe(benchmark):
+    """--data val --num-test N past the shipped 300: the first 300 are the shipped set's, the rest follow."""
+    from tlq.builtin import builtin_set, resolve_model_dir
+    from tlq.data.records import read_jsonl
+
+    acc = benchmark("accuracy")
+    mdir = resolve_model_dir("builtin:needle-count-qwen2vl")
+    shipped = read_jsonl(builtin_set(mdir, "val"))
+    longer = acc.val_records(mdir, len(shipped) + 2)
+    assert len(longer) == len(shipped) + 2
+    assert [r.image.read_bytes() for r in longer[-4:-2]] == [r.image.read_bytes() for r in shipped[-2:]]
+    assert len({r.image.read_bytes() for r in longer}) == len(longer)  # the two new ones are new images
+    assert len(acc.val_records(mdir, 5)) == 5
+
+
+def test_pair_option_adds_pooled_lines_and_refuses_a_bad_pair(benchmark, tmp_path):
+    acc = benchmark("accuracy")
+    cells = {f"w2a16/{v}": dict(_cell(v, "w2a16", [(0, bits)]), retained_pct={"mean": 100.0, "std": 0.0})
+             for v, bits in (("TLQ", "1100"), ("TLQ mix 0", "1000"))}
+    report = {"command": "x", "machine": "m", "torch": "t", "finished": "f", "minutes": 0, "num_calib": 1, "seeds": [0],
+              "num_test": 4, "models": {"m": {"fp16": {"accuracy": 0.5, "correct": "1100", "num_samples": 4}, "cells": cells}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert acc.main(["--render", str(path), "--pair", "TLQ mix 0,TLQ"]) == 0
+    md = path.with_suffix(".md").read_text()
+    assert "TLQ mix 0 against 'TLQ', every model pooled" in md and "- w2a16: accuracy 0/1, p=1; keeps FP16's answer 0/1," in md
+    with pytest.raises(SystemExit, match="name two variants"):
+        acc.main(["--render", str(path), "--pair", "TLQ"])
 
 
 def test_flips_chart_draws_lost_and_gained_per_run(benchmark, tmp_path):
