@@ -581,12 +581,21 @@ def summary_markdown(result: dict[str, Any]) -> list[str]:
                 f"{_pm(s['tlq']['kl'], fmt='.1e')} | {bk['variant']} {_pm(bk['kl'], fmt='.1e')} | {s['kl_ratio']:.2f}x | {kl_verdict} | {_vs_ablation(s['ablation'])} |"
             )
     if counts["cells"] == 0:  # a run without TLQ and a baseline side by side (e.g. choosing a default)
-        return []
+        return pooled_pair(result)
     lines += ["", f"TLQ is ahead of every baseline beyond the spread in accuracy in {counts['acc_win']} of {counts['cells']} cells, "
               f"and in KL(FP16 || quantized) in {counts['kl_win']} of {counts['cells']}."
               + (f" It flips fewer of FP16's answers than every baseline (McNemar on keeping them, p < 0.05) in {counts['keeps_win']} "
                  f"of {counts['keeps_cells']}." if counts["keeps_cells"] else ""), ""]
     return lines + pooled_pair(result)
+
+
+def scored_on(data: str, n: int) -> str:
+    """The report's sentence naming the samples scored (``--data``)."""
+    return {
+        "test": f"test: {n} samples of each model's test.jsonl. ",
+        "val": f"scored on the first {n} samples of the model's val split (held out from calibration and test; for choosing defaults). ",
+        "fresh": f"scored on {n} fresh test-split samples, those after each model's shipped test set (never scored by the test tables). ",
+    }[data]
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -596,8 +605,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         f"Machine: {result['machine']}; torch {result['torch']}; finished {result['finished']} ({result['minutes']:.0f} min).",
         f"Calibration: {result['num_calib']} samples per seed drawn from each model's calib.jsonl, seeds {result['seeds']}; "
-        + (f"test: {result['num_test']} samples of each model's test.jsonl. " if result.get("data", "test") == "test"
-           else f"scored on the first {result['num_test']} samples of the model's val split (held out from calibration and test; for choosing defaults). ")
+        + scored_on(result.get("data", "test"), result["num_test"])
         + "Accuracy is exact match of greedy answers; "
         "mean ± population std over seeds (RTN uses no data: one run). KL is KL(FP16 || quantized) per answer token.",
         "",

@@ -342,6 +342,13 @@ def test_pair_option_adds_pooled_lines_and_refuses_a_bad_pair(benchmark, tmp_pat
     assert acc.main(["--render", str(path), "--pair", "TLQ mix 0,TLQ"]) == 0
     md = path.with_suffix(".md").read_text()
     assert "TLQ mix 0 against 'TLQ', every model pooled" in md and "- w2a16: accuracy 0/1, p=1; keeps FP16's answer 0/1," in md
+    assert "scored on the first 4 samples of the model's val split" not in md  # data "test" by default
+    # no baseline in the run: no summary table, but TLQ against its ablation still gets its pooled lines
+    abl = dict(_cell(acc.ABLATION, "w2a16", [(0, "0100")]), retained_pct={"mean": 100.0, "std": 0.0})
+    report["models"]["m"]["cells"][f"w2a16/{acc.ABLATION}"] = abl
+    report["data"] = "fresh"
+    md = acc.to_markdown(report)
+    assert "TLQ against 'TLQ w/o token importance', every model pooled" in md and "fresh test-split samples" in md
     with pytest.raises(SystemExit, match="name two variants"):
         acc.main(["--render", str(path), "--pair", "TLQ"])
 
