@@ -16,25 +16,9 @@ from typing import Any, Callable
 from tlq.config import ConfigError
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temporary sibling, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_save(path: str | Path, save: Callable[[str], Any]) -> Path:
-    """``save(tmp)`` writes the file (e.g. ``image.save``); it is renamed over ``path`` only once complete."""
+    """``save(tmp)`` writes the file into a temporary sibling (e.g. ``image.save``); it is renamed over
+    ``path`` only once complete, so a crash never leaves a half-written file in the user's place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,6 +30,18 @@ def atomic_save(path: str | Path, save: Callable[[str], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temporary sibling, fsync, then rename over ``path``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_save(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
