@@ -267,10 +267,13 @@ def test_resume_keeps_the_earlier_cells_and_measures_only_the_rest(benchmark, mo
 
 
 @pytest.mark.slow
-def test_resume_keeps_only_cells_whose_configuration_is_unchanged(benchmark, tmp_path, capsys):
+def test_resume_keeps_only_cells_whose_configuration_is_unchanged(benchmark, tmp_path, capsys, monkeypatch):
     """A variant's name can outlive its meaning (TLQ's preset changed its token set): --resume keeps a cell
     only when its recorded configuration digest matches what the name resolves to now, and remeasures it
     otherwise, so a resumed table never mixes presets under one name."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the generated val set stays in the test's directory
     acc = benchmark("accuracy")
     out = tmp_path / "run"
     argv = ["--models", "digits-qwen2vl", "--schemes", "w4a16", "--methods", "RTN,GPTQ", "--seeds", "0",
