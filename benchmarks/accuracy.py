@@ -214,9 +214,9 @@ def val_records(model_dir: Path, n: int) -> list[Any]:
     return records
 
 
-def recipe_records(model_dir: Path, kind: str, n: int, start: int) -> list[Any]:
+def recipe_records(model_dir: Path, kind: str, n: int, start: int | None = 0) -> list[Any]:
     """Samples ``start .. start + n - 1`` of the split of the model's set ``kind``, generated from its
-    recipe into a temporary directory."""
+    recipe into a temporary directory; ``start=None``: from the shipped set's size on (samples it lacks)."""
     import tempfile
 
     from tlq.builtin import SETS_FILE, write_set
@@ -225,8 +225,9 @@ def recipe_records(model_dir: Path, kind: str, n: int, start: int) -> list[Any]:
     if not recipe_path.is_file():
         raise SystemExit(f"{model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
     recipe = json.loads(recipe_path.read_text())
+    entry = recipe["sets"][kind]
     out = Path(tempfile.mkdtemp(prefix=f"tlq-{kind}-"))
-    return read_jsonl(write_set(recipe, recipe["sets"][kind]["split"], n, out, kind, start=start))
+    return read_jsonl(write_set(recipe, entry["split"], n, out, kind, start=entry["samples"] if start is None else start))
 
 
 def fresh_records(model_dir: Path, n: int) -> list[Any]:
@@ -234,12 +235,7 @@ def fresh_records(model_dir: Path, n: int) -> list[Any]:
     size on), generated from its recipe. A sample depends only on its split and index, so they are as held
     out as the test set and have never been scored: a confirmation planned after reading the test tables
     is judged on them, not on the samples it was planned from."""
-    from tlq.builtin import SETS_FILE
-
-    if not (model_dir / SETS_FILE).is_file():
-        raise SystemExit(f"--data fresh: {model_dir.name} has no recipe ({SETS_FILE}) to generate samples from; use --data test or val")
-    start = json.loads((model_dir / SETS_FILE).read_text())["sets"]["test"]["samples"]
-    return recipe_records(model_dir, "test", n, start=start)
+    return recipe_records(model_dir, "test", n, start=None)
 
 
 def answer_margins(logps: list[torch.Tensor]) -> dict[str, float]:
