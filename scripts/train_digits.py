@@ -6,6 +6,12 @@ Reproduce the shipped models (fixed seed, deterministic data; see docs/builtin-m
     OMP_NUM_THREADS=1 python scripts/train_digits.py --family qwen2_vl --out src/tlq/builtin/digits-qwen2vl
     OMP_NUM_THREADS=1 python scripts/train_digits.py --family llava_onevision --out src/tlq/builtin/digits-llavaov
     OMP_NUM_THREADS=1 python scripts/train_digits.py --task needle --family qwen2_vl --out src/tlq/builtin/needle-qwen2vl
+    OMP_NUM_THREADS=1 python scripts/train_digits.py --family qwen3_vl_moe --out src/tlq/builtin/digits-qwen3vlmoe
+
+``--family qwen3_vl_moe`` is Qwen3-VL-30B-A3B's architecture (routed experts, DeepStack, 16-px patches) at the
+digits models' width, with ``--experts`` routed experts (``--experts-per-tok`` per token) in every decoder
+layer but the last, trained with the family's load-balancing loss: the trained router whose skew decides how
+many rows each expert gets from a calibration set.
 
 ``--task digits`` (default) is the 2x2 digits VQA of ``tlq.data.digits``; ``--task needle`` is the sparse-relevance
 needle VQA of ``tlq.data.needle`` (64 visual tokens, one of which holds the answer, behind a preamble).
@@ -140,6 +146,13 @@ def needle_options(pairs: list[str]) -> dict:
 # patch, and the anyres tile of the default pinpoints adds a second 64-token view plus one newline per row.
 NEEDLE_IMAGE_SIZE = {"qwen2_vl": 56, "llava_onevision": 112}
 
+#: Families whose ViT is ``model.model.visual`` and yields one merged token per digits cell (Qwen2-VL: 28-px
+#: cells of the 56-px image; Qwen3-VL: the processor resizes it to 64 px, 32-px cells), in reading order.
+QWEN_VISION_FAMILIES = ("qwen2_vl", "qwen3_vl_moe")
+#: The short family name in a built-in's name (``digits-qwen3vlmoe``).
+FAMILY_TAGS = {"qwen2_vl": "qwen2vl", "llava_onevision": "llavaov", "qwen3_vl_moe": "qwen3vlmoe"}
+MOE_FAMILY = "qwen3_vl_moe"
+
 
 def make_task(args) -> Task:
     if args.task == "needle":
@@ -157,7 +170,7 @@ def make_task(args) -> Task:
     cfg = DigitsVQAConfig(seed=args.seed, question_types=BUILTIN_QUESTION_TYPES)
     bench_types = BUILTIN_QUESTION_TYPES if args.bench_question_types == "train" else tuple(args.bench_question_types.split(","))
     bench_cfg = DigitsVQAConfig(seed=args.seed, question_types=bench_types)
-    sets = {"calib": ("calibration", args.calib_samples), "test": ("test", args.test_samples or 500)}
+    sets = {"calib": ("calibration", args.calib_samples), "val": ("val", args.bench_val_samples), "test": ("test", args.test_samples or 500)}
     return Task("digits", digits, cfg, bench_cfg, 56, cfg.num_digits, sets)
 
 ANSWER_PREFIX = "<|im_start|>assistant\n"
@@ -272,7 +285,7 @@ class VisionAux(nn.Module):
 
     def features(self, model, enc: dict) -> torch.Tensor:
         """[B, tokens, hidden] visual features of each image (base tile for LLaVA-OV)."""
-        if self.family == "qwen2_vl":
+        if self.family in QWEN_VISION_FAMILIES:
             out = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
             # one merged token per cell, raster order = the cells' reading order
             return out.reshape(-1, self.num_cells, out.shape[-1])
@@ -281,7 +294,7 @@ class VisionAux(nn.Module):
         return model.model.multi_modal_projector(hs)  # [B, g*g, hidden]
 
     def token_cells(self, n_tokens: int) -> torch.Tensor:
-        if self.family == "qwen2_vl":
+        if self.family in QWEN_VISION_FAMILIES:
             return torch.arange(self.num_cells)
         g = int(math.isqrt(n_tokens))  # g x g patches over the rows x cols grid of digits
         r = torch.arange(g)[:, None] * self.rows // g
@@ -349,12 +362,23 @@ def rtn_fake_quant(model, scheme: str) -> None:
     from tlq.quant.quantizer import compute_qparams, dequantize_codes, quantize_codes
 
     spec = SCHEMES[scheme].weights
+    for w in decoder_weights(model):
+        scale, zero = compute_qparams(w, spec)
+        codes = quantize_codes(w, scale, zero, spec)
+        w.copy_(dequantize_codes(codes, scale, zero, spec).to(w.dtype))
+
+
+def decoder_weights(model) -> list[torch.Tensor]:
+    """Every quantization target of the decoder as an [out, in] matrix: each Linear's weight, and each routed
+    expert's gate_up / down matrix (slices of the experts' 3-D parameters, so writing one writes the model).
+    The router stays in 16 bits, as tlq keeps it."""
+    out = []
     for mod in decoder_layers(model).modules():
         if isinstance(mod, nn.Linear):
-            w = mod.weight.data
-            scale, zero = compute_qparams(w, spec)
-            codes = quantize_codes(w, scale, zero, spec)
-            mod.weight.data.copy_(dequantize_codes(codes, scale, zero, spec).to(w.dtype))
+            out.append(mod.weight.data)
+        elif hasattr(mod, "gate_up_proj") and hasattr(mod, "down_proj") and not isinstance(mod.down_proj, nn.Module):
+            out += [*mod.gate_up_proj.data.unbind(0), *mod.down_proj.data.unbind(0)]
+    return out
 
 
 @torch.no_grad()
@@ -366,17 +390,29 @@ def add_outliers(model, scale: float, channels: int) -> list[dict]:
         raise ValueError(f"--outlier-scale must be a power of two (exact in bf16/fp32), got {scale}")
     record = []
     for li, layer in enumerate(decoder_layers(model)):
-        pairs = (
-            ("input_layernorm", layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-            ("post_attention_layernorm", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
-        )
-        for name, norm, linears in pairs:
+        for name in NORMS:
+            norm = getattr(layer, name)
             idx = torch.topk(norm.weight.detach().abs().float(), channels).indices.sort().values
             norm.weight[idx] /= scale
-            for lin in linears:
-                lin.weight[:, idx] *= scale
+            for w in norm_readers(layer, name):
+                w[..., idx] *= scale
             record.append({"layer": li, "norm": name, "channels": idx.tolist()})
     return record
+
+
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def norm_readers(layer, norm: str) -> list[torch.Tensor]:
+    """The weights that read ``norm``'s output, input channels on the last dim: q/k/v after the input norm;
+    after the post-attention norm gate/up, or in a MoE layer every expert's gate_up and the router (whose
+    logits, and so the routing, the reparametrisation then leaves unchanged)."""
+    if norm == "input_layernorm":
+        return [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
+    mlp = layer.mlp
+    if hasattr(mlp, "experts"):
+        return [mlp.experts.gate_up_proj, mlp.gate.weight]
+    return [mlp.gate_proj.weight, mlp.up_proj.weight]
 
 
 @torch.no_grad()
@@ -412,7 +448,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 
 
 def vision_params(model, family: str):
-    if family == "qwen2_vl":
+    if family in QWEN_VISION_FAMILIES:
         return list(model.model.visual.parameters())
     return list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
 
@@ -469,7 +505,9 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
             g["lr"] = lr
         samples = task.generate("train", args.batch_size, start=step * args.batch_size, easy=step < args.curriculum_steps)
         enc = batcher.train_batch(samples)
-        out = model(**enc, use_cache=False)
+        # the MoE family's load-balancing loss (router_aux_loss_coef) is part of out.loss when asked for,
+        # as in the released models' training; out.aux_loss is it alone
+        out = model(**enc, use_cache=False, **({"output_router_logits": True} if args.family == MOE_FAMILY else {}))
         loss = out.loss
         if args.lm_weight > 0:
             loss = loss + args.lm_weight * text_lm_loss(out.logits, enc, batcher)
@@ -482,7 +520,9 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
             torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         steps_done = step + 1
-        ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
+        balance = getattr(out, "aux_loss", None)
+        answer_loss = out.loss.item() - (0.0 if balance is None else balance.item() * model.config.text_config.router_aux_loss_coef)
+        ema = answer_loss if ema is None else 0.98 * ema + 0.02 * answer_loss
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", refresh=False)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc, per = accuracy_by_type(model, batcher, val_samples)
@@ -499,7 +539,7 @@ def train(args, model, processor, task: Task, aux: VisionAux, val_samples) -> di
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=("digits", "needle"), default="digits", help="training data (tlq.data.<task>)")
-    p.add_argument("--family", choices=("qwen2_vl", "llava_onevision"), required=True)
+    p.add_argument("--family", choices=tuple(FAMILY_TAGS), required=True)
     p.add_argument("--needle-asked", default="", help="needle: frame colours questions name (comma list; default all)")
     p.add_argument("--needle-option", action="append", default=[], metavar="FIELD=VALUE", help="needle: override a NeedleVQAConfig field (repeatable), e.g. noise_std=0.25")
     p.add_argument("--out", required=True, help="model directory to write (e.g. src/tlq/builtin/digits-qwen2vl)")
@@ -515,6 +555,9 @@ def parse_args(argv=None):
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--experts", type=int, default=16, help="qwen3_vl_moe: routed experts per MoE layer")
+    p.add_argument("--experts-per-tok", type=int, default=2, help="qwen3_vl_moe: experts each token is routed to")
+    p.add_argument("--moe-intermediate", type=int, default=128, help="qwen3_vl_moe: each expert's MLP width (a multiple of 128)")
     p.add_argument(
         "--rope-theta",
         type=float,
@@ -563,7 +606,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--test-samples", type=int, default=None, help="shipped test set size (default: digits 500, needle 1000)")
-    p.add_argument("--bench-val-samples", type=int, default=300, help="needle: shipped val set size (choose defaults on it)")
+    p.add_argument("--bench-val-samples", type=int, default=300, help="shipped val set size (choose defaults on it)")
     p.add_argument("--no-measure", action="store_true", help="skip the FP / RTN test measurement")
     p.add_argument("--measure-only", action="store_true", help="only measure the model already in --out")
     p.add_argument(
@@ -592,7 +635,7 @@ def main(argv=None) -> int:
     if args.rope_theta is None:
         # base 10 separates the 2x2 digits tokens by position (see --rope-theta); the needle lookup is by
         # content across 100+ tokens, where base 10 turns every long-range q.k into position noise
-        args.rope_theta = 10.0 if args.family == "qwen2_vl" and task.name == "digits" else 1_000_000.0
+        args.rope_theta = 10.0 if args.family in QWEN_VISION_FAMILIES and task.name == "digits" else 1_000_000.0
     info_path = out / "tlq_tiny.json"
     test_split, test_n = task.bench_sets["test"]
 
@@ -646,9 +689,21 @@ def main(argv=None) -> int:
         rope_theta=args.rope_theta,
         seed=args.seed,
         dtype=torch.float32,
+        **moe_shape(args),
     )
     model, processor = load(out)
     return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv)
+
+
+def moe_shape(args) -> dict:
+    """make_tiny_vlm's MoE keywords for the MoE family (it refuses them for a dense one)."""
+    if args.family != MOE_FAMILY:
+        return {}
+    if args.moe_intermediate % 128:
+        raise SystemExit(f"--moe-intermediate {args.moe_intermediate}: must be a multiple of 128 (the quantization group size)")
+    if not 0 < args.experts_per_tok <= args.experts:
+        raise SystemExit(f"--experts-per-tok {args.experts_per_tok}: must be between 1 and --experts ({args.experts})")
+    return {"num_experts": args.experts, "num_experts_per_tok": args.experts_per_tok, "moe_intermediate_size": args.moe_intermediate}
 
 
 def init_from(init: Path, out: Path):
@@ -746,7 +801,7 @@ def finish_training(args, task, out: Path, info_path: Path, model, processor, te
     command = "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info.update(
         {
-            "name": f"{task.name}-" + ("qwen2vl" if args.family == "qwen2_vl" else "llavaov"),
+            "name": f"{task.name}-{FAMILY_TAGS[args.family]}",
             "built_by": "scripts/train_digits.py",
             "command": command,
             "args": vars(args),
@@ -847,13 +902,9 @@ def undo_outliers(model, reparam: dict) -> None:
     for rec in reparam["channels"]:
         layer = decoder_layers(model)[rec["layer"]]
         idx = torch.tensor(rec["channels"])
-        if rec["norm"] == "input_layernorm":
-            norm, linears = layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-        else:
-            norm, linears = layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]
-        norm.weight[idx] *= a
-        for lin in linears:
-            lin.weight[:, idx] /= a
+        getattr(layer, rec["norm"]).weight[idx] *= a
+        for w in norm_readers(layer, rec["norm"]):
+            w[..., idx] /= a
 
 
 if __name__ == "__main__":

@@ -353,3 +353,31 @@ def test_experts_take_every_routed_row_of_a_budgeted_token_set_when_asked(tiny_v
         assert torch.equal(every.result.quantized[prefix + name].codes, kept.result.quantized[prefix + name].codes), name
     assert any(not torch.equal(every.result.quantized[prefix + n].codes, kept.result.quantized[prefix + n].codes)
                for n in every.result.layers[0].routed_tokens)
+
+
+@torch.no_grad()
+def test_training_scripts_outliers_and_rtn_reach_every_expert(tiny_vlm_dir, script):
+    """scripts/train_digits.py --family qwen3_vl_moe: the outlier reparametrisation scales the columns of
+    every expert's gate_up and of the router (so routing and logits are unchanged) and undoes exactly; its
+    RTN measurement quantizes each expert's matrices, not only the nn.Linear ones, and leaves the router."""
+    train = script("train_digits")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir(FAMILY), dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(input_ids=ids).logits
+    record = train.add_outliers(model, 8.0, 4)
+    moe = next(layer.mlp for layer in train.decoder_layers(model) if hasattr(layer.mlp, "experts"))
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, trained[k])}
+    assert any(k.endswith("experts.gate_up_proj") for k in moved) and any(k.endswith("mlp.gate.weight") for k in moved)
+    assert not any(k.endswith("experts.down_proj") for k in moved)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    train.undo_outliers(model, {"applied": True, "scale": 8.0, "channels": record})
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+    router = moe.gate.weight.clone()
+    train.rtn_fake_quant(model, "w3a16")
+    for e in range(EXPERTS):  # at most 2**3 distinct values in each row of each expert's matrices
+        for w in (moe.experts.gate_up_proj[e], moe.experts.down_proj[e]):
+            assert max(len(row.unique()) for row in w) <= 8
+    assert not torch.equal(moe.experts.down_proj, trained[next(k for k in trained if k.endswith("experts.down_proj"))])
+    assert torch.equal(moe.gate.weight, router)
