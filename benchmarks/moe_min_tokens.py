@@ -59,17 +59,21 @@ _DIGITS_VAL = 400
 # Recording the inputs
 # --------------------------------------------------------------------------------------------------
 def kind_of(name: str, decoder_prefix: str) -> tuple[str, str]:
-    """(part, kind): ``decoder``/``q_proj`` for a decoder linear, ``vision``/``visual.blocks.attn.qkv``
+    """(part, kind): ``decoder``/``q_proj`` for a decoder linear, ``decoder``/``expert down_proj`` for a routed
+    expert's (a MoE model's experts are per-expert linears after tlq's load, each called on its routed rows
+    only, so its recorded rows are exactly what its GPTQ statistics would see), ``vision``/``visual.blocks.attn.qkv``
     (layer indices dropped) for a vision tower or projector linear."""
     if name.startswith(decoder_prefix + "."):
-        return "decoder", name.rsplit(".", 1)[-1]
+        kind = name.rsplit(".", 1)[-1]
+        return "decoder", f"expert {kind}" if ".experts." in name else kind
     return "vision", re.sub(r"\.\d+(?=\.)", "", name.removeprefix("model."))
 
 
 @torch.no_grad()
-def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> dict[str, dict[str, Any]]:
+def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per linear: its weight, its calibration input rows ``[rows, in]`` (float32), and the val rows'
-    ``sum_t x_t x_t^T`` (float64) with their count."""
+    ``sum_t x_t x_t^T`` (float64) with their count; and the linears left out, routed experts that saw no
+    calibration or no val row."""
     adapter, model, processor, model_dir, _dev, _dt = load_model(model_name, "cpu", "float32")
     decoder_prefix = adapter.spec.decoder_layers
     linears = {}
@@ -105,9 +109,12 @@ def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> d
     finally:
         for h in handles:
             h.remove()
+    unseen = [n for n, rec in out.items() if not rec["calib"] or not rec["val_rows"]]
+    for name in unseen:
+        del out[name]  # an expert the router never sent a calibration (or val) token: nothing to measure
     for rec in out.values():
         rec["calib"] = torch.cat(rec["calib"])
-    return out
+    return out, unseen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +334,8 @@ def to_markdown(result: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {m['model']} | {m['part']} | {m['linears']} | {'/'.join(map(str, m['calib_rows']))} | "
                      f"{m['distinct_calib_rows_min']} / {m['distinct_calib_rows_median']:.0f} | {'/'.join(map(str, m['val_rows']))} | {rank_txt} |")
     lines.append("")
+    for model, names in result.get("unseen", {}).items():
+        lines += [f"Left out of {model}: {len(names)} routed expert linears that no calibration or val token was routed to.", ""]
     lines += ["## Summary (decoder linears)", "",
               "Over every decoder linear and scheme, the smallest row count from which GPTQ is, at every larger n, "
               f"not worse than RTN by each criterion; as a fixed count and as n / in_features; and the (linear, scheme) cases "
@@ -427,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         "schemes": list(schemes), "gptq": cfg.__dict__, "models": {}, "seconds": 0.0}
     for model in args.models.split(","):
         resolve_model_dir(model)  # fail early on a wrong name
-        recs = capture(model, args.num_calib, args.num_val, set(args.parts.split(",")))
+        recs, unseen = capture(model, args.num_calib, args.num_val, set(args.parts.split(",")))
         result["models"][model] = {}
+        if unseen:
+            result.setdefault("unseen", {})[model] = unseen
         for name, rec in recs.items():
             result["models"][model][name] = measure_linear(rec, schemes, grid, args.draws, args.seed, cfg)
             print(f"{model} {name}: {time.perf_counter() - start:.0f} s", flush=True)
