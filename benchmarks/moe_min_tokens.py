@@ -70,10 +70,10 @@ def kind_of(name: str, decoder_prefix: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """Per linear: its weight, its calibration input rows ``[rows, in]`` (float32), and the val rows'
     ``sum_t x_t x_t^T`` (float64) with their count; and the linears left out, routed experts that saw no
-    calibration or no val row."""
+    calibration or no val row (nothing to draw from, or nothing to score on), with their calibration rows."""
     adapter, model, processor, model_dir, _dev, _dt = load_model(model_name, "cpu", "float32")
     decoder_prefix = adapter.spec.decoder_layers
     linears = {}
@@ -109,9 +109,9 @@ def capture(model_name: str, num_calib: int, num_val: int, parts: set[str]) -> t
     finally:
         for h in handles:
             h.remove()
-    unseen = [n for n, rec in out.items() if not rec["calib"] or not rec["val_rows"]]
+    unseen = {n: sum(x.shape[0] for x in rec["calib"]) for n, rec in out.items() if not rec["calib"] or not rec["val_rows"]}
     for name in unseen:
-        del out[name]  # an expert the router never sent a calibration (or val) token: nothing to measure
+        del out[name]
     for rec in out.values():
         rec["calib"] = torch.cat(rec["calib"])
     return out, unseen
@@ -335,13 +335,14 @@ def to_markdown(result: dict[str, Any], summary: dict[str, Any]) -> list[str]:
                      f"{m['distinct_calib_rows_min']} / {m['distinct_calib_rows_median']:.0f} | {'/'.join(map(str, m['val_rows']))} | {rank_txt} |")
     lines.append("")
     for model, names in result.get("unseen", {}).items():
-        lines += [f"Left out of {model}: {len(names)} routed expert linears that no calibration or val token was routed to.", ""]
+        lines += [f"Left out of {model}: {len(names)} routed expert linears that no calibration or no val token was routed to "
+                  f"({sum(names.values())} calibration rows in all).", ""]
     lines += ["## Summary (decoder linears)", "",
               "Over every decoder linear and scheme, the smallest row count from which GPTQ is, at every larger n, "
               f"not worse than RTN by each criterion; as a fixed count and as n / in_features; and the (linear, scheme) cases "
               f"the current default `min_tokens = {GPTQConfig.min_tokens}` lets GPTQ run on too few rows, with the ratio at n = "
               f"{GPTQConfig.min_tokens} (mean ± std, max over draws).", "",
-              "| criterion | fixed n | n / in_features | cases where 16 is too small |", "|---|---:|---:|---|"]
+              f"| criterion | fixed n | n / in_features | cases where {GPTQConfig.min_tokens} is too small |", "|---|---:|---:|---|"]
     for crit, r in summary["rules"].items():
         fails = r["current_fails"]
         kinds: dict[str, int] = {}

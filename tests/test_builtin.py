@@ -12,7 +12,7 @@ from tlq.config import ConfigError
 from tlq.data.records import read_jsonl
 
 
-@pytest.mark.parametrize("name", ["digits-qwen2vl", "digits-llavaov"])
+@pytest.mark.parametrize("name", ["digits-qwen2vl", "digits-llavaov", "digits-qwen3vlmoe"])
 def test_builtin_model_loads_with_its_data(name):
     assert name in available()
     ref = f"builtin:{name}"

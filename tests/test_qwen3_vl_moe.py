@@ -381,3 +381,24 @@ def test_training_scripts_outliers_and_rtn_reach_every_expert(tiny_vlm_dir, scri
             assert max(len(row.unique()) for row in w) <= 8
     assert not torch.equal(moe.experts.down_proj, trained[next(k for k in trained if k.endswith("experts.down_proj"))])
     assert torch.equal(moe.gate.weight, router)
+
+
+@torch.no_grad()
+def test_the_row_minimum_benchmark_records_each_expert_on_its_routed_rows(benchmark):
+    """benchmarks/moe_min_tokens.py on the trained MoE built-in: an expert's gate/up rows are the tokens routed
+    to it, so a layer's experts together see every token top-k times; an expert's down_proj sees as many rows
+    as its gate_proj; the dense linears see every token once; experts are tagged apart from dense linears."""
+    from tlq.builtin import resolve_model_dir
+
+    bench = benchmark("moe_min_tokens")
+    recs, unseen = bench.capture("builtin:digits-qwen3vlmoe", 2, 2, {"decoder"})
+    cfg = json.loads((resolve_model_dir("builtin:digits-qwen3vlmoe") / "config.json").read_text())["text_config"]
+    (tokens,) = [r["calib"].shape[0] for n, r in recs.items() if n.endswith("layers.0.self_attn.q_proj")]
+    gate = {n: r for n, r in recs.items() if ".layers.0.mlp.experts." in n and n.endswith("gate_proj")}
+    left_out = {n: rows for n, rows in unseen.items() if ".layers.0.mlp.experts." in n and n.endswith("gate_proj")}
+    assert sum(r["calib"].shape[0] for r in gate.values()) + sum(left_out.values()) == cfg["num_experts_per_tok"] * tokens
+    assert len(gate) + len(left_out) == cfg["num_local_experts"] and len(gate) >= cfg["num_local_experts"] // 2
+    for name, rec in gate.items():
+        assert rec["kind"] == "expert gate_proj"
+        assert recs[name.replace("gate_proj", "down_proj")]["calib"].shape[0] == rec["calib"].shape[0]
+    assert {r["kind"] for n, r in recs.items() if ".experts." not in n} >= {"q_proj", "down_proj"}
