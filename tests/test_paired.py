@@ -238,7 +238,7 @@ def _stub_accuracy_run(acc, monkeypatch, fp_accuracy: float) -> list[str]:
     monkeypatch.setattr(acc, "relevant_share", lambda records: None)
     monkeypatch.setattr(acc, "load_model", lambda ref, device: (None, None, None, None, "cpu", None))
     monkeypatch.setattr(acc, "score_model", score)
-    monkeypatch.setattr(acc, "calibrate", lambda ref, calib, cfg, progress: calibrated.append(cfg.method) or SimpleNamespace(model=None, token_set=None))
+    monkeypatch.setattr(acc, "calibrate", lambda ref, calib, cfg, progress: calibrated.append(cfg.method) or SimpleNamespace(model=None, token_set=None, result=SimpleNamespace(layers=[SimpleNamespace(rtn_fallback=["experts.3.down_proj"])])))
     return calibrated
 
 
@@ -251,6 +251,7 @@ def test_resume_keeps_the_earlier_cells_and_measures_only_the_rest(benchmark, mo
     args = argparse.Namespace(num_test=2, data="test", num_calib=4)
     first = acc.run_model("m", ["w3a16"], ["GPTQ"], [0], args)
     assert calibrated == ["gptq"]
+    assert first["cells"]["w3a16/GPTQ"]["runs"][0]["rtn_fallback"] == 1  # the stand-in's one expert linear solved by RTN
     settings = {"num_calib": 4, "num_test": 2, "data": "test", "seeds": [0]}
     out = tmp_path / "table"
     out.with_suffix(".json").write_text(json.dumps({**settings, "finished": "x (partial)", "minutes": 1.0, "models": {"m": first}}))
