@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -304,7 +305,9 @@ def test_launch_torchrun(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     assert D.launch_torchrun(2, ["quantize", "--nproc", "2", "--model", "m"]) == 7
-    assert seen["cmd"] == D.torchrun_command(2, ["quantize", "--model", "m"])
+    logs = seen["cmd"][seen["cmd"].index("--log-dir") + 1]
+    assert seen["cmd"] == D.torchrun_command(2, ["quantize", "--model", "m"], logs)
+    assert Path(logs).name.startswith("tlq-torchrun-") and not Path(logs).exists()  # tlq's own folder, removed after
     with pytest.raises(ConfigError, match="--nproc must be"):
         D.launch_torchrun(0, [])
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -312,12 +315,15 @@ def test_launch_torchrun(monkeypatch):
         D.launch_torchrun(2, [])
 
 
-def test_launch_torchrun_for_real(monkeypatch):
+def test_launch_torchrun_for_real(monkeypatch, tmp_path):
     """The real torchrun runs `python -m tlq` on 2 workers (--help: cheap, exit code 0)."""
     for var in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where torchrun would leave its log folders
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # ... and where tlq makes its own
     assert D.launch_torchrun(2, ["--help", "--nproc", "2"]) == 0
+    assert list(tmp_path.iterdir()) == []  # no torchelastic_* folder, and tlq's own one removed
 
 
 def test_collective_step_reports_failures_to_every_rank(two_rank_results):

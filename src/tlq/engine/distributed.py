@@ -48,6 +48,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -491,9 +492,12 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """The command :func:`launch_torchrun` runs (single node, ``--standalone``: torchrun picks a free port)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "tlq", *strip_nproc(argv)]
+def torchrun_command(nproc: int, argv: Sequence[str], log_dir: str | None = None) -> list[str]:
+    """The command :func:`launch_torchrun` runs (single node, ``--standalone``: torchrun picks a free port;
+    ``log_dir``: torchrun's base directory for its per-attempt log folders)."""
+    logs = [] if log_dir is None else ["--log-dir", log_dir]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *logs,
+            "-m", "tlq", *strip_nproc(argv)]
 
 
 def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
@@ -506,7 +510,10 @@ def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         raise ConfigError("--nproc launches torchrun itself; this process already runs under torchrun: drop --nproc")
-    try:
-        return subprocess.run(torchrun_command(nproc, argv), check=False).returncode
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reaches torchrun and its workers too
-        return 130
+    # Without --log-dir, torchrun leaves a /tmp/torchelastic_* folder behind on every launch; tlq gives it a
+    # temporary one of its own and removes it after (the workers' output goes to the console either way).
+    with tempfile.TemporaryDirectory(prefix="tlq-torchrun-", ignore_cleanup_errors=True) as logs:  # workers may still be exiting
+        try:
+            return subprocess.run(torchrun_command(nproc, argv, logs), check=False).returncode
+        except KeyboardInterrupt:  # the terminal's Ctrl-C reaches torchrun and its workers too
+            return 130
