@@ -31,6 +31,7 @@ from tlq.config import ActQuantSpec, QuantizeConfig, QuantScheme, WeightQuantSpe
 from tlq.data.records import choose, read_jsonl
 from tlq.engine import smoothing
 from tlq.engine.checkpoint import run_fingerprint
+from tlq.engine.layerwise import count_rtn_fallbacks
 from tlq.eval.paired import flip_test, flips, mcnemar
 from tlq.eval.vqa import EvalConfig, score_model
 from tlq.utils.io import atomic_write_json, atomic_write_text
@@ -124,8 +125,8 @@ VARIANTS.update({
     # Variants above that name one of the three ran when the other two were off (their docs give the commit).
     "TLQ three rounding-level cuts": ("tlq", {"kept_rows_passes": True, "gptq_fp_shift": "deferred", "search_record": "layer"}),
     "TLQ before the three rounding-level cuts": ("tlq", {"kept_rows_passes": False, "gptq_fp_shift": "applied", "search_record": "mapping"}),
-    # a MoE's routed experts take every row the router sends them, not only the token set's (docs/methods.md)
-    "TLQ experts every row": ("tlq", {"experts_every_row": True}),
+    # the preset's 10% set without its floor, so that it thins a small set too, with a MoE's routed experts
+    # taking every row the router sends them, not only the set's (docs/methods.md, "On a trained MoE")
     "TLQ 10% sampled tokens (no floor; experts every row)": ("tlq", {"token_fraction": 0.1, "token_floor": 0, "token_rank": "sampled",
                                                                     "experts_every_row": True}),
 })
@@ -344,8 +345,7 @@ def run_model(model: str, schemes: list[str], variants: list[str], seeds: list[i
                 scores, _ = score_model(name, run.model, processor, adapter, records, dev, ecfg, reference=ref_logps, progress=False)
                 runs.append({"seed": seed, "accuracy": scores.accuracy, "nll": scores.nll, "kl": scores.kl, "seconds": time.perf_counter() - t0,
                              "token_union": run.token_set["union_share"] if run.token_set else None, "correct": scores.correct_bits,
-                             # MoE: routed expert linears solved by RTN for want of rows (0 for a dense model)
-                             "rtn_fallback": sum(len(layer.rtn_fallback) for layer in run.result.layers)})
+                             "rtn_fallback": count_rtn_fallbacks(run.result.layers)})
                 cost = "" if runs[-1]["token_union"] is None else f", union {runs[-1]['token_union']:.0%}"
                 cost += f", {runs[-1]['rtn_fallback']} expert linears by RTN" if runs[-1]["rtn_fallback"] else ""
                 print(f"[{model}] {scheme:6s} {name:28s} seed {seed}: acc {scores.accuracy:.4f} kl {scores.kl:.4f} ({runs[-1]['seconds']:.0f}s{cost})", flush=True)

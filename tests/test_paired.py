@@ -305,10 +305,10 @@ def test_fresh_samples_follow_the_shipped_test_set(benchmark, monkeypatch, tmp_p
     import tempfile
 
     from tlq.builtin import builtin_set, generator_config, resolve_model_dir
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the generated sets stay in the test's own directory
     from tlq.data import needle
     from tlq.data.records import read_jsonl
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the generated sets stay in the test's own directory
 
     acc = benchmark("accuracy")
     mdir = resolve_model_dir("builtin:needle-count-qwen2vl")
@@ -329,9 +329,9 @@ def test_val_beyond_the_shipped_set_comes_from_the_recipe(benchmark, monkeypatch
     import tempfile
 
     from tlq.builtin import builtin_set, resolve_model_dir
+    from tlq.data.records import read_jsonl
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    from tlq.data.records import read_jsonl
 
     acc = benchmark("accuracy")
     mdir = resolve_model_dir("builtin:needle-count-qwen2vl")

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tlq.engine.layerwise import LayerReport
+from tlq.engine.layerwise import LayerReport, count_rtn_fallbacks
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _fallback_note(report: QuantizeReport) -> str:
     With a token-level set an expert's statistics take only the kept tokens routed to it, unless
     --experts-every-row gives it all of them, so the remedy is more samples, or every routed row; the
     per-layer lists are in the JSON report (``rtn_fallback``)."""
-    fallback = sum(len(layer.rtn_fallback) for layer in report.layers)
+    fallback = count_rtn_fallbacks(report.layers)
     if not fallback:
         return ""
     routed = sum(len(layer.routed_tokens) for layer in report.layers)

@@ -68,6 +68,11 @@ class LayerReport:
     rtn_fallback: list[str] = field(default_factory=list)
 
 
+def count_rtn_fallbacks(layers: list[LayerReport]) -> int:
+    """MoE: the routed expert linears, over ``layers``, that fell back to RTN for want of rows (0 when dense)."""
+    return sum(len(layer.rtn_fallback) for layer in layers)
+
+
 @dataclass
 class EngineResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
