@@ -586,6 +586,10 @@ def parse_args(argv=None):
         "--grow-init", choices=GROW_INITS, default="identity",
         help="with --grow-layers: identity = copies with zeroed outputs (exact); split = every copy and its original share the original's outputs equally (see grow_decoder)",
     )
+    p.add_argument(
+        "--grow-intermediate", type=int, default=0,
+        help="with --init-from: widen every decoder MLP to this many neurons, the new ones copies of old ones' reads with zero outputs (exact; see widen_mlps)",
+    )
     p.add_argument("--curriculum-steps", type=int, default=0, help="joint steps trained on the task's easy data first (needle: no clutter)")
     p.add_argument("--curriculum-option", action="append", default=[], metavar="FIELD=VALUE",
                    help="needle: the curriculum's data is the task's config with these fields instead of without clutter, e.g. noise_std=0.04")
@@ -668,6 +672,8 @@ def main(argv=None) -> int:
         model, processor, init_info = init_from(Path(args.init_from), out)
         if args.grow_layers:
             grow_decoder(model, args.grow_layers, args.grow_init)
+        if args.grow_intermediate:
+            widen_mlps(model, args.grow_intermediate)
         return finish_training(args, task, out, info_path, model, processor, test_split, test_n, argv, init_info)
     log(f"building untrained {args.family} checkpoint in {out}")
     # the digits questions/answers + the chat roles, so "<|im_start|>assistant\n" is 3 tokens, not 9
@@ -769,6 +775,47 @@ def grow_decoder(model, n_layers: int, init: str = "identity") -> None:
         cfg.max_window_layers = n_layers
     how = "new layers start as identities" if init == "identity" else "each original's outputs split among its copies"
     log(f"decoder grown from {old} to {n_layers} layers ({how})")
+
+
+@torch.no_grad()
+def widen_mlps(model, intermediate: int) -> None:
+    """Widen every decoder MLP of a trained model to ``intermediate`` neurons without changing what it
+    computes, so that a model can carry released models' MLP shape (intermediate about 5x the width:
+    Qwen2-VL-7B 18,944 / 3,584) on top of what it already learned.
+
+    Why it matters for quantization: ``down_proj`` reads the gated product, the one input whose per-token
+    peak (max |x| / rms x, at most sqrt(inputs)) can grow past the residual stream's, and its per-channel
+    int4 grid spans ``intermediate / 128`` groups' worth of inputs instead of the one or two of a 2x MLP.
+    New neuron j reads like old neuron ``j mod old`` (its ``gate_proj`` / ``up_proj`` rows copied) and
+    writes nothing (its ``down_proj`` column zero): an exact identity that training grows, the copies
+    drifting apart from their originals as soon as their output columns differ."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        mlp = layer.mlp
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise SystemExit(f"--grow-intermediate: decoder layer {i} has no dense gate/up/down MLP (a MoE block?)")
+        old = mlp.up_proj.out_features
+        if intermediate <= old or intermediate % 128:
+            raise SystemExit(f"--grow-intermediate {intermediate}: must exceed the current {old} and be a multiple of 128 (the quantization group size)")
+        src = torch.arange(intermediate) % old
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(mlp, name)
+            wide = nn.Linear(lin.in_features, intermediate, bias=lin.bias is not None, dtype=lin.weight.dtype)
+            wide.weight.copy_(lin.weight[src])
+            if lin.bias is not None:
+                wide.bias.copy_(lin.bias[src])
+            setattr(mlp, name, wide)
+        down = mlp.down_proj
+        wide = nn.Linear(intermediate, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype)
+        wide.weight.zero_()
+        wide.weight[:, :old] = down.weight
+        if down.bias is not None:
+            wide.bias.copy_(down.bias)
+        mlp.down_proj = wide
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = intermediate
+    model.config.text_config.intermediate_size = intermediate
+    log(f"decoder MLPs widened to {intermediate} neurons (new ones write nothing yet)")
 
 
 def finish_training(args, task, out: Path, info_path: Path, model, processor, test_split: str, test_n: int, argv, init_info: dict | None = None) -> int:

@@ -206,6 +206,40 @@ def test_growing_the_decoder_keeps_the_function_and_reloads(family, tiny_vlm_dir
         train.grow_decoder(model, 2)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_widening_the_mlps_keeps_the_function_and_reloads(family, tiny_vlm_dir, script, tmp_path):
+    """scripts/train_digits.py --grow-intermediate: every decoder MLP gets the new width, the new neurons
+    read like old ones and write nothing (exact), the config follows so the saved model reloads at the new
+    width, and one training step gives the new neurons' outputs a gradient (they can grow)."""
+    from transformers import AutoModelForImageTextToText
+
+    train = script("train_digits")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir(family), dtype=torch.float32).eval()
+    old = model.config.text_config.intermediate_size
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    wide = old + 128 * 3
+    train.widen_mlps(model, wide)
+    for layer in train.decoder_layers(model):
+        mlp = layer.mlp
+        assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.weight.shape[0] == mlp.down_proj.weight.shape[1] == wide
+        assert not mlp.down_proj.weight[:, old:].any() and mlp.down_proj.weight[:, :old].any()
+        torch.testing.assert_close(mlp.up_proj.weight[old : 2 * old], mlp.up_proj.weight[:old], rtol=0, atol=0)
+    after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    after.logsumexp(-1).sum().backward()
+    assert train.decoder_layers(model)[0].mlp.down_proj.weight.grad[:, old:].abs().sum() > 0
+    model.zero_grad()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert again.config.text_config.intermediate_size == wide
+    torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit, match="multiple of 128"):
+        train.widen_mlps(model, wide + 64)
+    with pytest.raises(SystemExit, match="must exceed"):
+        train.widen_mlps(model, old)
+
+
 def test_split_growth_shares_each_layers_outputs_among_its_copies(tiny_vlm_dir, script):
     """--grow-init split: an original layer and its copies each hold 1/k of its output weights (so every
     layer carries a share of the work from the start) and the same reads; the function stays close to the
