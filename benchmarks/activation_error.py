@@ -14,6 +14,7 @@ absorb. ``peak`` (max |x| / rms x of one token's input) says which regime a mode
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -41,7 +42,7 @@ def relative_errors(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, float
 
     stats = ChannelStats(x.abs().mean(0).float(), x.abs().amax(0).float())
     s = candidate_scales("smoothquant", SMOOTHQUANT_ALPHA, stats, [linear]).double()
-    tokens = x.abs().amax(1) / x.pow(2).mean(1).sqrt().clamp(min=1e-12)
+    tokens = token_peaks(x)
     return {
         "peak_median": float(tokens.median()),
         "peak_max": float(tokens.max()),
@@ -52,10 +53,40 @@ def relative_errors(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, float
     }
 
 
+def token_peaks(x: torch.Tensor) -> torch.Tensor:
+    """Each token's max |x| / rms x: 1 for a flat input, sqrt(width) for one channel holding everything."""
+    return x.abs().amax(1) / x.pow(2).mean(1).sqrt().clamp(min=1e-12)
+
+
+def peak_split(x: torch.Tensor, linear: torch.nn.Linear, above: float) -> dict[str, float]:
+    """int4 per-token input error of the tokens whose peak exceeds ``above`` against the rest's.
+
+    Why: a higher peak only hurts per-token scales where the small channels carry the output; a token whose
+    one large channel carries it keeps that channel on its own int4 step. Also each group's share of the
+    output's and of the error's energy, to say whether the peaky tokens matter at all."""
+    w = linear.weight.detach().double()
+    y = x @ w.T
+    dy = (fake_quantize_activation(x.float(), ActQuantSpec(4)).double() - x) @ w.T
+    hi = token_peaks(x) > above
+
+    def rel(mask: torch.Tensor) -> float:
+        return float(dy[mask].norm() / y[mask].norm()) if mask.any() else float("nan")
+
+    return {
+        "share_tokens": float(hi.double().mean()),
+        "a4_above": rel(hi),
+        "a4_rest": rel(~hi),
+        "share_output": float(y[hi].pow(2).sum() / y.pow(2).sum()),
+        "share_error": float(dy[hi].pow(2).sum() / dy.pow(2).sum()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:needle-count-qwen2vl")
     p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--peak-above", type=float, default=0.0,
+                   help="also split each linear whose inputs can exceed this peak (sqrt(width) > it) into the tokens above it and the rest")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     linears: dict[str, torch.nn.Linear] = {}
@@ -63,11 +94,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.num_samples} calibration samples; output error ||dY|| / ||Y|| in %\n")
     print("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |")
     print("|---|---:|---:|---:|---:|---:|")
-    for key, x in inputs.items():
-        e = relative_errors(x, linears[key])
-        print(f"| {key} | {e['peak_median']:.1f} / {e['peak_max']:.1f} | {100 * e['w4']:.2f} | {100 * e['a4']:.2f} | "
-              f"{100 * e['a8']:.3f} | {100 * e['a4_smoothed']:.2f} |")
+    rows = {key: relative_errors(x, linears[key]) for key, x in inputs.items()}
+    for key, e in rows.items():
+        print(_row(key, e))
+    print("\nMedian over layers, per kind of linear (the token peak's max is the largest of any layer):\n")
+    print("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind, e in by_kind(rows).items():
+        print(_row(kind, e))
+    if args.peak_above > 0:
+        print(f"\nTokens whose input peak exceeds {args.peak_above:g}, against the rest (A4 per token, RTN):\n")
+        print("| linear | tokens above | A4 error, above | A4 error, rest | share of ||Y||^2 | share of ||dY||^2 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for key, x in inputs.items():
+            if x.shape[1] ** 0.5 > args.peak_above:
+                e = peak_split(x, linears[key], args.peak_above)
+                print(f"| {key} | {100 * e['share_tokens']:.1f}% | {100 * e['a4_above']:.1f}% | {100 * e['a4_rest']:.1f}% | "
+                      f"{100 * e['share_output']:.1f}% | {100 * e['share_error']:.1f}% |")
     return 0
+
+
+def _row(name: str, e: dict[str, float]) -> str:
+    return (f"| {name} | {e['peak_median']:.1f} / {e['peak_max']:.1f} | {100 * e['w4']:.2f} | {100 * e['a4']:.2f} | "
+            f"{100 * e['a8']:.3f} | {100 * e['a4_smoothed']:.2f} |")
+
+
+def by_kind(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per kind of linear (the name after the layer index, e.g. ``mlp.down_proj``): the median of each
+    measure over the layers, except the token peak's max, which is the largest any layer reached (the
+    bound sqrt(inputs) is what it is compared with)."""
+    kinds: dict[str, list[dict[str, float]]] = {}
+    for key, e in rows.items():
+        kinds.setdefault(key.split(".", 1)[-1], []).append(e)
+    return {
+        kind: {m: (max if m == "peak_max" else statistics.median)([e[m] for e in es]) for m in es[0]}
+        for kind, es in kinds.items()
+    }
 
 
 if __name__ == "__main__":
