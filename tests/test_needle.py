@@ -210,7 +210,7 @@ def test_growing_the_decoder_keeps_the_function_and_reloads(family, tiny_vlm_dir
 def test_widening_the_mlps_keeps_the_function_and_reloads(family, tiny_vlm_dir, script, tmp_path):
     """scripts/train_digits.py --grow-intermediate: every decoder MLP gets the new width, the new neurons
     read like old ones and write nothing (exact), the config follows so the saved model reloads at the new
-    width, and one training step gives the new neurons' outputs a gradient (they can grow)."""
+    width, and a backward pass gives the new neurons' output columns a gradient (training can grow them)."""
     from transformers import AutoModelForImageTextToText
 
     train = script("train_digits")
