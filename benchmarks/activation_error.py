@@ -29,6 +29,10 @@ W4 = WeightQuantSpec(bits=4, group_size=None, symmetric=True)  # the weights of 
 SMOOTHQUANT_ALPHA = build_config("w4a8", "smoothquant").search.fixed_alpha  # the smoothquant preset's own exponent
 
 
+ERROR_TABLE_HEAD = ("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |\n"
+                    "|---|---:|---:|---:|---:|---:|")  # per linear, then per kind of linear (rows: _row)
+
+
 def relative_errors(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, float]:
     """Output errors ||dY|| / ||Y|| (Y = x W^T) of weight-only and input-only quantization; the smoothed
     case uses the scale SmoothQuant itself would fold (x / s, W * s keep x W^T)."""
@@ -92,14 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     linears: dict[str, torch.nn.Linear] = {}
     inputs = capture_inputs(args.model, args.num_samples, linears)
     print(f"{args.model}, {args.num_samples} calibration samples; output error ||dY|| / ||Y|| in %\n")
-    print("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(ERROR_TABLE_HEAD)
     rows = {key: relative_errors(x, linears[key]) for key, x in inputs.items()}
     for key, e in rows.items():
         print(_row(key, e))
     print("\nMedian over layers, per kind of linear (the token peak's max is the largest of any layer):\n")
-    print("| linear | token peak (median / max) | W4 per channel | A4 per token | A8 per token | A4 after SmoothQuant scale |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(ERROR_TABLE_HEAD)
     for kind, e in by_kind(rows).items():
         print(_row(kind, e))
     if args.peak_above > 0:
